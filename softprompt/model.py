@@ -1,0 +1,624 @@
+"""`SoftPromptModel`: a frozen causal LM plus trainable soft prompts, joined only at the model's public seams.
+
+The base model (a transformers `BloomForCausalLM`) is frozen and never modified; the soft prompts are ordinary
+`nn.Module`s kept beside it (composition), so that an adapter's state dict is all there is to save. Each method
+lives in its own file:
+
+- prompt tuning: ``softprompt/prompt_tuning.py`` -> virtual-token embeddings ``[P, C]``
+- p-tuning: ``softprompt/p_tuning.py`` -> virtual-token embeddings ``[P, C]`` (from an MLP or LSTM encoder)
+- prefix tuning: ``softprompt/prefix_tuning.py`` -> per-layer keys and values ``[L, H, P, D]``
+
+and reaches the model through one of two seams:
+
+- virtual-token embeddings are concatenated in front of the input's token embeddings (``inputs_embeds``), the
+  attention mask gets P ones in front, the labels P times -100 (PEFT's layout);
+- prefix keys and values go in through ``past_key_values`` as a read-only `PrefixCache`, and the attention mask gets
+  P ones in front.
+
+Every row of a batch may carry its own adapter (``adapter_names``), of any method and length, or none. Rows are
+aligned by left-padding each row's virtual tokens and prefix with slots that the attention mask hides. BLOOM derives
+its ALiBi positions from ``cumsum(attention_mask) - 1``, so hidden slots do not shift any position, and masked keys
+get exactly zero attention weight: each row computes what it would compute alone.
+
+Generation turns every adapter into a key/value prefix: the virtual tokens of prompt tuning and p-tuning come first
+and attention is causal, so their keys and values do not depend on the input and can be computed once per call.
+transformers' own ``generate`` then continues from that cache, which keeps every decoding option (greedy, sampling,
+beams, repetition penalty) and returns only real token ids.
+
+Shapes: B batch, T tokens, P virtual tokens, L layers, H heads, D head dim, C hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from softprompt.loss import (
+    LossImplementation,
+    cross_entropy_from_logits,
+    label_only_cross_entropy,
+    next_token_targets,
+)
+from softprompt.p_tuning import PromptEncoderConfig, build_prompt_encoder
+from softprompt.prefix_tuning import (
+    PrefixCache,
+    PrefixTuningConfig,
+    build_prefix_encoder,
+    checkpointed_layers_read_cache,
+    split_key_values,
+)
+from softprompt.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit, cycle_to_length
+
+SoftPromptConfig = Union[PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig]
+"""Any of the three methods' configurations."""
+
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning")
+"""Methods whose prompt enters as input embeddings; the other one, prefix tuning, enters as keys and values."""
+
+
+@dataclass(frozen=True)
+class BaseModelShape:
+    """The dimensions of the frozen base model that an adapter depends on."""
+
+    hidden_size: int
+    """C."""
+    num_layers: int
+    """L."""
+    num_heads: int
+    """H."""
+    vocab_size: int
+    """V (rows of the embedding matrix)."""
+
+    @classmethod
+    def of(cls, base_model: PreTrainedModel) -> "BaseModelShape":
+        """Reads the shape from a transformers model's config."""
+        config = base_model.config
+        return cls(
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            vocab_size=config.vocab_size,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        """D = C / H."""
+        return self.hidden_size // self.num_heads
+
+
+def build_prompt_module(
+    config: SoftPromptConfig,
+    base_model: PreTrainedModel,
+    tokenizer: Any | None = None,
+) -> nn.Module:
+    """Builds the trainable module of a method, initialized as its config says, in fp32 on the base's device.
+
+    Args:
+        config: the method's configuration.
+        base_model: the frozen base model (for its shape and, for TEXT/SAMPLE_VOCAB init, its word embeddings).
+        tokenizer: a transformers tokenizer; needed by TEXT and SAMPLE_VOCAB init only.
+
+    Raises:
+        ValueError: TEXT or SAMPLE_VOCAB init without a tokenizer, or an unknown config type.
+    """
+    shape = BaseModelShape.of(base_model)
+    device = base_model.get_input_embeddings().weight.device
+    with torch.device(device):
+        if isinstance(config, PromptTuningConfig):
+            init_ids = _prompt_tuning_init_ids(config, tokenizer)
+            init_embeddings = None
+            if init_ids is not None:
+                word_embeddings = base_model.get_input_embeddings()
+                init_embeddings = word_embeddings(torch.tensor(init_ids, device=device)).detach().float()
+            return PromptEmbedding(config, shape.hidden_size, init_embeddings)
+        if isinstance(config, PromptEncoderConfig):
+            return build_prompt_encoder(config, shape.hidden_size)
+        if isinstance(config, PrefixTuningConfig):
+            return build_prefix_encoder(config, shape.num_layers, shape.hidden_size)
+    raise ValueError(
+        f"config of type {type(config).__name__}: expected PromptTuningConfig, PromptEncoderConfig or "
+        "PrefixTuningConfig. Fix: build one of those (from softprompt import PromptTuningConfig, ...)."
+    )
+
+
+def _prompt_tuning_init_ids(config: PromptTuningConfig, tokenizer: Any | None) -> list[int] | None:
+    """The token ids whose embeddings start the table, or None for RANDOM init."""
+    if config.prompt_tuning_init is PromptTuningInit.RANDOM:
+        return None
+    if tokenizer is None:
+        raise ValueError(
+            f"prompt_tuning_init={config.prompt_tuning_init.value} needs a tokenizer, got tokenizer=None. "
+            "Fix: SoftPromptModel(base_model, config, tokenizer=AutoTokenizer.from_pretrained(...)), "
+            "or use prompt_tuning_init='RANDOM'."
+        )
+    if config.prompt_tuning_init is PromptTuningInit.TEXT:
+        # With special tokens, as PEFT tokenizes it (BLOOM's tokenizer adds none).
+        return cycle_to_length(tokenizer(config.prompt_tuning_init_text)["input_ids"], config.num_virtual_tokens)
+    # SAMPLE_VOCAB: only ids the tokenizer produces, so that no never-trained embedding row is drawn.
+    special_ids = set(tokenizer.all_special_ids)
+    producible = sorted(set(tokenizer.get_vocab().values()) - special_ids)
+    picks = torch.randint(len(producible), (config.num_virtual_tokens,), device="cpu")
+    return [producible[i] for i in picks.tolist()]
+
+
+class SoftPromptModel(nn.Module):
+    """A frozen causal LM with one or more soft-prompt adapters.
+
+    Args:
+        base_model: a transformers causal LM (BLOOM: ``AutoModelForCausalLM.from_pretrained(...)``). All of its
+            parameters are frozen here; it is otherwise left untouched.
+        config: the first adapter's configuration (`PromptTuningConfig`, `PromptEncoderConfig` or
+            `PrefixTuningConfig`).
+        tokenizer: needed only for TEXT and SAMPLE_VOCAB prompt-tuning init; it is not kept.
+        adapter_name: the first adapter's name.
+
+    Example:
+        >>> model = SoftPromptModel(base_model, PromptTuningConfig(num_virtual_tokens=8))
+        >>> loss = model.compute_loss(input_ids, attention_mask, labels)
+    """
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        config: SoftPromptConfig,
+        tokenizer: Any | None = None,
+        adapter_name: str = "default",
+    ):
+        super().__init__()
+        self.base_model = base_model
+        for parameter in self.base_model.parameters():
+            parameter.requires_grad_(False)
+        self.shape = BaseModelShape.of(base_model)
+        self.prompts = nn.ModuleDict()
+        """The adapters' trainable modules, by adapter name."""
+        self.adapter_configs: dict[str, SoftPromptConfig] = {}
+        """The adapters' configurations, by adapter name."""
+        self._active_adapter = adapter_name
+        self.add_adapter(adapter_name, config, tokenizer=tokenizer)
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: SoftPromptConfig,
+        tokenizer: Any | None = None,
+        module: nn.Module | None = None,
+    ) -> None:
+        """Adds a new adapter on the same frozen base (it does not become active; see `set_adapter`).
+
+        Args:
+            adapter_name: a name not yet used.
+            config: the method's configuration.
+            tokenizer: for TEXT / SAMPLE_VOCAB init.
+            module: an already built module for `config` (used by the loaders); built fresh when None.
+
+        Raises:
+            ValueError: the name is taken or not a valid module name.
+        """
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(
+                f"adapter_name={adapter_name!r}: expected a non-empty string without '.'. Fix: e.g. 'complaints'."
+            )
+        if adapter_name in self.prompts:
+            raise ValueError(
+                f"adapter_name={adapter_name!r} is already loaded (loaded: {sorted(self.prompts)}). "
+                "Fix: pick another name."
+            )
+        self.prompts[adapter_name] = module if module is not None else build_prompt_module(
+            config, self.base_model, tokenizer
+        )
+        self.adapter_configs[adapter_name] = config
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Makes `adapter_name` the adapter used when no ``adapter_names`` are given; it becomes trainable, every
+        other adapter is frozen (as in PEFT)."""
+        self._check_adapter_names([adapter_name])
+        self._active_adapter = adapter_name
+        for name, module in self.prompts.items():
+            module.requires_grad_(name == adapter_name)
+
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter used when no ``adapter_names`` are given."""
+        return self._active_adapter
+
+    @property
+    def active_config(self) -> SoftPromptConfig:
+        """The active adapter's configuration."""
+        return self.adapter_configs[self._active_adapter]
+
+    def _check_adapter_names(self, names: Sequence[str | None]) -> None:
+        unknown = sorted({name for name in names if name is not None and name not in self.prompts})
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter name(s) {unknown}: loaded adapters are {sorted(self.prompts)} "
+                "(None means the base model alone). Fix: load_adapter(directory, name) first, or fix the name."
+            )
+
+    def _row_adapters(self, batch_size: int, adapter_names: Sequence[str | None] | None) -> list[str | None]:
+        if adapter_names is None:
+            return [self._active_adapter] * batch_size
+        names = list(adapter_names)
+        if len(names) != batch_size:
+            raise ValueError(
+                f"adapter_names has {len(names)} entries for a batch of {batch_size} rows: expected one name per "
+                "row (None for the base model alone)."
+            )
+        self._check_adapter_names(names)
+        return names
+
+    # ------------------------------------------------------------------ injection
+
+    def _injected_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        adapter_names: Sequence[str | None] | None,
+    ) -> tuple[dict[str, Any], int]:
+        """The base model's keyword arguments with the prompts injected, and the number of virtual positions.
+
+        Returns:
+            (kwargs for the base model: ``inputs_embeds [B, P_e + T, C]``, ``attention_mask [B, P_k + P_e + T]``,
+            ``past_key_values`` or None; P_e, the virtual positions in front of the real tokens), where P_e is the
+            longest virtual-token prompt in the batch and P_k the longest prefix.
+        """
+        batch_size, num_tokens = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}: expected the shape of input_ids "
+                f"{tuple(input_ids.shape)}."
+            )
+        names = self._row_adapters(batch_size, adapter_names)
+        token_embeddings = self.base_model.get_input_embeddings()(input_ids)  # [B, T, C]
+        rows_of = {name: [row for row, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
+        rows_of.pop(None, None)
+
+        virtual_lengths = {n: self.adapter_configs[n].num_virtual_tokens for n in rows_of if self._is_virtual(n)}
+        prefix_lengths = {n: self.adapter_configs[n].num_virtual_tokens for n in rows_of if not self._is_virtual(n)}
+        num_virtual = max(virtual_lengths.values(), default=0)  # P_e
+        num_prefix = max(prefix_lengths.values(), default=0)  # P_k
+
+        # Virtual-token slots, left-padded per row with hidden (mask 0) slots: [B, P_e, C] and [B, P_e].
+        virtual = token_embeddings.new_zeros(batch_size, num_virtual, self.shape.hidden_size)
+        virtual_mask = attention_mask.new_zeros(batch_size, num_virtual)
+        for name, length in virtual_lengths.items():
+            rows = torch.tensor(rows_of[name], device=input_ids.device)
+            embeddings = self.prompts[name]().to(token_embeddings.dtype)  # [P, C]
+            virtual[rows, num_virtual - length :] = embeddings
+            virtual_mask[rows, num_virtual - length :] = 1
+
+        # Prefix slots, likewise: keys and values [L, B, H, P_k, D], mask [B, P_k].
+        prefix_mask = attention_mask.new_zeros(batch_size, num_prefix)
+        past_key_values = None
+        if num_prefix:
+            slots = (self.shape.num_layers, batch_size, self.shape.num_heads, num_prefix, self.shape.head_dim)
+            keys = token_embeddings.new_zeros(slots)
+            values = token_embeddings.new_zeros(slots)
+            for name, length in prefix_lengths.items():
+                rows = torch.tensor(rows_of[name], device=input_ids.device)
+                layer_keys, layer_values = self._prefix_key_values(name)  # each [L, H, P, D]
+                keys[:, rows, :, num_prefix - length :] = layer_keys.unsqueeze(1).to(keys.dtype)
+                values[:, rows, :, num_prefix - length :] = layer_values.unsqueeze(1).to(values.dtype)
+                prefix_mask[rows, num_prefix - length :] = 1
+            past_key_values = PrefixCache(keys, values)
+
+        inputs = {
+            "inputs_embeds": torch.cat([virtual, token_embeddings], dim=1),  # [B, P_e + T, C]
+            "attention_mask": torch.cat([prefix_mask, virtual_mask, attention_mask], dim=1),  # [B, P_k + P_e + T]
+            "past_key_values": past_key_values,
+        }
+        return inputs, num_virtual
+
+    def _is_virtual(self, adapter_name: str) -> bool:
+        return self.adapter_configs[adapter_name].method in VIRTUAL_TOKEN_METHODS
+
+    def _prefix_key_values(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefix-tuning adapter's keys and values, each ``[L, H, P, D]``."""
+        return split_key_values(self.prompts[adapter_name](), self.shape.num_layers, self.shape.num_heads)
+
+    # ------------------------------------------------------------------ forward and loss
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: Sequence[str | None] | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Runs the base model with the prompts injected; full logits, like a transformers causal LM.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (left or right padded).
+            attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding; all ones when None.
+            labels: ``[B, T]`` next-token labels (-100 where no loss is wanted), or None.
+            adapter_names: one adapter name (or None for the base model alone) per row; the active adapter for
+                every row when None.
+            **kwargs: ignored extra keys that training frameworks pass (e.g. ``num_items_in_batch``).
+
+        Returns:
+            ``.loss`` (mean cross-entropy over the labelled positions, or None) and ``.logits [B, T, V]`` for the
+            real positions only. As in PEFT, with prompt tuning and p-tuning the last virtual token predicts the
+            first real token, so ``labels[:, 0]`` counts when it is not -100.
+        """
+        inputs, num_virtual = self._injected_inputs(input_ids, attention_mask, adapter_names)
+        with checkpointed_layers_read_cache(self.base_model):
+            output = self.base_model(**inputs, use_cache=False)
+        logits = output.logits  # [B, P_e + T, V]
+        loss = None
+        if labels is not None:
+            loss = cross_entropy_from_logits(logits, next_token_targets(labels, num_virtual))
+        return CausalLMOutputWithPast(loss=loss, logits=logits[:, num_virtual:])
+
+    def compute_loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        adapter_names: Sequence[str | None] | None = None,
+        implementation: LossImplementation = "torch",
+    ) -> torch.Tensor:
+        """The training loss: the same value as ``forward(...).loss``, computing the LM head only where a label is.
+
+        Args:
+            input_ids: ``[B, T]``.
+            attention_mask: ``[B, T]`` or None.
+            labels: ``[B, T]``, -100 where no loss is wanted.
+            adapter_names: per-row adapters, as in `forward`.
+            implementation: ``"torch"`` (LM head on the labelled rows), ``"triton"`` (the fused kernel, never
+                holding fp32 logits of the whole vocabulary) or ``"full"`` (full logits, the reference).
+
+        Returns:
+            The scalar mean loss (fp32).
+        """
+        if implementation == "full":
+            return self.forward(input_ids, attention_mask, labels, adapter_names).loss
+        inputs, num_virtual = self._injected_inputs(input_ids, attention_mask, adapter_names)
+        with checkpointed_layers_read_cache(self.base_model):
+            hidden_states = self.base_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        targets = next_token_targets(labels, num_virtual)  # [B, P_e + T]
+        head = self.base_model.get_output_embeddings()
+        return label_only_cross_entropy(hidden_states, targets, head.weight, implementation)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generation_prefix(
+        self, adapter_names: Sequence[str | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row's adapter as a key/value prefix, left-padded with hidden slots to a common length.
+
+        Virtual tokens come first and attention is causal, so their keys and values do not depend on the input:
+        one forward pass of the P virtual tokens alone (positions 0..P-1, as in the full sequence) gives them.
+
+        Args:
+            adapter_names: one name (or None) per row.
+
+        Returns:
+            keys and values, each ``[L, B, H, P_max, D]`` in the base model's dtype, and the mask ``[B, P_max]``.
+        """
+        batch_size = len(adapter_names)
+        dtype = self.base_model.get_input_embeddings().weight.dtype
+        device = self.base_model.get_input_embeddings().weight.device
+        lengths = [self.adapter_configs[n].num_virtual_tokens if n is not None else 0 for n in adapter_names]
+        num_prefix = max(lengths, default=0)
+        slots = (self.shape.num_layers, batch_size, self.shape.num_heads, num_prefix, self.shape.head_dim)
+        keys = torch.zeros(slots, dtype=dtype, device=device)
+        values = torch.zeros(slots, dtype=dtype, device=device)
+        mask = torch.zeros(batch_size, num_prefix, dtype=torch.long, device=device)
+        for name in dict.fromkeys(n for n in adapter_names if n is not None):
+            rows = torch.tensor([row for row, n in enumerate(adapter_names) if n == name], device=device)
+            length = self.adapter_configs[name].num_virtual_tokens
+            layer_keys, layer_values = self._adapter_as_prefix(name)  # each [L, H, P, D]
+            keys[:, rows, :, num_prefix - length :] = layer_keys.unsqueeze(1).to(dtype)
+            values[:, rows, :, num_prefix - length :] = layer_values.unsqueeze(1).to(dtype)
+            mask[rows, num_prefix - length :] = 1
+        return keys, values, mask
+
+    def _adapter_as_prefix(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[L, H, P, D]`` that any adapter contributes to the layers' attention."""
+        if not self._is_virtual(adapter_name):
+            return self._prefix_key_values(adapter_name)
+        embeddings = self.prompts[adapter_name]()  # [P, C]
+        dtype = self.base_model.get_input_embeddings().weight.dtype
+        cache = DynamicCache(config=self.base_model.config)
+        self.base_model.get_decoder()(
+            inputs_embeds=embeddings.to(dtype).unsqueeze(0),  # [1, P, C]
+            attention_mask=torch.ones(1, embeddings.shape[0], dtype=torch.long, device=embeddings.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H, P, D]
+        values = torch.stack([layer.values[0] for layer in cache.layers])
+        return keys, values
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str | None] | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generates with transformers' ``generate``, the adapters acting through a key/value prefix.
+
+        Args:
+            input_ids: ``[B, T]``, left-padded when rows differ in length.
+            attention_mask: ``[B, T]``; all ones when None.
+            adapter_names: per-row adapters, as in `forward`.
+            **generate_kwargs: passed to transformers (``max_new_tokens``, ``do_sample``, ``num_beams``,
+                ``repetition_penalty``, ``eos_token_id``, ``num_return_sequences``, ...).
+
+        Returns:
+            ``[B * num_return_sequences, T + new]``: the input ids followed by the new ids; never virtual ids.
+        """
+        if "inputs_embeds" in generate_kwargs:
+            raise ValueError(
+                "generate(inputs_embeds=...) is not supported: pass input_ids, the adapters add the soft prompt."
+            )
+        batch_size = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        names = self._row_adapters(batch_size, adapter_names)
+        keys, values, prefix_mask = self.generation_prefix(names)  # [L, B, H, P, D], [B, P]
+        # generate() repeats every row of the inputs this many times (beams / return sequences) but cannot know
+        # how to repeat a cache it is handed, so the cache is repeated the same way here.
+        generation_config = generate_kwargs.get("generation_config", self.base_model.generation_config)
+        num_beams = generate_kwargs.get("num_beams", generation_config.num_beams) or 1
+        num_sequences = generate_kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1
+        repeats = max(num_beams, num_sequences)
+        cache = DynamicCache(config=self.base_model.config)
+        for layer in range(self.shape.num_layers):
+            cache.update(
+                keys[layer].repeat_interleave(repeats, dim=0),  # [B * repeats, H, P, D]
+                values[layer].repeat_interleave(repeats, dim=0),
+                layer,
+            )
+        return self.base_model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),  # [B, P + T]
+            past_key_values=cache,
+            **generate_kwargs,
+        )
+
+    # ------------------------------------------------------------------ parameters
+
+    def num_parameters(self) -> tuple[int, int]:
+        """Returns (trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT."""
+        trainable = total = 0
+        for parameter in self.parameters():
+            total += parameter.numel()
+            if parameter.requires_grad:
+                trainable += parameter.numel()
+        return trainable, total
+
+    def trainable_parameters_summary(self) -> str:
+        """PEFT's wording: ``trainable params: 8,192 || all params: 559,222,784 || trainable%: 0.0015``."""
+        trainable, total = self.num_parameters()
+        return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+    def print_trainable_parameters(self) -> None:
+        """Prints `trainable_parameters_summary` (the one printing method, kept for PEFT users' habits)."""
+        print(self.trainable_parameters_summary())  # noqa: T201
+
+    def base_state_fingerprint(self) -> str:
+        """A hash of every base-model tensor: equal before and after training proves the base was not touched."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.base_model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
+        """Saves one adapter (default: the active one) in softprompt's format; see ``softprompt/adapter_format.py``.
+
+        Returns:
+            The directory written.
+        """
+        from softprompt.adapter_format import save_adapter
+
+        name = adapter_name or self._active_adapter
+        self._check_adapter_names([name])
+        return save_adapter(
+            directory,
+            self.adapter_configs[name],
+            self.prompts[name],
+            base_model=self.base_model,
+        )
+
+    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Loads an adapter saved by `save_adapter` beside the ones already loaded (one copy of the base).
+
+        Args:
+            directory: the adapter directory.
+            adapter_name: the name it gets here.
+            is_trainable: leave its parameters trainable (to resume training); frozen otherwise, as in PEFT.
+        """
+        from softprompt.adapter_format import load_adapter_module
+
+        config, module = load_adapter_module(directory, self.base_model)
+        module.requires_grad_(is_trainable)
+        self.add_adapter(adapter_name, config, module=module)
+
+    @classmethod
+    def from_adapter(
+        cls,
+        base_model: PreTrainedModel,
+        directory: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> "SoftPromptModel":
+        """Builds a model from a saved adapter, bit-exactly as it was saved.
+
+        Args:
+            base_model: the frozen base the adapter was trained on (its shape is checked).
+            directory: the adapter directory written by `save_adapter`.
+            adapter_name: the name it gets.
+            is_trainable: leave its parameters trainable (to resume training); frozen otherwise, as in PEFT.
+
+        Raises:
+            AdapterFormatError: a missing, truncated or corrupt file, or an adapter for another base shape.
+        """
+        from softprompt.adapter_format import load_adapter_module
+
+        config, module = load_adapter_module(directory, base_model)
+        module.requires_grad_(is_trainable)
+        return cls._from_module(base_model, config, module, adapter_name)
+
+    @classmethod
+    def _from_module(
+        cls, base_model: PreTrainedModel, config: SoftPromptConfig, module: nn.Module, adapter_name: str
+    ) -> "SoftPromptModel":
+        """A model whose first adapter is an already built `module` (no fresh initialization, no RNG use)."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.base_model = base_model
+        for parameter in base_model.parameters():
+            parameter.requires_grad_(False)
+        model.shape = BaseModelShape.of(base_model)
+        model.prompts = nn.ModuleDict()
+        model.adapter_configs = {}
+        model._active_adapter = adapter_name
+        model.add_adapter(adapter_name, config, module=module)
+        return model
+
+    def save_peft_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
+        """Writes the adapter in PEFT's format, which ``peft.PeftModel.from_pretrained`` loads.
+
+        PEFT keeps only the virtual tokens / prefix (the encoder's output), so what it loads can be used but not
+        trained further the same way; keep `save_adapter` for that.
+        """
+        from softprompt.peft_format import save_peft_adapter
+
+        name = adapter_name or self._active_adapter
+        self._check_adapter_names([name])
+        return save_peft_adapter(directory, self.adapter_configs[name], self.prompts[name], self.base_model)
+
+
+def materialize(module: nn.Module) -> torch.Tensor:
+    """The tensor an adapter contributes, with its encoder applied: ``[P, C]`` or ``[P, L * 2 * C]``, fp32."""
+    with torch.no_grad():
+        return module().detach().float().contiguous()
+
+
+__all__ = [
+    "BaseModelShape",
+    "SoftPromptConfig",
+    "SoftPromptModel",
+    "build_prompt_module",
+    "materialize",
+]

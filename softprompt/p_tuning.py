@@ -1,0 +1,166 @@
+"""P-tuning: virtual-token embeddings produced by a small trainable encoder.
+
+Liu, Zheng, Du, Ding, Qian, Yang and Tang, "GPT Understands, Too" (2021, arXiv:2103.10385).
+
+The method in one sentence: like prompt tuning, P virtual-token embeddings of width C go in front of the input's
+token embeddings, but instead of training the ``[P, C]`` table directly, the table is fed through a
+reparameterization network (an MLP or a bidirectional LSTM) and the network's output is what goes in front of the
+input. The paper found this trains more stably than a free table. Only the table and the encoder are trained; once
+training is done the encoder's output is a fixed ``[P, C]`` tensor and the encoder can be dropped (our adapter
+format stores both, so that training can resume exactly).
+
+This file holds the configuration (`PromptEncoderConfig`, PEFT's field names and defaults) and the two encoders as
+two small classes:
+- `MLPPromptEncoder`: table -> Linear(C, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, C). Like PEFT, always three
+  Linear layers; ``encoder_num_layers`` and ``encoder_dropout`` do not apply to it.
+- `LSTMPromptEncoder`: table -> bidirectional LSTM(C, h, encoder_num_layers, dropout) -> Linear(2h, 2h) -> ReLU ->
+  Linear(2h, C).
+
+Shapes: P virtual tokens, C hidden size, h ``encoder_hidden_size``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+from torch import nn
+
+
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    """Which network produces the virtual tokens (PEFT's names and values)."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+@dataclass
+class PromptEncoderConfig:
+    """Configuration of p-tuning; a PEFT user switches by changing the import."""
+
+    num_virtual_tokens: int = None  # type: ignore[assignment]
+    """P, the number of virtual tokens put in front of every input. Required."""
+
+    encoder_reparameterization_type: PromptEncoderReparameterizationType | str = (
+        PromptEncoderReparameterizationType.MLP
+    )
+    """``MLP`` or ``LSTM``: the network that turns the table into virtual tokens."""
+
+    encoder_hidden_size: int | None = None
+    """h, the encoder's width; None means the base model's hidden size C (PEFT's default)."""
+
+    encoder_num_layers: int = 2
+    """Layers of the LSTM (PEFT's default 2). Ignored by the MLP, which always has three Linear layers, as in PEFT."""
+
+    encoder_dropout: float = 0.0
+    """Dropout between LSTM layers (only with ``encoder_num_layers > 1``). Ignored by the MLP, as in PEFT."""
+
+    method: ClassVar[str] = "p_tuning"
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.num_virtual_tokens, int)
+            or isinstance(self.num_virtual_tokens, bool)
+            or self.num_virtual_tokens <= 0
+        ):
+            raise ValueError(
+                f"num_virtual_tokens={self.num_virtual_tokens!r}: expected a positive int. "
+                "Fix: pass e.g. PromptEncoderConfig(num_virtual_tokens=20)."
+            )
+        try:
+            kind = self.encoder_reparameterization_type
+            self.encoder_reparameterization_type = PromptEncoderReparameterizationType(
+                kind.upper() if isinstance(kind, str) else kind
+            )
+        except ValueError:
+            raise ValueError(
+                f"encoder_reparameterization_type={self.encoder_reparameterization_type!r}: expected 'MLP' or "
+                "'LSTM'. Fix: pick one of those."
+            ) from None
+        if self.encoder_hidden_size is not None and (
+            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
+        ):
+            raise ValueError(
+                f"encoder_hidden_size={self.encoder_hidden_size!r}: expected a positive int or None (None means the "
+                "model's hidden size). Fix: pass e.g. encoder_hidden_size=128."
+            )
+        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers <= 0:
+            raise ValueError(
+                f"encoder_num_layers={self.encoder_num_layers!r}: expected a positive int. "
+                "Fix: pass e.g. encoder_num_layers=2."
+            )
+        if not 0.0 <= float(self.encoder_dropout) < 1.0:
+            raise ValueError(
+                f"encoder_dropout={self.encoder_dropout!r}: expected a probability in [0, 1). "
+                "Fix: pass e.g. encoder_dropout=0.1."
+            )
+
+
+class MLPPromptEncoder(nn.Module):
+    """Virtual tokens = MLP(table): Linear(C, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, C).
+
+    Args:
+        config: the p-tuning configuration (``encoder_reparameterization_type`` must be MLP).
+        hidden_size: C, the base model's hidden size.
+    """
+
+    def __init__(self, config: PromptEncoderConfig, hidden_size: int):
+        super().__init__()
+        self.config = config
+        encoder_hidden_size = config.encoder_hidden_size or hidden_size
+        self.embedding = nn.Embedding(config.num_virtual_tokens, hidden_size)
+        self.mlp_head = nn.Sequential(
+            nn.Linear(hidden_size, encoder_hidden_size),
+            nn.ReLU(),
+            nn.Linear(encoder_hidden_size, encoder_hidden_size),
+            nn.ReLU(),
+            nn.Linear(encoder_hidden_size, hidden_size),
+        )
+
+    def forward(self) -> torch.Tensor:
+        """Returns the virtual-token embeddings, ``[P, C]``."""
+        return self.mlp_head(self.embedding.weight)
+
+
+class LSTMPromptEncoder(nn.Module):
+    """Virtual tokens = MLP(BiLSTM(table)): the LSTM lets each virtual token see all the others.
+
+    Args:
+        config: the p-tuning configuration (``encoder_reparameterization_type`` must be LSTM).
+        hidden_size: C, the base model's hidden size.
+    """
+
+    def __init__(self, config: PromptEncoderConfig, hidden_size: int):
+        super().__init__()
+        self.config = config
+        encoder_hidden_size = config.encoder_hidden_size or hidden_size
+        self.embedding = nn.Embedding(config.num_virtual_tokens, hidden_size)
+        self.lstm_head = nn.LSTM(
+            input_size=hidden_size,
+            hidden_size=encoder_hidden_size,
+            num_layers=config.encoder_num_layers,
+            dropout=config.encoder_dropout,
+            bidirectional=True,
+            batch_first=True,
+        )
+        self.mlp_head = nn.Sequential(
+            nn.Linear(2 * encoder_hidden_size, 2 * encoder_hidden_size),
+            nn.ReLU(),
+            nn.Linear(2 * encoder_hidden_size, hidden_size),
+        )
+
+    def forward(self) -> torch.Tensor:
+        """Returns the virtual-token embeddings, ``[P, C]``."""
+        table = rearrange(self.embedding.weight, "p c -> 1 p c")  # the LSTM wants a batch: [1, P, C]
+        lstm_output, _ = self.lstm_head(table)  # [1, P, 2h]: forward and backward directions side by side
+        return self.mlp_head(rearrange(lstm_output, "1 p h -> p h"))  # [P, C]
+
+
+def build_prompt_encoder(config: PromptEncoderConfig, hidden_size: int) -> MLPPromptEncoder | LSTMPromptEncoder:
+    """The encoder class that `config.encoder_reparameterization_type` names."""
+    if config.encoder_reparameterization_type is PromptEncoderReparameterizationType.LSTM:
+        return LSTMPromptEncoder(config, hidden_size)
+    return MLPPromptEncoder(config, hidden_size)
