@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny random BLOOM, the quick-start tokenizer, and a left-padded batch of mixed lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.quickstart import build_tiny_bloom, build_tokenizer
+
+from helpers import UNUSED_EMBEDDING_ROWS, left_padded_batch
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def tiny_bloom(tokenizer):
+    """A 2-layer BLOOM (C=32, H=4, D=8) with random weights, fp32, eval mode."""
+    return build_tiny_bloom(len(tokenizer) + UNUSED_EMBEDDING_ROWS, hidden_size=32, n_layer=2, n_head=4, seed=0)
+
+
+@pytest.fixture
+def batch(tokenizer):
+    """Three rows of different lengths, left-padded (the seed recipes' padding)."""
+    return left_padded_batch(
+        tokenizer,
+        [
+            "Tweet text : my flight was cancelled again Label : complaint",
+            "Tweet text : thanks Label :",
+            "Tweet text : the crew was lovely and kind today Label : no complaint",
+        ],
+    )

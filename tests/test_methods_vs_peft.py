@@ -1,0 +1,200 @@
+"""Every method and variant against PEFT holding the same weights: loss, logits, gradients, greedy generation.
+
+PEFT is the reference our users know. Both libraries run the same frozen tiny BLOOM on the same left-padded batch
+of mixed lengths; softprompt's weights are copied into PEFT's prompt encoder (PEFT's state-dict names are ours with
+the prefix ``prompt_encoder.default.``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from peft import TaskType, get_peft_model
+
+import softprompt
+from softprompt import SoftPromptModel
+
+from helpers import UNUSED_EMBEDDING_ROWS, left_padded_batch
+
+# fp32 on CPU: both libraries run the same kernels in the same order for the frozen model, so differences come
+# only from a different summation order in the loss or the cache concatenation, a few ulps of values of order 1-10.
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+INIT_TEXT = "Is this a complaint ?"  # 7 tokens: fewer than the 13 virtual tokens below
+
+VARIANTS = {
+    "prompt-random": (
+        softprompt.PromptTuningConfig(num_virtual_tokens=6),
+        lambda: peft.PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6),
+    ),
+    "prompt-text": (
+        softprompt.PromptTuningConfig(
+            num_virtual_tokens=13, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT
+        ),
+        None,  # built in the test: PEFT needs the tokenizer saved on disk
+    ),
+    "prompt-sample-vocab": (
+        softprompt.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"),
+        lambda: peft.PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"
+        ),
+    ),
+    "p-tuning-mlp": (
+        softprompt.PromptEncoderConfig(num_virtual_tokens=7, encoder_hidden_size=16),
+        lambda: peft.PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=7, encoder_hidden_size=16),
+    ),
+    "p-tuning-lstm": (
+        softprompt.PromptEncoderConfig(
+            num_virtual_tokens=7, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+        ),
+        lambda: peft.PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=7,
+            encoder_hidden_size=16,
+            encoder_reparameterization_type="LSTM",
+        ),
+    ),
+    "prefix": (
+        softprompt.PrefixTuningConfig(num_virtual_tokens=5),
+        lambda: peft.PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
+    ),
+    "prefix-projection": (
+        softprompt.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24),
+        lambda: peft.PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24
+        ),
+    ),
+}
+
+
+def peft_twin(ours: SoftPromptModel, peft_config, base) -> peft.PeftModel:
+    """A PEFT model on a copy of the same base, holding our adapter's weights."""
+    twin = get_peft_model(copy.deepcopy(base), peft_config)
+    state = {f"prompt_encoder.default.{key}": value for key, value in ours.prompts["default"].state_dict().items()}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all("prompt_encoder" not in key for key in missing)
+    return twin.eval()
+
+
+@pytest.fixture
+def text_peft_config(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    return lambda: peft.PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=13,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=INIT_TEXT,
+        tokenizer_name_or_path=str(tmp_path / "tokenizer"),
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_loss_logits_gradients_and_generation_equal_peft(variant, tiny_bloom, tokenizer, batch, text_peft_config):
+    config, make_peft_config = VARIANTS[variant]
+    make_peft_config = make_peft_config or text_peft_config
+    torch.manual_seed(0)
+    ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config), tokenizer=tokenizer)
+    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    num_virtual = 0 if config.method == "prefix_tuning" else config.num_virtual_tokens
+
+    our_output = ours(**batch)
+    their_output = theirs(**batch)
+    torch.testing.assert_close(our_output.loss, their_output.loss, **TOLERANCE)
+    assert our_output.logits.shape == (*batch["input_ids"].shape, tiny_bloom.config.vocab_size)
+    real = batch["attention_mask"].bool()  # padded positions' logits are meaningless in both libraries
+    torch.testing.assert_close(our_output.logits[real], their_output.logits[:, num_virtual:][real], **TOLERANCE)
+
+    our_output.loss.backward()
+    their_output.loss.backward()
+    their_parameters = dict(theirs.named_parameters())
+    for name, parameter in ours.prompts["default"].named_parameters():
+        their_gradient = their_parameters[f"prompt_encoder.default.{name}"].grad
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        torch.testing.assert_close(parameter.grad, their_gradient, **TOLERANCE, msg=f"gradient of {name}")
+
+    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    our_ids = ours.generate(**prompt, max_new_tokens=10, do_sample=False)
+    their_ids = theirs.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert our_ids.shape == (3, batch["input_ids"].shape[1] + 10)
+    assert torch.equal(our_ids, their_ids)
+
+
+@pytest.mark.parametrize("variant", ["prompt-random", "p-tuning-lstm", "prefix-projection"])
+def test_right_padding_equals_peft(variant, tiny_bloom, tokenizer):
+    config, make_peft_config = VARIANTS[variant]
+    torch.manual_seed(0)
+    ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config))
+    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    left = left_padded_batch(tokenizer, ["a short one", "a somewhat longer sentence than that"])
+    right = {key: torch.stack([row.roll(-int((mask == 0).sum())) for row, mask in zip(value, left["attention_mask"])])
+             for key, value in left.items()}  # the same rows, padding moved to the right
+    num_virtual = 0 if config.method == "prefix_tuning" else config.num_virtual_tokens
+    our_output, their_output = ours(**right), theirs(**right)
+    torch.testing.assert_close(our_output.loss, their_output.loss, **TOLERANCE)
+    real = right["attention_mask"].bool()
+    torch.testing.assert_close(our_output.logits[real], their_output.logits[:, num_virtual:][real], **TOLERANCE)
+    # Padding side must not change what a real token sees.
+    torch.testing.assert_close(our_output.logits[real], ours(**left).logits[left["attention_mask"].bool()], **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_beams=3),
+        dict(repetition_penalty=1.3),
+        dict(num_beams=2, num_return_sequences=2),
+        dict(do_sample=True, top_k=8),
+        dict(eos_token_id=5),
+    ],
+    ids=["beams", "repetition-penalty", "return-sequences", "sampling", "eos"],
+)
+@pytest.mark.parametrize("variant", ["p-tuning-mlp", "prefix"])
+def test_generation_options_pass_through_like_peft(variant, options, tiny_bloom, batch):
+    config, make_peft_config = VARIANTS[variant]
+    torch.manual_seed(0)
+    ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config))
+    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    torch.manual_seed(1)
+    our_ids = ours.generate(**prompt, max_new_tokens=10, **options)
+    torch.manual_seed(1)
+    their_ids = theirs.generate(**prompt, max_new_tokens=10, **options)
+    assert torch.equal(our_ids, their_ids)
+    assert torch.equal(our_ids[:, : prompt["input_ids"].shape[1]], prompt["input_ids"].repeat_interleave(
+        options.get("num_return_sequences", 1), dim=0))  # input first, then only new ids
+
+
+def test_text_init_equals_peft_init(tiny_bloom, tokenizer, text_peft_config):
+    config = VARIANTS["prompt-text"][0]
+    ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config), tokenizer=tokenizer)
+    theirs = get_peft_model(copy.deepcopy(tiny_bloom), text_peft_config())
+    table = theirs.prompt_encoder["default"].embedding.weight
+    assert torch.equal(ours.prompts["default"].embedding.weight, table)
+    # 13 virtual tokens from a shorter text: the ids repeat whole, then are cut (PEFT's rule).
+    ids = tokenizer(INIT_TEXT)["input_ids"]
+    assert len(ids) < 13
+    expected_ids = (ids * 13)[:13]
+    assert torch.equal(table, tiny_bloom.get_input_embeddings().weight[expected_ids])
+
+
+def test_text_init_truncates_a_long_text(tiny_bloom, tokenizer):
+    config = softprompt.PromptTuningConfig(
+        num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT
+    )
+    ours = SoftPromptModel(tiny_bloom, config, tokenizer=tokenizer)
+    first_ids = tokenizer(INIT_TEXT)["input_ids"][:3]
+    assert torch.equal(ours.prompts["default"].embedding.weight, tiny_bloom.get_input_embeddings().weight[first_ids])
+
+
+def test_sample_vocab_init_draws_only_ids_the_tokenizer_produces(tiny_bloom, tokenizer):
+    torch.manual_seed(0)
+    config = softprompt.PromptTuningConfig(num_virtual_tokens=64, prompt_tuning_init="SAMPLE_VOCAB")
+    table = SoftPromptModel(tiny_bloom, config, tokenizer=tokenizer).prompts["default"].embedding.weight
+    embeddings = tiny_bloom.get_input_embeddings().weight  # [V, C], V = len(tokenizer) + unused rows
+    matches = (table[:, None, :] == embeddings[None, :, :]).all(-1)  # [P, V]
+    assert matches.any(-1).all(), "every virtual token starts as some token's embedding"
+    drawn = matches.float().argmax(-1)
+    assert (drawn < len(tokenizer)).all() and UNUSED_EMBEDDING_ROWS > 0
+    assert not set(drawn.tolist()) & set(tokenizer.all_special_ids)
