@@ -612,7 +612,7 @@ class SoftPromptModel(nn.Module):
 def materialize(module: nn.Module) -> torch.Tensor:
     """The tensor an adapter contributes, with its encoder applied: ``[P, C]`` or ``[P, L * 2 * C]``, fp32."""
     with torch.no_grad():
-        return module().detach().float().contiguous()
+        return module().detach().to(torch.float32, copy=True)  # a copy: never aliases a parameter
 
 
 __all__ = [
