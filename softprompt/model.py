@@ -493,8 +493,16 @@ class SoftPromptModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
 
-    def num_parameters(self) -> tuple[int, int]:
-        """Returns (trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT."""
+    def num_parameters(self, exclude_embeddings: bool | None = None) -> tuple[int, int] | int:
+        """Returns (trainable, total) parameter counts; shared (tied) parameters count once, as in PEFT.
+
+        Args:
+            exclude_embeddings: only for callers that expect transformers' ``PreTrainedModel.num_parameters``
+                (``transformers.Trainer`` estimates FLOPs with it): when given, the base model's own int count is
+                returned, as transformers defines it.
+        """
+        if exclude_embeddings is not None:
+            return self.base_model.num_parameters(exclude_embeddings=exclude_embeddings)
         trainable = total = 0
         for parameter in self.parameters():
             total += parameter.numel()

@@ -144,3 +144,29 @@ def test_optimizer_steps_change_only_the_prompt(tiny_bloom, batch, config):
     assert model.base_state_fingerprint() == fingerprint
     assert all(not p.requires_grad for p in tiny_bloom.parameters())
     assert all(not torch.equal(before[name], p) for name, p in model.prompts.named_parameters())
+
+
+def test_drops_into_transformers_trainer(tiny_bloom, tokenizer, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    texts = ["hello there general kenobi", "a b c d e f g", "another one here now"] * 4
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(texts)
+
+        def __getitem__(self, index):
+            ids = torch.tensor(tokenizer(texts[index])["input_ids"][:4])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    model = SoftPromptModel(tiny_bloom, PrefixTuningConfig(num_virtual_tokens=4))
+    before = model.prompts["default"].embedding.weight.detach().clone()
+    fingerprint = model.base_state_fingerprint()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_strategy="no", report_to=[],
+        learning_rate=1e-2, use_cpu=True, disable_tqdm=True,
+    )
+    result = Trainer(model=model, args=arguments, train_dataset=Rows()).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.prompts["default"].embedding.weight, before)
+    assert model.base_state_fingerprint() == fingerprint
