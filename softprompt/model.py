@@ -41,6 +41,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from softprompt.loss import (
+    IGNORE_INDEX,
     LossImplementation,
     cross_entropy_from_logits,
     label_only_cross_entropy,
@@ -246,6 +247,11 @@ class SoftPromptModel(nn.Module):
     def _row_adapters(self, batch_size: int, adapter_names: Sequence[str | None] | None) -> list[str | None]:
         if adapter_names is None:
             return [self._active_adapter] * batch_size
+        if isinstance(adapter_names, str):
+            raise ValueError(
+                f"adapter_names={adapter_names!r}: expected a list with one name per row (None for the base model "
+                f"alone), got a single string. Fix: adapter_names=[{adapter_names!r}] * {batch_size}."
+            )
         names = list(adapter_names)
         if len(names) != batch_size:
             raise ValueError(
@@ -319,6 +325,20 @@ class SoftPromptModel(nn.Module):
         }
         return inputs, num_virtual
 
+    @staticmethod
+    def _loss_targets(labels: torch.Tensor, inputs: dict[str, Any], num_virtual: int) -> torch.Tensor:
+        """Next-token targets ``[B, P_e + T]`` of the injected sequence; hidden virtual slots predict nothing.
+
+        The last virtual slot predicts the first real token. In a row whose adapter has no virtual tokens (prefix
+        tuning, or none) that slot is hidden padding that does not exist when the row runs alone, where nothing
+        scores the first token: it must not score it in a mixed batch either.
+        """
+        targets = next_token_targets(labels, num_virtual)  # [B, P_e + T]
+        slots = inputs["attention_mask"][:, -targets.shape[1] :]  # [B, P_e + T], without the prefix's P_k
+        hidden_virtual = slots == 0
+        hidden_virtual[:, num_virtual:] = False  # real-token padding keeps PEFT's targets
+        return targets.masked_fill(hidden_virtual, IGNORE_INDEX)
+
     def _is_virtual(self, adapter_name: str) -> bool:
         return self.adapter_configs[adapter_name].method in VIRTUAL_TOKEN_METHODS
 
@@ -357,7 +377,7 @@ class SoftPromptModel(nn.Module):
         logits = output.logits  # [B, P_e + T, V]
         loss = None
         if labels is not None:
-            loss = cross_entropy_from_logits(logits, next_token_targets(labels, num_virtual))
+            loss = cross_entropy_from_logits(logits, self._loss_targets(labels, inputs, num_virtual))
         return CausalLMOutputWithPast(loss=loss, logits=logits[:, num_virtual:])
 
     def compute_loss(
@@ -386,7 +406,7 @@ class SoftPromptModel(nn.Module):
         inputs, num_virtual = self._injected_inputs(input_ids, attention_mask, adapter_names)
         with checkpointed_layers_read_cache(self.base_model):
             hidden_states = self.base_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        targets = next_token_targets(labels, num_virtual)  # [B, P_e + T]
+        targets = self._loss_targets(labels, inputs, num_virtual)  # [B, P_e + T]
         head = self.base_model.get_output_embeddings()
         return label_only_cross_entropy(hidden_states, targets, head.weight, implementation)
 
