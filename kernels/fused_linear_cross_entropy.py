@@ -1,0 +1,671 @@
+"""Fused linear + cross-entropy: ``mean_n CE(hidden @ weight.T, targets)`` without the ``[N, V]`` logits.
+
+What it computes: for N rows of final hidden states ``hidden [N, C]`` (C hidden), the tied LM head
+``weight [V, C]`` (V vocab, 250880 for BLOOM) and ``targets [N]`` (int64 class ids, ``ignore_index`` where no loss
+is wanted), the loss is the mean over non-ignored rows n of ``lse_n - logit[n, targets[n]]``, where
+``logit = hidden @ weight.T`` and ``lse_n = log(sum_v exp(logit[n, v]))``, all in fp32 whatever the input dtype.
+The gradients are ``d logit = (softmax(logit) - onehot(targets)) / num_valid_rows``, ``grad_hidden = d logit @ weight``
+and ``grad_weight = d logit.T @ hidden``.
+
+How: the vocabulary is walked in chunks and ``lse`` is kept as a running maximum ``m`` and a running sum of
+``exp(logit - m)``, rescaled whenever ``m`` grows, so that one pass over V gives the normalizer: the online
+softmax normalizer of Milakov & Gimelshein (2018), "Online normalizer calculation for softmax",
+arXiv:1805.02867. Partial ``(m, sum)`` pairs of different vocabulary chunks merge the same way, which lets the
+Triton forward split V across programs. The backward pass recomputes each chunk's logits from the saved ``lse``
+and accumulates ``grad_hidden`` (and ``grad_weight``) chunk by chunk. The largest temporary is one chunk,
+``[N, chunk]`` logits, instead of ``[N, V]`` fp32 (24 rows x 250880 x 4 bytes = 24 MB for BLOOM, and much more
+for its backward through ``F.cross_entropy``).
+
+Two implementations of the same math, picked explicitly by the caller of `fused_linear_cross_entropy`:
+``"triton"`` (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported) and
+``"torch"`` (chunked, any device). `reference_linear_cross_entropy` is the naive full-logits formula the tests
+compare both against.
+
+Shapes: N rows, C hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_AVAILABLE = True
+except ImportError:  # triton is an optional dependency: the torch implementation needs nothing more
+    triton = None
+    tl = None
+    _TRITON_AVAILABLE = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+# The kernels call only builtins of triton.language, plus tl.reduce with the combine functions behind tl.max and
+# tl.sum, rather than tl.max / tl.sum / tl.zeros themselves. Those are @triton.jit functions of their own, so when
+# triton was imported before TRITON_INTERPRET=1 was set (importing transformers does that, through torch._dynamo)
+# they are compiled-mode objects that the CPU interpreter cannot call. This way the kernels run under the
+# interpreter whenever the flag is set before this module is imported; on GPUs the code is the same as tl.max /
+# tl.sum. tl.reduce's interpreter recognizes these two combine functions and reduces with numpy.
+
+if _TRITON_AVAILABLE:
+
+    @triton.jit
+    def _flce_forward_kernel(
+        hidden_ptr,
+        weight_ptr,
+        targets_ptr,
+        partial_max_ptr,
+        partial_sumexp_ptr,
+        partial_target_logit_ptr,
+        N,
+        C,
+        V,
+        span,
+        num_splits,
+        stride_hn,
+        stride_hc,
+        stride_wv,
+        stride_wc,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Program (row block, vocabulary split): online max / sum-exp / target logit over its ``span`` columns.
+
+        Writes ``[N, num_splits]`` partials; the launcher merges the splits (the same online rescaling), so
+        that V is spread over many programs even when N is a single row block.
+        """
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        # -1 never equals a column id, so padding rows (and ignored rows) pick no target logit.
+        tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+        offs_c = tl.arange(0, BLOCK_C)
+
+        running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        running_sumexp = tl.full([BLOCK_N], 0.0, tl.float32)
+        target_logit = tl.full([BLOCK_N], 0.0, tl.float32)
+
+        v_begin = pid_s * span
+        v_end = tl.minimum(v_begin + span, V)
+        # v_begin < V for every launched split, so the first block has a real column and running_max turns
+        # finite at once: no (-inf) - (-inf) = nan below.
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < v_end
+            # int64: V * C exceeds 2**31 for the large BLOOMs (250880 * 14336).
+            cols64 = cols.to(tl.int64)
+            acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cs = c0 + offs_c
+                c_mask = cs < C
+                h = tl.load(
+                    hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
+                    mask=row_mask[:, None] & c_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)  # [BLOCK_N, BLOCK_C]
+                w_t = tl.load(
+                    weight_ptr + cols64[None, :] * stride_wv + cs[:, None] * stride_wc,
+                    mask=col_mask[None, :] & c_mask[:, None],
+                    other=0.0,
+                ).to(tl.float32)  # [BLOCK_C, BLOCK_V]
+                # "ieee": the default tf32 would cost ~1e-3 relative on fp32 logits.
+                acc = tl.dot(h, w_t, acc, input_precision="ieee")
+            logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
+            new_max = tl.maximum(running_max, tl.reduce(logits, 1, tl.standard._elementwise_max))
+            running_sumexp = running_sumexp * tl.exp(running_max - new_max) + tl.reduce(
+                tl.exp(logits - new_max[:, None]), 1, tl.standard._sum_combine
+            )
+            running_max = new_max
+            # The column mask matters: a masked column past v_end may be a real column of the next split.
+            is_target = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+            target_logit += tl.reduce(tl.where(is_target, logits, 0.0), 1, tl.standard._sum_combine)
+
+        out = rows * num_splits + pid_s
+        tl.store(partial_max_ptr + out, running_max, mask=row_mask)
+        tl.store(partial_sumexp_ptr + out, running_sumexp, mask=row_mask)
+        tl.store(partial_target_logit_ptr + out, target_logit, mask=row_mask)
+
+    @triton.jit
+    def _flce_backward_kernel(
+        hidden_ptr,
+        weight_ptr,
+        targets_ptr,
+        lse_ptr,
+        row_scale_ptr,
+        grad_hidden_ptr,
+        grad_weight_ptr,
+        N,
+        C,
+        V,
+        span,
+        stride_hn,
+        stride_hc,
+        stride_wv,
+        stride_wc,
+        COMPUTE_GRAD_HIDDEN: tl.constexpr,
+        COMPUTE_GRAD_WEIGHT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Program (vocabulary split): recompute its logits, form d logit, add its share of both gradients.
+
+        ``grad_hidden`` (fp32 ``[N, C]``) sums over every split, hence atomics; ``grad_weight`` (fp32
+        ``[V, C]``) rows belong to one split but sum over row blocks, and atomics keep that simple too.
+        """
+        pid_s = tl.program_id(0)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_c = tl.arange(0, BLOCK_C)
+        v_begin = pid_s * span
+        v_end = tl.minimum(v_begin + span, V)
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < v_end
+            cols64 = cols.to(tl.int64)  # int64: V * C exceeds 2**31 for the large BLOOMs
+            for n0 in range(0, N, BLOCK_N):
+                rows = n0 + offs_n
+                row_mask = rows < N
+                acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
+                for c0 in range(0, C, BLOCK_C):
+                    cs = c0 + offs_c
+                    c_mask = cs < C
+                    h = tl.load(
+                        hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
+                        mask=row_mask[:, None] & c_mask[None, :],
+                        other=0.0,
+                    ).to(tl.float32)  # [BLOCK_N, BLOCK_C]
+                    w_t = tl.load(
+                        weight_ptr + cols64[None, :] * stride_wv + cs[:, None] * stride_wc,
+                        mask=col_mask[None, :] & c_mask[:, None],
+                        other=0.0,
+                    ).to(tl.float32)  # [BLOCK_C, BLOCK_V]
+                    acc = tl.dot(h, w_t, acc, input_precision="ieee")
+                logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
+                # Padding rows load lse 0 and scale 0, so their (finite) probabilities are zeroed by the scale.
+                lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+                scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+                tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+                prob = tl.exp(logits - lse[:, None])  # 0 on padding columns
+                # Masked: a column past v_end may be the next split's, which subtracts that one-hot itself.
+                onehot = tl.where((cols[None, :] == tgt[:, None]) & col_mask[None, :], 1.0, 0.0)
+                dlogits = (prob - onehot) * scale[:, None]  # [BLOCK_N, BLOCK_V]
+
+                for c0 in range(0, C, BLOCK_C):
+                    cs = c0 + offs_c
+                    c_mask = cs < C
+                    if COMPUTE_GRAD_HIDDEN:
+                        w = tl.load(
+                            weight_ptr + cols64[:, None] * stride_wv + cs[None, :] * stride_wc,
+                            mask=col_mask[:, None] & c_mask[None, :],
+                            other=0.0,
+                        ).to(tl.float32)  # [BLOCK_V, BLOCK_C]
+                        grad_h = tl.dot(dlogits, w, input_precision="ieee")  # [BLOCK_N, BLOCK_C]
+                        tl.atomic_add(
+                            grad_hidden_ptr + rows[:, None] * C + cs[None, :],
+                            grad_h,
+                            mask=row_mask[:, None] & c_mask[None, :],
+                        )
+                    if COMPUTE_GRAD_WEIGHT:
+                        h = tl.load(
+                            hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
+                            mask=row_mask[:, None] & c_mask[None, :],
+                            other=0.0,
+                        ).to(tl.float32)  # [BLOCK_N, BLOCK_C]
+                        grad_w = tl.dot(tl.trans(dlogits), h, input_precision="ieee")  # [BLOCK_V, BLOCK_C]
+                        tl.atomic_add(
+                            grad_weight_ptr + cols64[:, None] * C + cs[None, :],
+                            grad_w,
+                            mask=col_mask[:, None] & c_mask[None, :],
+                        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+_SUPPORTED_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _require_triton() -> None:
+    """Raise the install hint when the Triton implementation is asked for without triton."""
+    if not _TRITON_AVAILABLE:
+        raise RuntimeError(
+            "implementation='triton' needs the triton package, which is not installed. "
+            "Fix: `pip install triton` (or `pip install softprompt[triton]`), or pass implementation='torch' "
+            "(the same chunked math in plain PyTorch)."
+        )
+
+
+def _kernels_interpreted() -> bool:
+    """Whether the kernels were built for the Triton CPU interpreter (TRITON_INTERPRET=1 at import time).
+
+    ``triton.jit`` reads the flag when the kernel is decorated, so the kernel object, not the current
+    environment, says where it can run.
+    """
+    return not isinstance(_flce_forward_kernel, triton.runtime.jit.JITFunction)
+
+
+def _validate_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int) -> None:
+    """Shape, dtype and value checks shared by both implementations (one host sync for the target range)."""
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"hidden has shape {tuple(hidden.shape)}: expected [N, C] (N rows, C hidden). "
+            "Fix: gather the labelled rows first, e.g. hidden_states[targets != -100]."
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: expected [V, C] (the LM head, V vocab, C hidden).")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [N, C] = {tuple(hidden.shape)} and weight [V, C] = {tuple(weight.shape)} disagree on C "
+            f"({hidden.shape[1]} vs {weight.shape[1]}). Fix: pass the LM head weight as [V, C] "
+            "(transpose it if you hold [C, V])."
+        )
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        raise TypeError(f"hidden and weight must be floating point; got {hidden.dtype} and {weight.dtype}.")
+    if targets.dtype != torch.int64 or targets.shape != (hidden.shape[0],):
+        raise ValueError(
+            f"targets has dtype {targets.dtype} and shape {tuple(targets.shape)}: expected int64 of shape "
+            f"[N] = [{hidden.shape[0]}], one class id per hidden row. Fix: targets.long().reshape(-1)."
+        )
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(
+            f"hidden, weight and targets are on {hidden.device}, {weight.device} and {targets.device}: "
+            "expected one device. Fix: move them with .to(device)."
+        )
+    if not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 1:
+        raise ValueError(f"vocab_chunk_size={vocab_chunk_size!r}: expected a positive int (e.g. 4096).")
+    vocab = weight.shape[0]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))  # [N]
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"targets holds class id {value}: expected ids in [0, {vocab}) (V = weight.shape[0] = {vocab}) "
+            f"or ignore_index={ignore_index}. Fix: check the tokenizer matches the LM head, or mask the "
+            f"position with {ignore_index}."
+        )
+
+
+def _check_kernel_inputs(hidden: Tensor, weight: Tensor) -> None:
+    """Device and dtype checks that only the Triton kernels need."""
+    _require_triton()
+    for name, tensor in (("hidden", hidden), ("weight", weight)):
+        if tensor.dtype not in _SUPPORTED_KERNEL_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}: the Triton kernels take float32, float16 or bfloat16. "
+                "Fix: cast it, or pass implementation='torch'."
+            )
+    if hidden.device.type != "cuda" and not _kernels_interpreted():
+        raise RuntimeError(
+            f"The Triton kernels need CUDA tensors; got tensors on {hidden.device}. Fix: move them to a GPU, "
+            "pass implementation='torch', or (slow, for tests) set TRITON_INTERPRET=1 before triton is imported."
+        )
+
+
+def _block_sizes(channels: int, vocab_chunk_size: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_C) tiles: 16 is tl.dot's smallest side on GPUs."""
+    # The interpreter pays per operation, not per element: large vocabulary tiles keep the tests fast.
+    max_block_v = 1024 if _kernels_interpreted() else 128
+    block_v = min(max_block_v, max(16, triton.next_power_of_2(vocab_chunk_size)))
+    block_c = min(64, max(16, triton.next_power_of_2(channels)))
+    return 16, block_v, block_c
+
+
+def triton_fused_linear_cross_entropy_forward(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_chunk_size: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy terms of ``hidden @ weight.T`` with the Triton forward kernel.
+
+    Args:
+        hidden: ``[N, C]`` float32 / float16 / bfloat16.
+        weight: ``[V, C]`` float32 / float16 / bfloat16.
+        targets: ``[N]`` int64; ids outside ``[0, V)`` (the ignore index) pick no target logit.
+        vocab_chunk_size: vocabulary columns per program (the vocabulary split).
+
+    Returns:
+        ``(lse, target_logit)``, fp32 ``[N]`` each; the row loss is ``lse - target_logit``.
+
+    Raises:
+        RuntimeError: triton is not installed, or the tensors are on CPU without the interpreter.
+        TypeError: an unsupported dtype.
+    """
+    _check_kernel_inputs(hidden, weight)
+    n_rows, channels = hidden.shape
+    vocab = weight.shape[0]
+    if n_rows == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+        return empty, empty.clone()
+    block_n, block_v, block_c = _block_sizes(channels, vocab_chunk_size)
+    num_splits = triton.cdiv(vocab, vocab_chunk_size)
+    partial_max = torch.empty(n_rows, num_splits, dtype=torch.float32, device=hidden.device)
+    partial_sumexp = torch.empty_like(partial_max)
+    partial_target_logit = torch.empty_like(partial_max)
+    grid = (triton.cdiv(n_rows, block_n), num_splits)
+    _flce_forward_kernel[grid](
+        hidden,
+        weight,
+        targets,
+        partial_max,
+        partial_sumexp,
+        partial_target_logit,
+        n_rows,
+        channels,
+        vocab,
+        vocab_chunk_size,
+        num_splits,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_C=block_c,
+    )
+    # Merge the splits' (max, sum-exp) pairs with the same rescaling as inside the kernel.
+    row_max = partial_max.amax(dim=1)  # [N]
+    lse = row_max + torch.log((partial_sumexp * torch.exp(partial_max - row_max[:, None])).sum(dim=1))  # [N]
+    target_logit = partial_target_logit.sum(dim=1)  # [N]: only the split holding the target adds a non-zero
+    return lse, target_logit
+
+
+def triton_fused_linear_cross_entropy_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    row_scale: Tensor,
+    *,
+    compute_grad_hidden: bool,
+    compute_grad_weight: bool,
+    vocab_chunk_size: int = 4096,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``sum_n row_scale[n] * (lse[n] - logit[n, targets[n]])`` with the Triton backward kernel.
+
+    Args:
+        hidden: ``[N, C]``, as given to the forward.
+        weight: ``[V, C]``, as given to the forward.
+        targets: ``[N]`` int64, as given to the forward.
+        lse: ``[N]`` fp32 log-sum-exp from the forward.
+        row_scale: ``[N]`` fp32 d loss / d row loss (``grad_output / num_valid``, 0 on ignored rows).
+        compute_grad_hidden: whether to produce ``grad_hidden``.
+        compute_grad_weight: whether to produce ``grad_weight``.
+        vocab_chunk_size: vocabulary columns per program.
+
+    Returns:
+        ``(grad_hidden [N, C] in hidden's dtype or None, grad_weight [V, C] in weight's dtype or None)``.
+
+    Raises:
+        RuntimeError: triton is not installed, or the tensors are on CPU without the interpreter.
+    """
+    _check_kernel_inputs(hidden, weight)
+    n_rows, channels = hidden.shape
+    vocab = weight.shape[0]
+    # fp32 accumulators: both gradients are sums over many programs' atomic adds.
+    grad_hidden = (
+        torch.zeros(n_rows, channels, dtype=torch.float32, device=hidden.device) if compute_grad_hidden else None
+    )
+    grad_weight = (
+        torch.zeros(vocab, channels, dtype=torch.float32, device=weight.device) if compute_grad_weight else None
+    )
+    if n_rows > 0 and (compute_grad_hidden or compute_grad_weight):
+        block_n, block_v, block_c = _block_sizes(channels, vocab_chunk_size)
+        grid = (triton.cdiv(vocab, vocab_chunk_size),)
+        # An unused gradient still needs a pointer argument; the constexpr flag keeps it untouched.
+        placeholder = lse
+        _flce_backward_kernel[grid](
+            hidden,
+            weight,
+            targets,
+            lse,
+            row_scale,
+            grad_hidden if compute_grad_hidden else placeholder,
+            grad_weight if compute_grad_weight else placeholder,
+            n_rows,
+            channels,
+            vocab,
+            vocab_chunk_size,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            COMPUTE_GRAD_HIDDEN=compute_grad_hidden,
+            COMPUTE_GRAD_WEIGHT=compute_grad_weight,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+            BLOCK_C=block_c,
+        )
+    return (
+        grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+        grad_weight.to(weight.dtype) if grad_weight is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Autograd wrapper of the Triton launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mean_over_valid(lse: Tensor, target_logit: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean row loss over valid rows (0.0 when none is valid) and the valid-row count as a tensor (no sync)."""
+    num_valid = valid.sum()
+    row_loss = torch.where(valid, lse - target_logit, 0.0)  # [N]
+    return row_loss.sum() / num_valid.clamp(min=1), num_valid
+
+
+def _row_scale(grad_output: Tensor, valid: Tensor, num_valid: Tensor) -> Tensor:
+    """``[N]`` fp32 d loss / d row loss: grad_output / num_valid on valid rows, 0 on ignored ones."""
+    return valid.float() * (grad_output.float() / num_valid.clamp(min=1))
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` through the Triton kernels (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int):
+        lse, target_logit = triton_fused_linear_cross_entropy_forward(
+            hidden, weight, targets, vocab_chunk_size=vocab_chunk_size
+        )
+        valid = targets != ignore_index  # [N]
+        loss, num_valid = _mean_over_valid(lse, target_logit, valid)
+        ctx.save_for_backward(hidden, weight, targets, lse, valid, num_valid)
+        ctx.vocab_chunk_size = vocab_chunk_size
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        hidden, weight, targets, lse, valid, num_valid = ctx.saved_tensors
+        grad_hidden, grad_weight = triton_fused_linear_cross_entropy_backward(
+            hidden,
+            weight,
+            targets,
+            lse,
+            _row_scale(grad_output, valid, num_valid),
+            compute_grad_hidden=ctx.needs_input_grad[0],
+            compute_grad_weight=ctx.needs_input_grad[1],
+            vocab_chunk_size=ctx.vocab_chunk_size,
+        )
+        return grad_hidden, grad_weight, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Pure-torch implementations: the same chunked math, and the naive full-logits reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _torch_chunked_forward(
+    hidden: Tensor, weight: Tensor, targets: Tensor, vocab_chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """``(lse, target_logit)``, fp32 ``[N]`` each, one ``[N, chunk]`` logits block at a time."""
+    n_rows = hidden.shape[0]
+    hidden32 = hidden.float()  # [N, C]
+    running_max = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    running_sumexp = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, weight.shape[0], vocab_chunk_size):
+        logits = hidden32 @ weight[v0 : v0 + vocab_chunk_size].float().T  # [N, chunk]
+        chunk = logits.shape[1]
+        new_max = torch.maximum(running_max, logits.amax(dim=1))  # finite from the first chunk on
+        running_sumexp = running_sumexp * torch.exp(running_max - new_max) + torch.exp(
+            logits - new_max[:, None]
+        ).sum(dim=1)
+        running_max = new_max
+        local = targets - v0  # [N]
+        in_chunk = (local >= 0) & (local < chunk)
+        picked = logits.gather(1, local.clamp(0, chunk - 1)[:, None]).squeeze(1)  # [N]
+        target_logit = target_logit + torch.where(in_chunk, picked, 0.0)
+    return running_max + torch.log(running_sumexp), target_logit
+
+
+def _torch_chunked_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    row_scale: Tensor,
+    compute_grad_hidden: bool,
+    compute_grad_weight: bool,
+    vocab_chunk_size: int,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients chunk by chunk from the saved ``lse``; same contract as the Triton backward launcher."""
+    hidden32 = hidden.float()  # [N, C]
+    grad_hidden = torch.zeros_like(hidden32) if compute_grad_hidden else None
+    grad_weight = torch.empty_like(weight) if compute_grad_weight else None
+    if compute_grad_hidden or compute_grad_weight:
+        for v0 in range(0, weight.shape[0], vocab_chunk_size):
+            weight32 = weight[v0 : v0 + vocab_chunk_size].float()  # [chunk, C]
+            chunk = weight32.shape[0]
+            dlogits = torch.exp(hidden32 @ weight32.T - lse[:, None])  # [N, chunk] softmax
+            local = targets - v0  # [N]
+            in_chunk = (local >= 0) & (local < chunk)
+            # Subtract the one-hot with a scatter rather than boolean indexing: no host sync on GPUs.
+            dlogits.scatter_add_(1, local.clamp(0, chunk - 1)[:, None], -in_chunk.float()[:, None])
+            dlogits *= row_scale[:, None]
+            if grad_hidden is not None:
+                grad_hidden += dlogits @ weight32
+            if grad_weight is not None:
+                grad_weight[v0 : v0 + chunk] = dlogits.T @ hidden32  # [chunk, C]
+    return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None), grad_weight
+
+
+class TorchChunkedLinearCrossEntropyFunction(torch.autograd.Function):
+    """The Triton path's math in plain PyTorch: never holds ``[N, V]``, runs on any device."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int):
+        lse, target_logit = _torch_chunked_forward(hidden, weight, targets, vocab_chunk_size)
+        valid = targets != ignore_index  # [N]
+        loss, num_valid = _mean_over_valid(lse, target_logit, valid)
+        ctx.save_for_backward(hidden, weight, targets, lse, valid, num_valid)
+        ctx.vocab_chunk_size = vocab_chunk_size
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        hidden, weight, targets, lse, valid, num_valid = ctx.saved_tensors
+        grad_hidden, grad_weight = _torch_chunked_backward(
+            hidden,
+            weight,
+            targets,
+            lse,
+            _row_scale(grad_output, valid, num_valid),
+            compute_grad_hidden=ctx.needs_input_grad[0],
+            compute_grad_weight=ctx.needs_input_grad[1],
+            vocab_chunk_size=ctx.vocab_chunk_size,
+        )
+        return grad_hidden, grad_weight, None, None, None
+
+
+def torch_fused_linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100, vocab_chunk_size: int = 4096
+) -> Tensor:
+    """The chunked online-log-sum-exp loss in plain PyTorch (what CPU training without Triton uses).
+
+    Args:
+        hidden: ``[N, C]`` final hidden states of the rows that carry a loss.
+        weight: ``[V, C]`` LM head.
+        targets: ``[N]`` int64 class ids, ``ignore_index`` where no loss is wanted.
+        ignore_index: the target value that marks an ignored row.
+        vocab_chunk_size: vocabulary columns per chunk; peak extra memory is about ``chunk * (N + C) * 4`` bytes.
+
+    Returns:
+        The scalar fp32 mean loss over non-ignored rows; 0.0 (with zero gradients) when every row is ignored.
+
+    Raises:
+        ValueError: shapes, dtypes, devices or target ids are not as described above.
+    """
+    _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size)
+    return TorchChunkedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size)
+
+
+def reference_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """The naive formula with full fp32 ``[N, V]`` logits, for tests: NaN when every row is ignored.
+
+    Args:
+        hidden: ``[N, C]``.
+        weight: ``[V, C]``.
+        targets: ``[N]`` int64.
+        ignore_index: the target value that marks an ignored row.
+
+    Returns:
+        ``F.cross_entropy(hidden.float() @ weight.float().T, targets, ignore_index=ignore_index)``.
+    """
+    return F.cross_entropy(hidden.float() @ weight.float().T, targets, ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Public entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    implementation: Literal["triton", "torch"],
+    ignore_index: int = -100,
+    vocab_chunk_size: int = 4096,
+) -> Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding ``[N, V]`` fp32 logits.
+
+    Equal (to fp32 rounding) to ``F.cross_entropy(hidden.float() @ weight.float().T, targets,
+    ignore_index=ignore_index)``, except that when every row is ignored it returns 0.0 with zero gradients
+    (``F.cross_entropy`` returns NaN), so that a batch without labels adds nothing to the training step.
+    ``grad_hidden`` has hidden's dtype; ``grad_weight`` is computed only when ``weight.requires_grad``, in
+    weight's dtype.
+
+    Args:
+        hidden: ``[N, C]`` final hidden states of the rows that carry a loss (float32, float16 or bfloat16).
+        weight: ``[V, C]`` LM head (BLOOM's is tied to the input embeddings and has no bias).
+        targets: ``[N]`` int64 class ids in ``[0, V)``, or ``ignore_index``.
+        implementation: ``"triton"`` (the fused kernels: CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``) or ``"torch"`` (the same chunked math in PyTorch, any device).
+        ignore_index: the target value that marks an ignored row.
+        vocab_chunk_size: vocabulary columns per chunk (torch) or per program (triton).
+
+    Returns:
+        The scalar fp32 mean loss over non-ignored rows.
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices, target ids or ``implementation``.
+        TypeError: non-floating hidden/weight, or a dtype the Triton kernels do not take.
+        RuntimeError: ``implementation="triton"`` without triton installed, or on CPU without the interpreter.
+    """
+    if implementation not in ("triton", "torch"):
+        raise ValueError(
+            f"implementation={implementation!r}: expected 'triton' or 'torch'. "
+            "Fix: 'triton' on GPUs with triton installed, 'torch' anywhere."
+        )
+    _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size)
+    if implementation == "torch":
+        return TorchChunkedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size)
+    _check_kernel_inputs(hidden, weight)
+    return FusedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size)
