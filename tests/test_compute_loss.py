@@ -1,0 +1,193 @@
+"""`SoftPromptModel.compute_loss` (the fast training loss) against `forward(...).loss` (full logits).
+
+compute_loss takes three shortcuts: the LM head only at labelled positions, virtual tokens computed once per adapter
+and fed as a key/value prefix, and padding columns dropped. Each must leave the loss and every trainable gradient
+as the full-logits path computes them, for every method, on left-padded batches of mixed lengths, with mixed
+adapters, under gradient checkpointing, and with the Triton kernel (run by Triton's CPU interpreter here). No
+timing is checked here: speed lives in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The Triton kernel runs on CPU only under the interpreter, which must be on before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import softprompt  # noqa: E402
+from softprompt import SoftPromptModel  # noqa: E402
+from softprompt.quickstart import build_tiny_bloom  # noqa: E402
+
+VOCAB_SIZE = 300
+PAD_ID = 3
+
+# fp32 throughout. The shortcuts change only the order of sums: the label-only head and the full head compute each
+# logit with the same dot product, and the prefix pass computes the virtual tokens' keys and values as a batch of 1
+# instead of inside the batch, which changes BLAS blocking (a few ulps of activations of order 1). Losses are ~6
+# (log 300), gradients of order 1e-3..1, so 1e-5 relative plus a 1e-6 floor is ~100 ulps of slack: real
+# mistakes (a wrong position, a missing row, a lost gradient) show up at 1e-2 or more.
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+# The Triton kernel walks the vocabulary in blocks with an online log-sum-exp (another summation order again).
+TRITON_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+METHODS = {
+    "prompt-tuning": softprompt.PromptTuningConfig(num_virtual_tokens=5),
+    "p-tuning-mlp": softprompt.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16),
+    "p-tuning-lstm": softprompt.PromptEncoderConfig(
+        num_virtual_tokens=3, encoder_hidden_size=8, encoder_reparameterization_type="LSTM"
+    ),
+    "prefix": softprompt.PrefixTuningConfig(num_virtual_tokens=5),
+    "prefix-projection": softprompt.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True),
+}
+
+
+def _triton_usable() -> bool:
+    return importlib.util.find_spec("triton") is not None and (
+        importlib.util.find_spec("softprompt.kernels.fused_linear_cross_entropy") is not None
+    )
+
+
+IMPLEMENTATIONS = [
+    "torch",
+    pytest.param(
+        "triton", marks=pytest.mark.skipif(not _triton_usable(), reason="triton (or the kernel module) not installed")
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def base_model() -> torch.nn.Module:
+    """A 2-layer BLOOM (V=300, C=32, H=4) with random weights."""
+    return build_tiny_bloom(VOCAB_SIZE, hidden_size=32, n_layer=2, n_head=4, seed=0)
+
+
+def _batch(lengths: list[int], num_tokens: int, labels: str, seed: int = 0, side: str = "left") -> dict:
+    """A padded batch of random ids with rows of the given lengths.
+
+    Args:
+        labels: ``"all"`` (every real token, the causal-LM recipe, so ``labels[:, 0]`` counts on a full row) or
+            ``"last2"`` (the last two tokens of each row, the classification recipe).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB_SIZE, (len(lengths), num_tokens), generator=generator)
+    attention_mask = torch.zeros(len(lengths), num_tokens, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        if side == "left":
+            attention_mask[row, num_tokens - length :] = 1
+        else:
+            attention_mask[row, :length] = 1
+    input_ids = input_ids.masked_fill(attention_mask == 0, PAD_ID)
+    label_ids = input_ids.masked_fill(attention_mask == 0, -100)
+    if labels == "last2":
+        label_ids = torch.full_like(input_ids, -100)
+        for row, length in enumerate(lengths):
+            end = num_tokens if side == "left" else length
+            label_ids[row, end - 2 : end] = input_ids[row, end - 2 : end]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+
+
+def _loss_and_grads(model: SoftPromptModel, batch: dict, implementation: str, **kwargs) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model.compute_loss(**batch, implementation=implementation, **kwargs)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _assert_same(model: SoftPromptModel, batch: dict, implementation: str, **kwargs) -> None:
+    tolerance = TRITON_TOLERANCE if implementation == "triton" else TOLERANCE
+    expected_loss, expected_grads = _loss_and_grads(model, batch, "full", **kwargs)
+    loss, grads = _loss_and_grads(model, batch, implementation, **kwargs)
+    torch.testing.assert_close(loss, expected_loss, **tolerance)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        assert expected_grads[name].abs().max() > 0, f"{name}: the reference gradient is zero, the test proves nothing"
+        torch.testing.assert_close(grads[name], expected_grads[name], **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("labels", ["all", "last2"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compute_loss_equals_full_logits_loss(base_model, method, labels, implementation):
+    torch.manual_seed(1)
+    model = SoftPromptModel(base_model, METHODS[method])
+    # Left-padded, mixed lengths; the full-length row puts a label on column 0, which the last virtual token
+    # predicts (prompt tuning, p-tuning).
+    batch = _batch([9, 4, 6, 1], num_tokens=9, labels=labels)
+    _assert_same(model, batch, implementation)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mixed_adapters_in_one_batch(base_model, implementation):
+    torch.manual_seed(2)
+    model = SoftPromptModel(base_model, METHODS["prompt-tuning"], adapter_name="prompt")
+    model.add_adapter("p-tuning", METHODS["p-tuning-mlp"])
+    model.add_adapter("prefix", METHODS["prefix"])
+    model.add_adapter("short-prompt", softprompt.PromptTuningConfig(num_virtual_tokens=2))
+    for module in model.prompts.values():
+        module.requires_grad_(True)
+    batch = _batch([7, 7, 3, 5, 7, 2], num_tokens=7, labels="all", seed=3)
+    names = ["prompt", "prefix", "p-tuning", None, "short-prompt", "prompt"]
+    _assert_same(model, batch, implementation, adapter_names=names)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix"])
+def test_padding_columns_are_dropped_without_changing_the_loss(base_model, method):
+    torch.manual_seed(3)
+    model = SoftPromptModel(base_model, METHODS[method])
+    # Padded to 12 columns, longest row 6: the seed recipes pad to a fixed max_length.
+    left = _batch([6, 3, 5], num_tokens=12, labels="last2", seed=4)
+    right = _batch([6, 3, 5], num_tokens=12, labels="all", seed=5, side="right")
+    for batch in (left, right):
+        trimmed = SoftPromptModel._without_padding_columns(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        assert trimmed[0].shape[1] < 12
+        _assert_same(model, batch, "torch")
+
+
+def test_padding_column_that_predicts_a_label_is_kept():
+    # Column 0 is padding everywhere, but it predicts labels[:, 1], which is scored: it must stay.
+    input_ids = torch.tensor([[PAD_ID, 5, 6], [PAD_ID, PAD_ID, 7]])
+    attention_mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    labels = torch.tensor([[-100, 5, 6], [-100, -100, 7]])
+    kept = SoftPromptModel._without_padding_columns(input_ids, attention_mask, labels)
+    assert kept[0].shape[1] == 3
+    labels[0, 1] = -100
+    assert SoftPromptModel._without_padding_columns(input_ids, attention_mask, labels)[0].shape[1] == 2
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix"])
+def test_gradient_checkpointing_keeps_the_loss_and_gradients(method):
+    torch.manual_seed(4)
+    base = build_tiny_bloom(VOCAB_SIZE, hidden_size=32, n_layer=2, n_head=4, seed=0)
+    model = SoftPromptModel(base, METHODS[method])
+    batch = _batch([8, 5, 3], num_tokens=8, labels="all", seed=6)
+    expected_loss, expected_grads = _loss_and_grads(model, batch, "full")
+    # transformers' default checkpointing (whichever reentrancy it picks) and training mode, as a trainer runs it.
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable()
+    else:
+        base.gradient_checkpointing_enable()
+    base.train()
+    loss, grads = _loss_and_grads(model, batch, "torch")
+    torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], **TOLERANCE, msg=name)
+
+
+def test_no_label_gives_nan_like_the_full_loss(base_model):
+    model = SoftPromptModel(base_model, METHODS["prompt-tuning"])
+    batch = _batch([4, 2], num_tokens=4, labels="all")
+    batch["labels"].fill_(-100)
+    assert torch.isnan(model.compute_loss(**batch, implementation="full"))
+    assert torch.isnan(model.compute_loss(**batch))
+
+
+def test_frozen_base_gets_no_gradient(base_model):
+    model = SoftPromptModel(base_model, METHODS["p-tuning-mlp"])
+    model.compute_loss(**_batch([5, 3], num_tokens=5, labels="all")).backward()
+    assert all(p.grad is None for p in model.base_model.parameters())
