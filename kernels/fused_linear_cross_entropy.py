@@ -306,7 +306,7 @@ def _check_kernel_inputs(hidden: Tensor, weight: Tensor) -> None:
     if hidden.device.type != "cuda" and not _kernels_interpreted():
         raise RuntimeError(
             f"The Triton kernels need CUDA tensors; got tensors on {hidden.device}. Fix: move them to a GPU, "
-            "pass implementation='torch', or (slow, for tests) set TRITON_INTERPRET=1 before triton is imported."
+            "pass implementation='torch', or (slow, for tests) set TRITON_INTERPRET=1 before importing softprompt."
         )
 
 
