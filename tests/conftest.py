@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from softprompt.quickstart import build_tiny_bloom, build_tokenizer
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run under Triton's CPU interpreter, which must be switched on before triton is
+    # first imported (importing softprompt imports transformers, which imports triton through torch._dynamo).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import UNUSED_EMBEDDING_ROWS, left_padded_batch
+import pytest  # noqa: E402
+
+from softprompt.quickstart import build_tiny_bloom, build_tokenizer  # noqa: E402
+
+from helpers import UNUSED_EMBEDDING_ROWS, left_padded_batch  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
