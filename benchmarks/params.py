@@ -1,0 +1,90 @@
+"""Trainable / all parameter counts: softprompt beside PEFT, every seed configuration on every BLOOM size.
+
+Both libraries build the base model on the ``meta`` device (shapes, no storage, nothing downloaded), so bloom-7b1 is
+counted in about a second. softprompt counts with `SoftPromptModel.num_parameters` (through
+``softprompt.bloom_family.parameter_counts``), PEFT with ``get_peft_model(...).get_nb_trainable_parameters()``; tied
+weights count once in both. Exits with status 1 if any row differs.
+
+Command (from the repository root):
+
+    python benchmarks/params.py
+
+Writes ``benchmarks/results/params.json`` and ``benchmarks/results/params.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import peft
+from peft import TaskType, get_peft_model
+
+import harness
+from softprompt.bloom_family import BLOOM_SHAPES, SEED_CONFIGS, bloom_config, meta_base_model, parameter_counts
+from softprompt.p_tuning import PromptEncoderConfig
+from softprompt.prefix_tuning import PrefixTuningConfig
+from softprompt.prompt_tuning import PromptTuningConfig
+
+
+def peft_config(config):
+    """The PEFT configuration equal to a softprompt one (same field names, PEFT's classes)."""
+    if isinstance(config, PromptTuningConfig):
+        return peft.PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+    if isinstance(config, PromptEncoderConfig):
+        return peft.PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=config.num_virtual_tokens,
+            encoder_reparameterization_type=config.encoder_reparameterization_type.value,
+            encoder_hidden_size=config.encoder_hidden_size,
+            encoder_num_layers=config.encoder_num_layers,
+            encoder_dropout=config.encoder_dropout,
+        )
+    if isinstance(config, PrefixTuningConfig):
+        return peft.PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=config.num_virtual_tokens,
+            encoder_hidden_size=config.encoder_hidden_size,
+            prefix_projection=config.prefix_projection,
+        )
+    raise TypeError(f"unknown config type {type(config).__name__}")
+
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--sizes", nargs="*", default=list(BLOOM_SHAPES), help="BLOOM sizes (default: all)")
+args = parser.parse_args()
+
+rows = []
+for size in args.sizes:
+    base_config = bloom_config(*BLOOM_SHAPES[size])
+    ours = parameter_counts(base_config, SEED_CONFIGS)
+    for count, config in zip(ours, SEED_CONFIGS.values()):
+        peft_trainable, peft_total = get_peft_model(
+            meta_base_model(base_config), peft_config(config)
+        ).get_nb_trainable_parameters()
+        rows.append(
+            {
+                "model": f"bloom-{size}",
+                "config": count.label,
+                "softprompt trainable": count.trainable,
+                "PEFT trainable": peft_trainable,
+                "softprompt all": count.total,
+                "PEFT all": peft_total,
+                "trainable %": count.trainable_percent,
+                "equal": count.trainable == peft_trainable and count.total == peft_total,
+            }
+        )
+
+table = harness.markdown_table(rows)
+print(table)
+harness.write_results(
+    "params",
+    rows,
+    harness.machine_info("cpu"),
+    table,
+    command="python benchmarks/params.py",
+    extra={"note": "bloom-X and bloomz-X share a shape; counts are of the meta-device models (no weights)."},
+)
+unequal = [row for row in rows if not row["equal"]]
+print(f"\n{len(rows) - len(unequal)}/{len(rows)} rows equal")
+sys.exit(1 if unequal else 0)
