@@ -8,6 +8,7 @@ API:
 - `time_function(fn, warmup, repeats, sync)` -> `Timing` (median, spread, samples), and `time_alternating`, which
   interleaves several functions repeat by repeat so that slow drifts of the machine (thermal, other load) hit every
   contender alike.
+- `wait_until_idle()`: on a shared machine, start timing when the other processes are quiet.
 - `PeakMemory`: a context manager measuring the peak memory a block of code adds (CUDA: allocator peak; CPU: peak
   resident set size, sampled; see its docstring for why that is honest).
 - `machine_info(device)` -> dict (CPU model, cores, threads, torch / transformers / peft / triton versions, GPU).
@@ -128,6 +129,24 @@ def time_alternating(
             sync()
             samples[name].append(time.perf_counter() - start)
     return {name: Timing.of(values) for name, values in samples.items()}
+
+
+def wait_until_idle(busy_percent: float = 15.0, max_wait_s: float = 600.0, window_s: float = 3.0) -> float:
+    """Waits until the rest of the machine is quiet: CPU use, all cores, below `busy_percent` over `window_s`.
+
+    On a shared machine other processes' bursts distort CPU timings (two cores leave no slack); alternating the
+    contenders spreads a burst over both, and starting idle makes one less likely. Gives up after `max_wait_s`.
+
+    Returns:
+        The CPU use (percent) of the last window.
+    """
+    import psutil
+
+    deadline = time.monotonic() + max_wait_s
+    busy = psutil.cpu_percent(interval=window_s)
+    while busy > busy_percent and time.monotonic() < deadline:
+        busy = psutil.cpu_percent(interval=window_s)
+    return busy
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
