@@ -532,7 +532,12 @@ def build_tokenizer(
 
 
 def build_tiny_bloom(
-    vocab_size: int, hidden_size: int = 64, n_layer: int = 2, n_head: int = 4, seed: int = 0
+    vocab_size: int,
+    hidden_size: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> BloomForCausalLM:
     """Builds a small `BloomForCausalLM` with random weights drawn from a fixed seed.
 
@@ -544,6 +549,9 @@ def build_tiny_bloom(
         n_layer: L, number of transformer blocks.
         n_head: H, number of attention heads.
         seed: Seed of the weight initialization.
+        initializer_range: Standard deviation of the random weights (BLOOM's default 0.02). With 0.02 a model this
+            small gives near-uniform next-token distributions that no soft prompt can move; about 0.3 gives it
+            enough signal for a soft prompt to learn within seconds (the embedded default training run uses that).
 
     Returns:
         The model, in eval mode, on CPU, in float32.
@@ -566,6 +574,12 @@ def build_tiny_bloom(
             f"hidden_size={hidden_size} with n_head={n_head}: expected hidden_size to be a multiple of n_head "
             f"(head dim D = C / H). Fix: pass e.g. hidden_size={n_head * max(1, hidden_size // n_head)}."
         )
+    if isinstance(initializer_range, bool) or not isinstance(initializer_range, (int, float)) or not (
+        0 < initializer_range < float("inf")
+    ):
+        raise ValueError(
+            f"initializer_range={initializer_range!r}: expected a positive finite float. Fix: pass e.g. 0.02."
+        )
     config = BloomConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -575,6 +589,7 @@ def build_tiny_bloom(
         eos_token_id=EOS_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
         tie_word_embeddings=True,
+        initializer_range=float(initializer_range),
     )
     # fork_rng keeps the caller's random stream untouched while making the weights depend only on `seed`.
     with torch.random.fork_rng(devices=[]):
