@@ -1,0 +1,327 @@
+"""The training loop: learning, checkpoints (atomic, rotated, never unpickled), bit-exact resume after SIGKILL, the
+NaN stop, the config, and multi-adapter training.
+
+Runs are kept short (a slice of the shipped complaints data, a few epochs on the embedded tiny BLOOM); each takes a
+second or two on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt.checkpoint import (
+    CheckpointError,
+    complete_checkpoint_directories,
+    flatten_optimizer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    unflatten_optimizer_state,
+)
+from softprompt.cli import main
+from softprompt.model import SoftPromptModel
+from softprompt.train_config import ConfigError, TrainConfig
+from softprompt.training import (
+    TrainingDivergedError,
+    epoch_order,
+    prepare_data,
+    read_metrics,
+    train,
+)
+
+SHORT = ["--split", "train[:60]", "--num-generations", "0", "--no-progress"]
+"""48 training rows (6 steps of 8 per epoch) and 12 held-out rows of the shipped complaints data."""
+
+
+def short_config(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(split="train[:60]", num_generations=0, progress=False, num_epochs=2,
+                  output_dir=str(tmp_path / "run"))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "adapter.safetensors"))
+
+
+def assert_bitwise_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        # Compared as raw bytes: equal values with different bits (-0.0 / 0.0, NaN payloads) would fail too.
+        assert torch.equal(first[name].view(torch.uint8), second[name].view(torch.uint8)), name
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def test_a_short_run_learns_and_writes_everything(tmp_path):
+    result = train(short_config(tmp_path, num_epochs=3, method="p-tuning", num_generations=2))
+    run = tmp_path / "run"
+    assert result.adapter_directories == {"default": run / "adapter"}
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_metrics(run / "metrics.jsonl")
+    evaluations = [r for r in records if r["event"] == "eval"]
+    assert [r["epoch"] for r in evaluations] == [0, 1, 2, 3]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 19))
+    assert evaluations[-1]["loss"] < evaluations[0]["loss"] - 1.0
+    assert result.final_eval["loss"] == evaluations[-1]["loss"]
+    assert 0.0 <= evaluations[-1]["accuracy"] <= 1.0
+    assert len(result.generations) == 2 and {"prompt", "output", "reference"} <= result.generations[0].keys()
+    # The embedded base is saved beside the adapter, and the adapter points to it.
+    recorded = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model"]["name_or_path"]
+    assert Path(recorded) == (run / "base-model").resolve()
+
+
+def test_runs_are_deterministic_on_cpu(tmp_path):
+    first = train(short_config(tmp_path / "a", num_epochs=1, method="p-tuning"))
+    second = train(short_config(tmp_path / "b", num_epochs=1, method="p-tuning"))
+    assert_bitwise_equal(adapter_tensors(first.adapter_directories["default"]),
+                         adapter_tensors(second.adapter_directories["default"]))
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """Token sums over the whole step: 2 x 4 rows accumulated is the 8-row batch, up to float summation order."""
+    big = train(short_config(tmp_path / "big", num_epochs=1, padding="max_length"))
+    accumulated = train(short_config(tmp_path / "acc", num_epochs=1, padding="max_length", batch_size=4,
+                                     gradient_accumulation_steps=2))
+    for name, tensor in adapter_tensors(big.adapter_directories["default"]).items():
+        other = adapter_tensors(accumulated.adapter_directories["default"])[name]
+        torch.testing.assert_close(other, tensor, rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_and_linear_decay(tmp_path):
+    # No held-out rows: 60 rows in batches of 8 are 8 steps per epoch, 16 in all.
+    result = train(short_config(tmp_path, num_epochs=2, warmup_steps=4, learning_rate=0.04, eval_fraction=0.0))
+    assert result.global_step == 16 and result.final_eval is None
+    rates = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
+    # Logged after step k: the rate of the next step, lr * (k / 4 during warmup, then (16 - k) / 12).
+    expected = [0.04 * (k / 4 if k < 4 else (16 - k) / 12) for k in range(1, 17)]
+    assert rates == pytest.approx(expected)
+
+
+def test_held_out_split_and_epoch_order_are_seeded(tokenizer):
+    first = prepare_data(TrainConfig(split="train[:60]"), tokenizer)
+    again = prepare_data(TrainConfig(split="train[:60]"), tokenizer)
+    other = prepare_data(TrainConfig(split="train[:60]", seed=1), tokenizer)
+    assert (len(first.train), len(first.eval), len(first.eval_prompts)) == (48, 12, 12)
+    assert first.eval == again.eval and first.eval != other.eval
+    # The accuracy prompts are the held-out rows' prompts: the loss examples minus the answer.
+    for loss_row, prompt_row in zip(first.eval, first.eval_prompts):
+        assert loss_row["input_ids"] == prompt_row["input_ids"] + prompt_row["label_ids"]
+    assert epoch_order(48, 0, 3) == epoch_order(48, 0, 3) != epoch_order(48, 0, 4)
+
+
+def test_several_datasets_train_one_adapter_each(tmp_path):
+    from softprompt.quickstart import shipped_dataset_path
+
+    result = train(TrainConfig(
+        dataset=[str(shipped_dataset_path("quotes")), str(shipped_dataset_path("prompts"))],
+        text_column=["quote", "prompt"], split="train[:40]", num_epochs=2, num_virtual_tokens=4,
+        num_generations=2, progress=False, output_dir=str(tmp_path / "run"),
+    ))
+    assert set(result.adapter_directories) == {"quotes", "prompts"}
+    for name, directory in result.adapter_directories.items():
+        assert directory == tmp_path / "run" / "adapters" / name and (directory / "adapter.safetensors").is_file()
+    final = result.final_eval
+    assert set(final["loss_by_adapter"]) == {"quotes", "prompts"} and final["accuracy"] is None
+    assert final["loss"] < result.initial_eval["loss"]
+
+
+def test_task_column_trains_one_adapter_per_task(tmp_path):
+    rows = [{"text": f"row {i} about {'cats' if i % 2 else 'dogs'}", "task": "cats" if i % 2 else "dogs"}
+            for i in range(24)]
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = train(TrainConfig(dataset=[str(data)], text_column=["text"], task_column="task", num_epochs=1,
+                               method="prefix-tuning", num_generations=0, progress=False,
+                               output_dir=str(tmp_path / "run")))
+    assert set(result.adapter_directories) == {"cats", "dogs"}
+    assert set(result.final_eval["loss_by_adapter"]) == {"cats", "dogs"}
+    dogs = adapter_tensors(result.adapter_directories["dogs"])
+    cats = adapter_tensors(result.adapter_directories["cats"])
+    assert not torch.equal(cats["materialized"], dogs["materialized"])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoints_are_complete_rotated_and_never_pickled(tmp_path):
+    train(short_config(tmp_path, num_epochs=2, save_every=4, keep_last=2, method="p-tuning"))
+    directories = complete_checkpoint_directories(tmp_path / "run")
+    # Steps 4, 6 (epoch end), 8, 12 (epoch end) were written; the last two are kept.
+    assert [d.name for d in directories] == ["step-00000008", "step-00000012"]
+    checkpoint = load_checkpoint(directories[-1])
+    assert sorted(p.name for p in directories[-1].iterdir()) == ["adapters", "manifest.json", "state.json",
+                                                                 "tensors.safetensors"]
+    assert checkpoint.state["position"]["epoch"] == 2 and checkpoint.state["position"]["step_in_epoch"] == 0
+    assert checkpoint.state["position"]["order"] == epoch_order(48, 0, 1)
+    assert checkpoint.tensors["rng.torch"].dtype == torch.uint8
+    assert {"exp_avg", "exp_avg_sq", "step"} == {k.split(".", 2)[2] for k in checkpoint.tensors if k.startswith("optimizer.")}
+    assert isinstance(checkpoint.state["rng"]["python"][1], list)
+    sources = "".join((Path(__file__).parents[1] / "softprompt" / f).read_text()
+                      for f in ("checkpoint.py", "training.py", "train_config.py"))
+    assert "torch.load(" not in sources and "import pickle" not in sources and "pickle.load" not in sources
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json():
+    parameter = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([parameter], lr=0.1, betas=(0.8, 0.95))
+    parameter.grad = torch.ones(3, 2)
+    optimizer.step()
+    tensors, document = flatten_optimizer_state(optimizer.state_dict())
+    document = json.loads(json.dumps(document))
+    restored = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, 2))], lr=1.0)
+    restored.load_state_dict(unflatten_optimizer_state(tensors, document))
+    assert restored.param_groups[0]["betas"] == (0.8, 0.95) and restored.param_groups[0]["lr"] == 0.1
+    for key, value in optimizer.state[parameter].items():
+        assert torch.equal(restored.state[restored.param_groups[0]["params"][0]][key], value)
+
+
+def test_a_damaged_or_unfinished_checkpoint_is_never_used(tmp_path):
+    train(short_config(tmp_path, num_epochs=2, keep_last=3))
+    run = tmp_path / "run"
+    good, newest = complete_checkpoint_directories(run)
+    # A crash mid-write leaves a temporary directory: it has no manifest, so it is not a checkpoint.
+    (run / "checkpoints" / ".tmp-step-00000099-1").mkdir()
+    (run / "checkpoints" / ".tmp-step-00000099-1" / "state.json").write_text("{}")
+    # A newer checkpoint whose file no longer matches its manifest is skipped.
+    with open(newest / "tensors.safetensors", "r+b") as file:
+        file.seek(200)
+        file.write(b"\x00\x01")
+    with pytest.raises(CheckpointError, match="differs from the manifest"):
+        load_checkpoint(newest)
+    skipped = []
+    assert latest_checkpoint(run, on_skip=lambda path, error: skipped.append(path)).directory == good
+    assert skipped == [newest]
+
+
+def test_resume_refuses_other_settings_and_a_used_output_dir(tmp_path, capsys):
+    train(short_config(tmp_path, num_epochs=1))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(short_config(tmp_path, num_epochs=1))
+    with pytest.raises(ConfigError, match="learning_rate: 0.03 in the checkpoint, 0.01 now"):
+        train(short_config(tmp_path, num_epochs=1, learning_rate=0.01, resume=True))
+    assert main(["train", *SHORT, "--num-epochs", "1", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--resume to continue it, --overwrite to start over" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    first = train(short_config(tmp_path, num_epochs=1))
+    before = adapter_tensors(first.adapter_directories["default"])
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    again = train(short_config(tmp_path, num_epochs=1, resume=True))
+    assert again.resumed_from is not None and again.global_step == first.global_step
+    assert_bitwise_equal(adapter_tensors(again.adapter_directories["default"]), before)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tmp_path):
+    """Kill -9 a `softprompt train` process right after its first checkpoint appears, resume it, and compare with a
+    run never interrupted: every tensor of the final adapter is bitwise equal, and the metrics hold no duplicates."""
+    flags = [*SHORT, "--method", "p-tuning", "--num-epochs", "12", "--save-every", "3"]
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", "train", *flags, "--output-dir", str(killed_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not complete_checkpoint_directories(killed_dir):
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.01)
+        assert process.poll() is None, "the run finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = complete_checkpoint_directories(killed_dir)[-1].name
+    assert not (killed_dir / "adapter").exists(), "killed too late: the final adapter was already written"
+
+    assert main(["train", *flags, "--output-dir", str(killed_dir), "--resume"]) == 0
+    assert main(["train", *flags, "--output-dir", str(tmp_path / "uninterrupted")]) == 0
+    assert_bitwise_equal(adapter_tensors(killed_dir / "adapter"), adapter_tensors(tmp_path / "uninterrupted" / "adapter"))
+    records = read_metrics(killed_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 12 * 6 + 1)), killed_at
+    assert [r["epoch"] for r in records if r["event"] == "eval"] == list(range(13))
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"count": 0}
+    original = SoftPromptModel.compute_loss
+
+    def poisoned(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        if not self.training:  # evaluation
+            return loss
+        calls["count"] += 1
+        return loss * float("nan") if calls["count"] == 5 else loss  # the 5th micro-batch = step 5
+
+    monkeypatch.setattr(SoftPromptModel, "compute_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 5 .*step-00000004, is untouched"):
+        train(short_config(tmp_path, num_epochs=2, save_every=2))
+    (last,) = complete_checkpoint_directories(run)[-1:]
+    assert last.name == "step-00000004"
+    load_checkpoint(last)  # still complete and matching its manifest
+    assert not (run / "adapter").exists()
+
+
+def test_an_absurd_learning_rate_stops_with_a_clear_message(tmp_path, capsys):
+    code = main(["train", *SHORT, "--learning-rate", "1e30", "--save-every", "1", "--output-dir", str(tmp_path)])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "became nan at step 2" in error and "Fix: lower --learning-rate" in error
+    (checkpoint,) = complete_checkpoint_directories(tmp_path)
+    assert checkpoint.name == "step-00000001"
+    load_checkpoint(checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"method": "lora"}, "method='lora': expected one of prompt-tuning, p-tuning, prefix-tuning"),
+        ({"learning_rate": 0}, "learning_rate=0: expected a positive finite number"),
+        ({"batch_size": 0}, "batch_size=0: expected an integer >= 1"),
+        ({"eval_fraction": 1.0}, "eval_fraction=1.0: expected a fraction in [0, 1)"),
+        ({"padding": "right"}, "padding='right': expected one of longest, max_length"),
+        ({"resume": True, "overwrite": True}, "pass only one of --resume / --overwrite"),
+        ({"dataset": ["a.csv"]}, "without text_column"),
+        ({"dataset": ["a.csv", "b.csv"], "text_column": ["x", "y", "z"]}, "one column for all datasets or one per"),
+        ({"method": "prefix-tuning", "prompt_tuning_init": "TEXT"}, "applies to prompt tuning only"),
+        ({"prompt_tuning_init": "TEXT", "dataset": ["a.csv"], "text_column": ["t"]}, "prompt_tuning_init_text"),
+    ],
+)
+def test_config_errors_name_the_value_and_the_fix(values, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**values)
+
+
+def test_config_defaults_follow_the_seed_guides():
+    prompt = TrainConfig().adapter_config()
+    assert (prompt.num_virtual_tokens, prompt.prompt_tuning_init.value) == (8, "TEXT")
+    assert prompt.prompt_tuning_init_text == "Classify if the tweet is a complaint or not:"
+    assert TrainConfig(method="p-tuning").adapter_config().num_virtual_tokens == 20
+    assert TrainConfig(method="prefix-tuning").adapter_config().num_virtual_tokens == 20
+    other_data = TrainConfig(dataset=["q.jsonl"], text_column=["quote"]).adapter_config()
+    assert other_data.prompt_tuning_init.value == "RANDOM"
+    config = TrainConfig()
+    assert (config.learning_rate, config.batch_size, config.max_length) == (3e-2, 8, 64)
+    assert (config.resolved_text_columns, config.resolved_label_column) == (["Tweet text"], "text_label")
