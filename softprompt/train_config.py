@@ -238,6 +238,12 @@ class TrainConfig:
                 f"dataset={self.dataset!r} without text_column: expected the name of the column holding the text. "
                 "Fix: pass --text-column (e.g. --text-column quote for Abirate/english_quotes)."
             )
+        adapter_names = [adapter_name_for_source(source) for source in self.dataset]
+        if len(set(adapter_names)) < len(adapter_names):
+            raise ConfigError(
+                f"dataset={self.dataset!r}: each dataset trains an adapter named after it ({adapter_names}), and two "
+                "names collide. Fix: rename or copy a file so that the names differ."
+            )
         if len(self.dataset) > 1 and self.task_column is not None:
             raise ConfigError(
                 f"task_column={self.task_column!r} with {len(self.dataset)} datasets: several datasets already mean "

@@ -273,29 +273,25 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
     for index, (source, text_column) in enumerate(zip(sources, text_columns)):
         task = adapter_name_for_source(source) if several else None
 
-        def build(rows: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        def examples_of(split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            rows = load_rows(source, config_name=config.dataset_config, split=split)
             return _examples(rows, tokenizer, config, text_column, label_column, task)
 
-        if whole_split is not None:
-            examples, eval_prompts = build(load_rows(source, config_name=config.dataset_config, split=whole_split))
-            evaluation += examples
-            prompts += eval_prompts
-            continue
-        rows = load_rows(source, config_name=config.dataset_config, split=config.split)
-        if config.eval_split is not None:
-            examples, _ = build(rows)
-            train += examples
-            examples, eval_prompts = build(load_rows(source, config_name=config.dataset_config, split=config.eval_split))
-            evaluation += examples
-            prompts += eval_prompts
-            continue
-        # Examples are built over all rows before the split so that the classification recipe's prompt budget (set
-        # by the longest label) is the same for training and evaluation rows.
-        examples, eval_prompts = build(rows)
-        held_out = _held_out_indices(len(examples), config.eval_fraction, config.seed + index, source)
-        train += [example for i, example in enumerate(examples) if i not in held_out]
-        evaluation += [examples[i] for i in sorted(held_out)]
-        prompts += [eval_prompts[i] for i in sorted(held_out)] if eval_prompts else []
+        if whole_split is not None:  # `softprompt eval --split`: every row is an evaluation row
+            source_eval, source_prompts = examples_of(whole_split)
+        elif config.eval_split is not None:
+            train += examples_of(config.split)[0]
+            source_eval, source_prompts = examples_of(config.eval_split)
+        else:
+            # Examples are built over all rows before the split so that the classification recipe's prompt budget
+            # (set by the longest label) is the same for training and evaluation rows.
+            examples, all_prompts = examples_of(config.split)
+            held_out = _held_out_indices(len(examples), config.eval_fraction, config.seed + index, source)
+            train += [example for i, example in enumerate(examples) if i not in held_out]
+            source_eval = [examples[i] for i in sorted(held_out)]
+            source_prompts = [all_prompts[i] for i in sorted(held_out)] if all_prompts else []
+        evaluation += source_eval
+        prompts += source_prompts
     names = sorted({example["task"] for example in train + evaluation})
     for name in names:
         if not isinstance(name, str) or not name or "." in name:
@@ -325,8 +321,8 @@ def _examples(
                       task_column=config.task_column)
         examples = classification_examples(rows, tokenizer, **common)
         prompts = classification_eval_examples(rows, tokenizer, **common)
-    for example in examples + prompts:
-        if config.task_column is None:
+    if config.task_column is None:  # otherwise the recipes copied each row's task already
+        for example in examples + prompts:
             example["task"] = task or DEFAULT_ADAPTER_NAME
     return examples, prompts
 
@@ -584,6 +580,55 @@ class _Run:
             return self._run(base, started)
 
     def _run(self, base: torch.nn.Module, started: float) -> TrainResult:
+        config = self.config
+        self._setup(base)
+        start_epoch, start_step, global_step = 0, 0, 0
+        checkpoint = self._resume_checkpoint() if config.resume else None
+        if checkpoint is not None:
+            start_epoch, start_step, global_step = self._restore(checkpoint)
+            self.metrics.truncate(int(checkpoint.state["metrics_bytes"]))  # drop what was logged after it
+            self.emit("resumed", checkpoint=str(checkpoint.directory), step=global_step, epoch=start_epoch)
+        else:
+            self.metrics.truncate(0)
+            self._evaluate(epoch=0, step=0)
+
+        bar = tqdm(total=self.total_steps, initial=global_step, desc=f"train {config.method}", unit="step",
+                   disable=not (config.progress and self.is_main), dynamic_ncols=True)
+        rows_per_micro_batch = config.batch_size * self.world_size
+        accumulation = config.gradient_accumulation_steps
+        self.model.train()
+        for epoch in range(start_epoch, config.num_epochs):
+            order = epoch_order(len(self.data.train), config.seed, epoch)
+            if checkpoint is not None and epoch == start_epoch and checkpoint.state["position"]["order"] != order:
+                raise ConfigError(
+                    f"{checkpoint.directory}: the training data's order differs from the checkpoint's: the data "
+                    "changed since it was written. Fix: resume with the same data, or start over with --overwrite."
+                )
+            # Global micro-batches; process r takes rows [r * batch_size, (r + 1) * batch_size) of each.
+            micro_batches = [order[i : i + rows_per_micro_batch] for i in range(0, len(order), rows_per_micro_batch)]
+            for step_in_epoch in range(start_step if epoch == start_epoch else 0, self.steps_per_epoch):
+                step_started = time.perf_counter()
+                group = micro_batches[step_in_epoch * accumulation : (step_in_epoch + 1) * accumulation]
+                loss, grad_norm, tokens = self._optimizer_step(group, global_step, epoch)
+                global_step += 1
+                throughput = tokens / (time.perf_counter() - step_started)
+                learning_rate = self.scheduler.get_last_lr()[0]
+                self.metrics.append({"event": "train", "epoch": epoch + (step_in_epoch + 1) / self.steps_per_epoch,
+                                     "step": global_step, "loss": loss, "lr": learning_rate, "grad_norm": grad_norm,
+                                     "tokens_per_second": throughput})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{throughput:,.0f}")
+                if step_in_epoch + 1 == self.steps_per_epoch:
+                    self._evaluate(epoch=epoch + 1, step=global_step)
+                    self.model.train()
+                    self._save(global_step, {"epoch": epoch + 1, "step_in_epoch": 0, "order": order})
+                elif config.save_every and global_step % config.save_every == 0:
+                    self._save(global_step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "order": order})
+        bar.close()
+        return self._finish(global_step, started, checkpoint)
+
+    def _setup(self, base: torch.nn.Module) -> None:
+        """Output directory, data, the model with one adapter per task, optimizer, schedule, grad scaler."""
         config, tokenizer = self.config, self.tokenizer
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -594,11 +639,11 @@ class _Run:
                 from softprompt.quickstart import save_tiny_bloom
 
                 save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
-            base.config._name_or_path = str(base_directory)
-        base_name = base.config._name_or_path
-        self.data = data = prepare_data(config, tokenizer)
+            base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
+        self.base_name = base.config._name_or_path
+        self.data = prepare_data(config, tokenizer)
         base.to(self.device)
-        names = data.adapter_names
+        names = self.data.adapter_names
         model = SoftPromptModel(base, config.adapter_config(), tokenizer=tokenizer, adapter_name=names[0])
         for name in names[1:]:
             model.add_adapter(name, config.adapter_config(), tokenizer=tokenizer)
@@ -607,86 +652,44 @@ class _Run:
         self.parameters = {name: [p for p in model.prompts[name].parameters() if p.requires_grad] for name in names}
         self._broadcast_parameters()
 
-        micro_batch_rows = config.batch_size * self.world_size
-        micro_batches_per_epoch = math.ceil(len(data.train) / micro_batch_rows)
-        self.steps_per_epoch = math.ceil(micro_batches_per_epoch / config.gradient_accumulation_steps)
-        total_steps = self.steps_per_epoch * config.num_epochs
-        optimizer = torch.optim.AdamW(
+        micro_batches = math.ceil(len(self.data.train) / (config.batch_size * self.world_size))
+        self.steps_per_epoch = math.ceil(micro_batches / config.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * config.num_epochs
+        self.optimizer = torch.optim.AdamW(
             [p for group in self.parameters.values() for p in group],
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(config.warmup_steps, total_steps))
-        scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype is torch.float16 else None
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _linear_schedule(config.warmup_steps, self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype is torch.float16 else None
+        self.metrics = _MetricsLog(self.output_dir / METRICS_FILE, enabled=self.is_main)
         trainable, total = model.num_parameters()
-        self.emit("start", output_dir=str(self.output_dir), base_model=base_name, device=str(self.device),
-                  processes=self.world_size, method=config.method, adapters=names, recipe=data.kind,
-                  train_examples=len(data.train), eval_examples=len(data.eval), steps=total_steps,
+        self.emit("start", output_dir=str(self.output_dir), base_model=self.base_name, device=str(self.device),
+                  processes=self.world_size, method=config.method, adapters=names, recipe=self.data.kind,
+                  train_examples=len(self.data.train), eval_examples=len(self.data.eval), steps=self.total_steps,
                   trainable_parameters=trainable, total_parameters=total)
 
-        start_epoch, start_step, global_step = 0, 0, 0
-        checkpoint = self._resume_checkpoint() if config.resume else None
-        self.metrics = _MetricsLog(self.output_dir / METRICS_FILE, enabled=self.is_main)
-        initial_eval = final_eval = None
-        if checkpoint is not None:
-            start_epoch, start_step, global_step = self._restore(checkpoint)
-            self.metrics.truncate(int(checkpoint.state["metrics_bytes"]))
-            self.emit("resumed", checkpoint=str(checkpoint.directory), step=global_step, epoch=start_epoch)
-        else:
-            self.metrics.truncate(0)
-            self._evaluate(epoch=0, step=0)
-
-        bar = tqdm(total=total_steps, initial=global_step, desc=f"train {config.method}", unit="step",
-                   disable=not (config.progress and self.is_main), dynamic_ncols=True)
-        model.train()
-        for epoch in range(start_epoch, config.num_epochs):
-            order = epoch_order(len(data.train), config.seed, epoch)
-            if checkpoint is not None and epoch == start_epoch and checkpoint.state["position"]["order"] != order:
-                raise ConfigError(
-                    f"{checkpoint.directory}: the training data's order differs from the checkpoint's: the data "
-                    "changed since it was written. Fix: resume with the same data, or start over with --overwrite."
-                )
-            micro_batches = [order[i : i + micro_batch_rows] for i in range(0, len(order), micro_batch_rows)]
-            accumulation = config.gradient_accumulation_steps
-            first = start_step if epoch == start_epoch else 0
-            for step_in_epoch in range(first, self.steps_per_epoch):
-                group = micro_batches[step_in_epoch * accumulation : (step_in_epoch + 1) * accumulation]
-                step_started = time.perf_counter()
-                loss, grad_norm, tokens = self._optimizer_step(group, global_step, epoch)
-                global_step += 1
-                seconds = time.perf_counter() - step_started
-                record = {"event": "train", "epoch": epoch + (step_in_epoch + 1) / self.steps_per_epoch,
-                          "step": global_step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "tokens_per_second": tokens / seconds}
-                self.metrics.append(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens / seconds:,.0f}")
-                end_of_epoch = step_in_epoch + 1 == self.steps_per_epoch
-                if end_of_epoch:
-                    self._evaluate(epoch=epoch + 1, step=global_step)
-                    model.train()
-                    self._save(global_step, {"epoch": epoch + 1, "step_in_epoch": 0, "order": order})
-                elif config.save_every and global_step % config.save_every == 0:
-                    self._save(global_step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "order": order})
-        bar.close()
-        model.eval()
-        if self.is_main and data.eval:
-            evaluations = [r for r in read_metrics(self.output_dir / METRICS_FILE) if r["event"] == "eval"]
-            initial_eval, final_eval = evaluations[0], evaluations[-1]
+    def _finish(self, global_step: int, started: float, checkpoint: Checkpoint | None) -> TrainResult:
+        """Final adapters, plot, a few generations, the result."""
+        config, data = self.config, self.data
+        self.model.eval()
         adapter_directories = self._save_final_adapters()
-        plot_path = None
+        initial_eval = final_eval = plot_path = None
+        generations: list[dict[str, Any]] = []
         if self.is_main:
-            title = f"{config.method} on {'the embedded tiny BLOOM' if config.uses_embedded_model else base_name}"
-            plot_path = plot_metrics(self.output_dir / METRICS_FILE, self.output_dir / PLOT_FILE, title)
-        generations = (
-            sample_generations(model, tokenizer, data, config.num_generations) if self.is_main else []
-        )
+            evaluations = [r for r in read_metrics(self.output_dir / METRICS_FILE) if r["event"] == "eval"]
+            if evaluations:  # read back, so that a resumed run reports the evaluations of its earlier part too
+                initial_eval, final_eval = evaluations[0], evaluations[-1]
+            base = "the embedded tiny BLOOM" if config.uses_embedded_model else self.base_name
+            plot_path = plot_metrics(self.output_dir / METRICS_FILE, self.output_dir / PLOT_FILE,
+                                     f"{config.method} on {base}")
+            generations = sample_generations(self.model, self.tokenizer, data, config.num_generations)
         self._barrier()
         result = TrainResult(
             output_dir=self.output_dir, adapter_directories=adapter_directories,
-            metrics_path=self.output_dir / METRICS_FILE, plot_path=plot_path, base_model=base_name,
+            metrics_path=self.output_dir / METRICS_FILE, plot_path=plot_path, base_model=self.base_name,
             initial_eval=initial_eval, final_eval=final_eval, generations=generations,
             global_step=global_step, elapsed_seconds=time.perf_counter() - started,
             resumed_from=checkpoint.directory if checkpoint is not None else None,
@@ -722,14 +725,16 @@ class _Run:
             if int(per_row.sum()) == 0:
                 continue
             with _autocast(self.device, self.autocast_dtype):
-                # Hook for multi-adapter training: each row trains the adapter of its task (one name per row).
+                # Each row trains the adapter of its task (batch["task"], one name per row); a one-adapter run is
+                # the case where every row names the same adapter. The sum over labelled tokens is divided below,
+                # once the step's token count over all micro-batches and processes is known.
                 loss = multi_adapter_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                           row_names, reduction="sum", implementation=config.loss_implementation)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach().float()
 
         flat_gradients = [p.grad if p.grad is not None else torch.zeros_like(p)
-                          for group_ in self.parameters.values() for p in group_]
+                          for parameters in self.parameters.values() for p in parameters]
         totals = torch.cat([loss_sum.view(1), tokens.view(1), counts])
         if self.world_size > 1:
             # One collective per step: every adapter gradient, the loss and the counts, summed over processes.
