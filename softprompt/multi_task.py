@@ -98,7 +98,9 @@ def make_trainable(model: SoftPromptModel, adapter_names: Iterable[str | None]) 
     return [parameter for name in names for parameter in model.prompts[name].parameters()]
 
 
-def labelled_positions(model: SoftPromptModel, labels: torch.Tensor, adapter_names: Sequence[str | None]) -> torch.Tensor:
+def labelled_positions(
+    model: SoftPromptModel, labels: torch.Tensor, adapter_names: Sequence[str | None]
+) -> torch.Tensor:
     """How many positions of each row carry a loss, ``[B]``.
 
     A causal LM scores token t + 1 from position t, so a row's first real token is scored only when something

@@ -495,10 +495,11 @@ def test_tasks_map_to_adapter_names_and_train_together(model):
     model.set_adapter("prompt")  # PEFT's rule: one trainable adapter
     parameters = make_trainable(model, adapter_names_for_tasks(tasks, mapping))
     trainable = {name for name, module in model.prompts.items() if all(p.requires_grad for p in module.parameters())}
-    assert trainable == {"prompt", "prefix"}
-    assert not any(p.requires_grad for name in ("p_mlp", "p_lstm", "prefix_proj") for p in model.prompts[name].parameters())
+    frozen = {name for name, module in model.prompts.items() if not any(p.requires_grad for p in module.parameters())}
+    assert trainable == {"prompt", "prefix"} and frozen == {"p_mlp", "p_lstm", "prefix_proj"}
     assert not any(p.requires_grad for p in model.base_model.parameters())
-    assert len(parameters) == len(list(model.prompts["prompt"].parameters())) + len(list(model.prompts["prefix"].parameters()))
+    expected = [*model.prompts["prompt"].parameters(), *model.prompts["prefix"].parameters()]
+    assert len(parameters) == len(expected) and all(a is b for a, b in zip(parameters, expected))
+    ids = torch.ones(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="reduction='median'"):
-        multi_adapter_loss(model, torch.ones(1, 2, dtype=torch.long), None, torch.ones(1, 2, dtype=torch.long),
-                           ["prompt"], reduction="median")
+        multi_adapter_loss(model, ids, None, ids, ["prompt"], reduction="median")
