@@ -128,6 +128,10 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Writes `payload` to a temporary file beside `path`, then renames it over `path`."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file readable by its owner only; give it the mode an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as file:
             file.write(payload)
             file.flush()

@@ -212,3 +212,14 @@ def test_saving_replaces_files_atomically_and_leaves_no_temporaries(tiny_bloom, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     loaded = SoftPromptModel.from_adapter(tiny_bloom, tmp_path)
     assert torch.equal(loaded.prompts["default"].embedding.weight, model.prompts["default"].embedding.weight)
+
+
+def test_saved_files_get_ordinary_permissions(tiny_bloom, tmp_path):
+    import os
+    import stat
+
+    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_adapter(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
