@@ -57,6 +57,19 @@ except ImportError:  # triton is an optional dependency: the torch implementatio
 if _TRITON_AVAILABLE:
 
     @triton.jit
+    def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
+        """``acc + a @ b`` in fp32.
+
+        NATIVE_DOT (bf16 inputs): both operands are rounded to bf16 and multiplied on the tensor cores, accumulating
+        in fp32. bf16 has fp32's exponent range, so d logit (probabilities ~1e-6 over a 250880 vocabulary) loses
+        precision but never underflows. Otherwise (fp32, fp16) the operands are upcast and multiplied in IEEE fp32:
+        tf32 would cost ~1e-3 relative on fp32 logits, and fp16 would flush small probabilities to zero.
+        """
+        if NATIVE_DOT:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+    @triton.jit
     def _flce_forward_kernel(
         hidden_ptr,
         weight_ptr,
@@ -76,6 +89,7 @@ if _TRITON_AVAILABLE:
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        NATIVE_DOT: tl.constexpr,
     ):
         """Program (row block, vocabulary split): online max / sum-exp / target logit over its ``span`` columns.
 
@@ -111,14 +125,13 @@ if _TRITON_AVAILABLE:
                     hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
                     mask=row_mask[:, None] & c_mask[None, :],
                     other=0.0,
-                ).to(tl.float32)  # [BLOCK_N, BLOCK_C]
+                )  # [BLOCK_N, BLOCK_C]
                 w_t = tl.load(
                     weight_ptr + cols64[None, :] * stride_wv + cs[:, None] * stride_wc,
                     mask=col_mask[None, :] & c_mask[:, None],
                     other=0.0,
-                ).to(tl.float32)  # [BLOCK_C, BLOCK_V]
-                # "ieee": the default tf32 would cost ~1e-3 relative on fp32 logits.
-                acc = tl.dot(h, w_t, acc, input_precision="ieee")
+                )  # [BLOCK_C, BLOCK_V]
+                acc = _dot(h, w_t, acc, NATIVE_DOT)
             logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
             new_max = tl.maximum(running_max, tl.reduce(logits, 1, tl.standard._elementwise_max))
             running_sumexp = running_sumexp * tl.exp(running_max - new_max) + tl.reduce(
@@ -156,6 +169,7 @@ if _TRITON_AVAILABLE:
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        NATIVE_DOT: tl.constexpr,
     ):
         """Program (vocabulary split): recompute its logits, form d logit, add its share of both gradients.
 
@@ -182,13 +196,13 @@ if _TRITON_AVAILABLE:
                         hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
                         mask=row_mask[:, None] & c_mask[None, :],
                         other=0.0,
-                    ).to(tl.float32)  # [BLOCK_N, BLOCK_C]
+                    )  # [BLOCK_N, BLOCK_C]
                     w_t = tl.load(
                         weight_ptr + cols64[None, :] * stride_wv + cs[:, None] * stride_wc,
                         mask=col_mask[None, :] & c_mask[:, None],
                         other=0.0,
-                    ).to(tl.float32)  # [BLOCK_C, BLOCK_V]
-                    acc = tl.dot(h, w_t, acc, input_precision="ieee")
+                    )  # [BLOCK_C, BLOCK_V]
+                    acc = _dot(h, w_t, acc, NATIVE_DOT)
                 logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
                 # Padding rows load lse 0 and scale 0, so their (finite) probabilities are zeroed by the scale.
                 lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -207,8 +221,9 @@ if _TRITON_AVAILABLE:
                             weight_ptr + cols64[:, None] * stride_wv + cs[None, :] * stride_wc,
                             mask=col_mask[:, None] & c_mask[None, :],
                             other=0.0,
-                        ).to(tl.float32)  # [BLOCK_V, BLOCK_C]
-                        grad_h = tl.dot(dlogits, w, input_precision="ieee")  # [BLOCK_N, BLOCK_C]
+                        )  # [BLOCK_V, BLOCK_C]
+                        zeros = tl.full([BLOCK_N, BLOCK_C], 0.0, tl.float32)
+                        grad_h = _dot(dlogits, w, zeros, NATIVE_DOT)  # [BLOCK_N, BLOCK_C]
                         tl.atomic_add(
                             grad_hidden_ptr + rows[:, None] * C + cs[None, :],
                             grad_h,
@@ -219,8 +234,10 @@ if _TRITON_AVAILABLE:
                             hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
                             mask=row_mask[:, None] & c_mask[None, :],
                             other=0.0,
-                        ).to(tl.float32)  # [BLOCK_N, BLOCK_C]
-                        grad_w = tl.dot(tl.trans(dlogits), h, input_precision="ieee")  # [BLOCK_V, BLOCK_C]
+                        )  # [BLOCK_N, BLOCK_C]
+                        grad_w = _dot(
+                            tl.trans(dlogits), h, tl.full([BLOCK_V, BLOCK_C], 0.0, tl.float32), NATIVE_DOT
+                        )  # [BLOCK_V, BLOCK_C]
                         tl.atomic_add(
                             grad_weight_ptr + cols64[:, None] * C + cs[None, :],
                             grad_w,
@@ -310,13 +327,37 @@ def _check_kernel_inputs(hidden: Tensor, weight: Tensor) -> None:
         )
 
 
-def _block_sizes(channels: int, vocab_chunk_size: int) -> tuple[int, int, int]:
+def _block_sizes(n_rows: int, channels: int, vocab_chunk_size: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_C) tiles: 16 is tl.dot's smallest side on GPUs."""
-    # The interpreter pays per operation, not per element: large vocabulary tiles keep the tests fast.
-    max_block_v = 1024 if _kernels_interpreted() else 128
-    block_v = min(max_block_v, max(16, triton.next_power_of_2(vocab_chunk_size)))
-    block_c = min(64, max(16, triton.next_power_of_2(channels)))
-    return 16, block_v, block_c
+    if _kernels_interpreted():
+        # The interpreter pays per operation, not per element: large vocabulary tiles keep the tests fast.
+        block_v = min(1024, max(16, triton.next_power_of_2(vocab_chunk_size)))
+        return 16, block_v, min(64, max(16, triton.next_power_of_2(channels)))
+    # Up to 64 rows per tile: the weight tile loaded for a block of vocabulary serves them all, and the seed
+    # recipes have 16 x 3 labelled rows.
+    block_n = min(64, max(16, triton.next_power_of_2(n_rows)))
+    block_v = min(128, max(16, triton.next_power_of_2(vocab_chunk_size)))
+    return block_n, block_v, min(64, max(16, triton.next_power_of_2(channels)))
+
+
+def _columns_per_program(vocab: int, vocab_chunk_size: int, block_v: int, num_row_blocks: int, device) -> int:
+    """Vocabulary columns per program: at most ``vocab_chunk_size``, fewer when that would leave the GPU idle.
+
+    With few labelled rows the vocabulary is the only parallel axis: 250880 / 4096 = 62 programs would leave half
+    of an H100's 132 multiprocessors idle, so the split is made fine enough for about 4 programs per
+    multiprocessor (a multiple of the tile width, so that only the last program has a partial tile).
+    """
+    if device.type != "cuda":
+        return vocab_chunk_size
+    wanted_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    wanted_splits = max(1, wanted_programs // num_row_blocks)
+    span = triton.cdiv(triton.cdiv(vocab, wanted_splits), block_v) * block_v
+    return min(vocab_chunk_size, max(block_v, span))
+
+
+def _native_dot(hidden: Tensor, weight: Tensor) -> bool:
+    """bf16 operands on a GPU: multiply them on the tensor cores (the interpreter computes bf16 wrongly)."""
+    return hidden.dtype == weight.dtype == torch.bfloat16 and not _kernels_interpreted()
 
 
 def triton_fused_linear_cross_entropy_forward(
@@ -328,7 +369,7 @@ def triton_fused_linear_cross_entropy_forward(
         hidden: ``[N, C]`` float32 / float16 / bfloat16.
         weight: ``[V, C]`` float32 / float16 / bfloat16.
         targets: ``[N]`` int64; ids outside ``[0, V)`` (the ignore index) pick no target logit.
-        vocab_chunk_size: vocabulary columns per program (the vocabulary split).
+        vocab_chunk_size: at most this many vocabulary columns per program (see `_columns_per_program`).
 
     Returns:
         ``(lse, target_logit)``, fp32 ``[N]`` each; the row loss is ``lse - target_logit``.
@@ -343,8 +384,9 @@ def triton_fused_linear_cross_entropy_forward(
     if n_rows == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return empty, empty.clone()
-    block_n, block_v, block_c = _block_sizes(channels, vocab_chunk_size)
-    num_splits = triton.cdiv(vocab, vocab_chunk_size)
+    block_n, block_v, block_c = _block_sizes(n_rows, channels, vocab_chunk_size)
+    span = _columns_per_program(vocab, vocab_chunk_size, block_v, triton.cdiv(n_rows, block_n), hidden.device)
+    num_splits = triton.cdiv(vocab, span)
     partial_max = torch.empty(n_rows, num_splits, dtype=torch.float32, device=hidden.device)
     partial_sumexp = torch.empty_like(partial_max)
     partial_target_logit = torch.empty_like(partial_max)
@@ -359,7 +401,7 @@ def triton_fused_linear_cross_entropy_forward(
         n_rows,
         channels,
         vocab,
-        vocab_chunk_size,
+        span,
         num_splits,
         hidden.stride(0),
         hidden.stride(1),
@@ -368,6 +410,7 @@ def triton_fused_linear_cross_entropy_forward(
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_C=block_c,
+        NATIVE_DOT=_native_dot(hidden, weight),
     )
     # Merge the splits' (max, sum-exp) pairs with the same rescaling as inside the kernel.
     row_max = partial_max.amax(dim=1)  # [N]
@@ -397,7 +440,7 @@ def triton_fused_linear_cross_entropy_backward(
         row_scale: ``[N]`` fp32 d loss / d row loss (``grad_output / num_valid``, 0 on ignored rows).
         compute_grad_hidden: whether to produce ``grad_hidden``.
         compute_grad_weight: whether to produce ``grad_weight``.
-        vocab_chunk_size: vocabulary columns per program.
+        vocab_chunk_size: at most this many vocabulary columns per program.
 
     Returns:
         ``(grad_hidden [N, C] in hidden's dtype or None, grad_weight [V, C] in weight's dtype or None)``.
@@ -416,8 +459,9 @@ def triton_fused_linear_cross_entropy_backward(
         torch.zeros(vocab, channels, dtype=torch.float32, device=weight.device) if compute_grad_weight else None
     )
     if n_rows > 0 and (compute_grad_hidden or compute_grad_weight):
-        block_n, block_v, block_c = _block_sizes(channels, vocab_chunk_size)
-        grid = (triton.cdiv(vocab, vocab_chunk_size),)
+        block_n, block_v, block_c = _block_sizes(n_rows, channels, vocab_chunk_size)
+        span = _columns_per_program(vocab, vocab_chunk_size, block_v, 1, hidden.device)
+        grid = (triton.cdiv(vocab, span),)
         # An unused gradient still needs a pointer argument; the constexpr flag keeps it untouched.
         placeholder = lse
         _flce_backward_kernel[grid](
@@ -431,7 +475,7 @@ def triton_fused_linear_cross_entropy_backward(
             n_rows,
             channels,
             vocab,
-            vocab_chunk_size,
+            span,
             hidden.stride(0),
             hidden.stride(1),
             weight.stride(0),
@@ -441,6 +485,7 @@ def triton_fused_linear_cross_entropy_backward(
             BLOCK_N=block_n,
             BLOCK_V=block_v,
             BLOCK_C=block_c,
+            NATIVE_DOT=_native_dot(hidden, weight),
         )
     return (
         grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
@@ -449,7 +494,7 @@ def triton_fused_linear_cross_entropy_backward(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Autograd wrapper of the Triton launchers
+# 3. The autograd function (over the Triton launchers or their pure-torch twins of section 4)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -465,24 +510,29 @@ def _row_scale(grad_output: Tensor, valid: Tensor, num_valid: Tensor) -> Tensor:
     return valid.float() * (grad_output.float() / num_valid.clamp(min=1))
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` through the Triton kernels (see the module docstring)."""
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` (see the module docstring), through the Triton launchers or
+    their pure-torch twins: both compute per-row ``(lse, target logit)`` forward and the gradients from ``lse``
+    backward, so only the two functions differ."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int):
-        lse, target_logit = triton_fused_linear_cross_entropy_forward(
-            hidden, weight, targets, vocab_chunk_size=vocab_chunk_size
-        )
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int,
+        implementation: str,
+    ):
+        forward_terms, _ = _IMPLEMENTATIONS[implementation]
+        lse, target_logit = forward_terms(hidden, weight, targets, vocab_chunk_size=vocab_chunk_size)
         valid = targets != ignore_index  # [N]
         loss, num_valid = _mean_over_valid(lse, target_logit, valid)
         ctx.save_for_backward(hidden, weight, targets, lse, valid, num_valid)
-        ctx.vocab_chunk_size = vocab_chunk_size
+        ctx.vocab_chunk_size, ctx.implementation = vocab_chunk_size, implementation
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         hidden, weight, targets, lse, valid, num_valid = ctx.saved_tensors
-        grad_hidden, grad_weight = triton_fused_linear_cross_entropy_backward(
+        _, gradients = _IMPLEMENTATIONS[ctx.implementation]
+        grad_hidden, grad_weight = gradients(
             hidden,
             weight,
             targets,
@@ -492,7 +542,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             compute_grad_weight=ctx.needs_input_grad[1],
             vocab_chunk_size=ctx.vocab_chunk_size,
         )
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,7 +551,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _torch_chunked_forward(
-    hidden: Tensor, weight: Tensor, targets: Tensor, vocab_chunk_size: int
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_chunk_size: int
 ) -> tuple[Tensor, Tensor]:
     """``(lse, target_logit)``, fp32 ``[N]`` each, one ``[N, chunk]`` logits block at a time."""
     n_rows = hidden.shape[0]
@@ -530,6 +580,7 @@ def _torch_chunked_backward(
     targets: Tensor,
     lse: Tensor,
     row_scale: Tensor,
+    *,
     compute_grad_hidden: bool,
     compute_grad_weight: bool,
     vocab_chunk_size: int,
@@ -555,32 +606,11 @@ def _torch_chunked_backward(
     return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None), grad_weight
 
 
-class TorchChunkedLinearCrossEntropyFunction(torch.autograd.Function):
-    """The Triton path's math in plain PyTorch: never holds ``[N, V]``, runs on any device."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int):
-        lse, target_logit = _torch_chunked_forward(hidden, weight, targets, vocab_chunk_size)
-        valid = targets != ignore_index  # [N]
-        loss, num_valid = _mean_over_valid(lse, target_logit, valid)
-        ctx.save_for_backward(hidden, weight, targets, lse, valid, num_valid)
-        ctx.vocab_chunk_size = vocab_chunk_size
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        hidden, weight, targets, lse, valid, num_valid = ctx.saved_tensors
-        grad_hidden, grad_weight = _torch_chunked_backward(
-            hidden,
-            weight,
-            targets,
-            lse,
-            _row_scale(grad_output, valid, num_valid),
-            compute_grad_hidden=ctx.needs_input_grad[0],
-            compute_grad_weight=ctx.needs_input_grad[1],
-            vocab_chunk_size=ctx.vocab_chunk_size,
-        )
-        return grad_hidden, grad_weight, None, None, None
+_IMPLEMENTATIONS = {
+    "triton": (triton_fused_linear_cross_entropy_forward, triton_fused_linear_cross_entropy_backward),
+    "torch": (_torch_chunked_forward, _torch_chunked_backward),
+}
+"""implementation -> (forward terms, gradients), the two halves `LinearCrossEntropyFunction` runs."""
 
 
 def torch_fused_linear_cross_entropy(
@@ -602,7 +632,7 @@ def torch_fused_linear_cross_entropy(
         ValueError: shapes, dtypes, devices or target ids are not as described above.
     """
     _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size)
-    return TorchChunkedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, "torch")
 
 
 def reference_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -666,6 +696,6 @@ def fused_linear_cross_entropy(
         )
     _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size)
     if implementation == "torch":
-        return TorchChunkedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size)
+        return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, "torch")
     _check_kernel_inputs(hidden, weight)
-    return FusedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, "triton")

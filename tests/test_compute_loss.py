@@ -3,25 +3,20 @@
 compute_loss takes three shortcuts: the LM head only at labelled positions, virtual tokens computed once per adapter
 and fed as a key/value prefix, and padding columns dropped. Each must leave the loss and every trainable gradient
 as the full-logits path computes them, for every method, on left-padded batches of mixed lengths, with mixed
-adapters, under gradient checkpointing, and with the Triton kernel (run by Triton's CPU interpreter here). No
+adapters, under gradient checkpointing, and with the Triton kernel (on a GPU when there is one, else under Triton's CPU interpreter). No
 timing is checked here: speed lives in ``benchmarks/``.
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
 
-# The Triton kernel runs on CPU only under the interpreter, which must be on before triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import softprompt  # noqa: E402
-from softprompt import SoftPromptModel  # noqa: E402
-from softprompt.quickstart import build_tiny_bloom  # noqa: E402
+import softprompt
+from softprompt import SoftPromptModel
+from softprompt.quickstart import build_tiny_bloom
 
 VOCAB_SIZE = 300
 PAD_ID = 3
@@ -101,8 +96,16 @@ def _loss_and_grads(model: SoftPromptModel, batch: dict, implementation: str, **
 
 def _assert_same(model: SoftPromptModel, batch: dict, implementation: str, **kwargs) -> None:
     tolerance = TRITON_TOLERANCE if implementation == "triton" else TOLERANCE
-    expected_loss, expected_grads = _loss_and_grads(model, batch, "full", **kwargs)
-    loss, grads = _loss_and_grads(model, batch, implementation, **kwargs)
+    if implementation == "triton" and torch.cuda.is_available():
+        # With a GPU the kernel runs compiled, on CUDA tensors (conftest enables the CPU interpreter only without
+        # one). torch leaves TF32 off for fp32 matmuls by default, so the reference stays plain fp32 as on CPU.
+        model.to("cuda")
+        batch = {key: value.to("cuda") for key, value in batch.items()}
+    try:
+        expected_loss, expected_grads = _loss_and_grads(model, batch, "full", **kwargs)
+        loss, grads = _loss_and_grads(model, batch, implementation, **kwargs)
+    finally:
+        model.to("cpu")  # the base model is shared by this module's tests
     torch.testing.assert_close(loss, expected_loss, **tolerance)
     assert grads.keys() == expected_grads.keys() and grads
     for name in grads:
@@ -191,3 +194,42 @@ def test_frozen_base_gets_no_gradient(base_model):
     model = SoftPromptModel(base_model, METHODS["p-tuning-mlp"])
     model.compute_loss(**_batch([5, 3], num_tokens=5, labels="all")).backward()
     assert all(p.grad is None for p in model.base_model.parameters())
+
+
+@pytest.mark.parametrize("num_rows, channels, vocab", [(1, 8, 13), (7, 32, 300), (24, 64, 1031)])
+def test_head_as_attention_equals_cross_entropy(num_rows, channels, vocab):
+    """The one-pass CPU head (flash attention with keys = values = the head) against F.cross_entropy."""
+    from softprompt.loss import HeadAsAttentionCrossEntropy
+
+    generator = torch.Generator().manual_seed(num_rows)
+    rows = torch.randn(num_rows, channels, generator=generator, requires_grad=True)
+    head = torch.randn(vocab, channels, generator=generator)
+    targets = torch.randint(0, vocab, (num_rows,), generator=generator)
+    loss = HeadAsAttentionCrossEntropy.apply(rows, targets, head)
+    (gradient,) = torch.autograd.grad(3.0 * loss, rows)  # a grad_output other than 1 must scale the gradient
+    expected = torch.nn.functional.cross_entropy(rows @ head.T, targets)
+    (expected_gradient,) = torch.autograd.grad(3.0 * expected, rows)
+    # The kernel sums the softmax block by block (online rescaling): fp32 rounding of a few ulps of the log-sum-exp.
+    torch.testing.assert_close(loss, expected, **TOLERANCE)
+    torch.testing.assert_close(gradient, expected_gradient, **TOLERANCE)
+
+
+def test_compiled_decoder_passes_give_the_same_loss_and_gradients(base_model):
+    """compile_decoder (torch.compile of both decoder passes) changes how the step runs, not what it computes."""
+    torch.manual_seed(1)
+    model = SoftPromptModel(base_model, METHODS["p-tuning-mlp"])  # both passes: virtual tokens, then the batch
+    batch = _batch([9, 4, 6, 1], num_tokens=9, labels="last2")
+    expected_loss, expected_grads = _loss_and_grads(model, batch, "torch")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_decoder(dynamic=False)
+    try:
+        loss, grads = _loss_and_grads(model, batch, "torch")
+        compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()  # compiled code is cached per process: leave none behind for other tests
+    assert compiled_graphs >= 2, "the two decoder passes were not compiled"
+    # Inductor fuses and reorders elementwise work (LayerNorm, GeLU, softmax): fp32 rounding differences only.
+    torch.testing.assert_close(loss, expected_loss, **TRITON_TOLERANCE)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], **TRITON_TOLERANCE, msg=name)
