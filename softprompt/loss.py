@@ -68,6 +68,8 @@ def linear_cross_entropy(
         ValueError: an implementation other than ``"torch"`` or ``"triton"``.
     """
     if implementation == "torch":
+        if _one_pass_head_applies(rows, head_weight):
+            return HeadAsAttentionCrossEntropy.apply(rows, targets, head_weight)
         # logits.T = W @ rows.T rather than rows @ W.T: the same product, but with the 250880-row weight as the
         # left operand BLAS runs the skinny (N = 2-4 labels per row) product about twice as fast on CPU (MKL,
         # measured in benchmarks/); the backward keeps the fast form too.
@@ -83,6 +85,49 @@ def linear_cross_entropy(
         f"implementation={implementation!r}: expected 'torch' or 'triton' for the label-only loss. "
         "Fix: pass one of those ('full' is the full-logits path of SoftPromptModel.forward)."
     )
+
+
+def _one_pass_head_applies(rows: torch.Tensor, head_weight: torch.Tensor) -> bool:
+    """`HeadAsAttentionCrossEntropy` needs torch's CPU flash-attention kernel, fp32, and a frozen head."""
+    return (
+        rows.device.type == "cpu"
+        and rows.dtype == head_weight.dtype == torch.float32
+        and rows.shape[0] > 0
+        and not head_weight.requires_grad
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+class HeadAsAttentionCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``rows @ W.T`` for a frozen head ``W [V, C]``, in one pass over W (CPU, fp32).
+
+    The loss of row n is ``lse_n - rows_n . W[t_n]`` with ``lse_n = log sum_v exp(rows_n . W_v)``, and its
+    gradient is ``sum_v softmax_v W_v - W[t_n]``: the mean of the head's rows under the row's own softmax, minus
+    the target's row. Both unknowns are what attention computes when the query is the row and the keys and the
+    values are both W: the attention output ``softmax(q K^T) V`` is that mean, and a flash-attention kernel keeps
+    the log-sum-exp of the scores. torch's CPU flash-attention kernel walks W block by block with an online
+    softmax, so the 250880 x 1024 head (1 GB in fp32) is read once, where logits-then-backward reads it twice
+    (measured on bloomz-560m's head, 24 rows, 2 cores: 0.33 s instead of 0.55 s).
+
+    Shapes: N rows, C hidden, V vocab.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+        query = rows[None, None]  # [1, 1, N, C]: one batch, one head
+        keys_and_values = head_weight[None, None]  # [1, 1, V, C]
+        expected_row, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys_and_values, keys_and_values, scale=1.0
+        )[:2]  # [1, 1, N, C], [1, 1, N]
+        target_rows = head_weight[targets]  # [N, C]
+        loss = (lse[0, 0] - (rows * target_rows).sum(dim=1)).mean()
+        ctx.save_for_backward(expected_row[0, 0] - target_rows)  # [N, C]: d row loss / d row
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (row_gradient,) = ctx.saved_tensors
+        return grad_output * row_gradient / row_gradient.shape[0], None, None
 
 
 def label_only_cross_entropy(

@@ -30,7 +30,7 @@ Shapes: B batch, T tokens, P virtual tokens, L layers, H heads, D head dim, C hi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -173,6 +173,11 @@ class SoftPromptModel(nn.Module):
         adapter_name: str = "default",
     ):
         super().__init__()
+        self._attach_base_model(base_model, adapter_name)
+        self.add_adapter(adapter_name, config, tokenizer=tokenizer)
+
+    def _attach_base_model(self, base_model: PreTrainedModel, adapter_name: str) -> None:
+        """Everything but the first adapter: the frozen base, its shape, the adapter tables, the decoder passes."""
         self.base_model = base_model
         for parameter in self.base_model.parameters():
             parameter.requires_grad_(False)
@@ -182,7 +187,9 @@ class SoftPromptModel(nn.Module):
         self.adapter_configs: dict[str, SoftPromptConfig] = {}
         """The adapters' configurations, by adapter name."""
         self._active_adapter = adapter_name
-        self.add_adapter(adapter_name, config, tokenizer=tokenizer)
+        # Compiled versions of compute_loss's two passes through the frozen decoder (see `compile_decoder`).
+        self._compiled_run_decoder: Callable[..., torch.Tensor] | None = None
+        self._compiled_run_virtual_tokens: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
     # ------------------------------------------------------------------ adapters
 
@@ -432,19 +439,20 @@ class SoftPromptModel(nn.Module):
         names = self._row_adapters(input_ids.shape[0], adapter_names)
         # The last virtual token predicts the first real token (PEFT's layout); rows without virtual tokens score
         # nothing there (see `_loss_targets`). Taken before padding columns may be dropped.
-        has_virtual = torch.tensor([n is not None and self._is_virtual(n) for n in names], device=labels.device)
-        first_targets = labels[:, 0].masked_fill(~has_virtual, IGNORE_INDEX)  # [B]
+        has_virtual = [n is not None and self._is_virtual(n) for n in names]
+        first_targets = labels[:, 0]  # [B]
+        if not all(has_virtual):  # (a device tensor built from a list waits for the GPU: only when needed)
+            first_targets = first_targets.masked_fill(~torch.tensor(has_virtual, device=labels.device), IGNORE_INDEX)
         input_ids, attention_mask, labels = self._without_padding_columns(input_ids, attention_mask, labels)
 
         token_embeddings = self.base_model.get_input_embeddings()(input_ids)  # [B, T, C]
         past_key_values, prefix_mask, last_virtual = self._prompts_as_prefix(names, token_embeddings.dtype)
         with checkpointed_layers_read_cache(self.base_model):
-            hidden_states = self.base_model.get_decoder()(
-                inputs_embeds=token_embeddings,
-                attention_mask=torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),  # [B, P + T]
-                past_key_values=past_key_values,
-                use_cache=False,
-            ).last_hidden_state  # [B, T, C]
+            hidden_states = (self._compiled_run_decoder or self._run_decoder)(
+                token_embeddings,
+                torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),  # [B, P + T]
+                past_key_values,
+            )  # [B, T, C]
 
         targets = next_token_targets(labels, 0)  # [B, T]
         selected = targets != IGNORE_INDEX
@@ -504,6 +512,16 @@ class SoftPromptModel(nn.Module):
         last_virtual = torch.zeros(batch_size, self.shape.hidden_size, dtype=dtype, device=device)
         if not distinct:
             return None, mask, last_virtual
+        if len(distinct) == 1 and None not in names:
+            # One adapter for the whole batch: broadcast views, no [L, B, H, P, D] copy and no row index tensors
+            # (building one from a list would make the CPU wait for the GPU in the middle of the step).
+            mask.fill_(1)
+            if self._is_virtual(distinct[0]):
+                keys, values, last = self._virtual_tokens_key_values(distinct[0], dtype)
+                last_virtual = last.to(dtype).expand(batch_size, -1)
+            else:
+                keys, values = self._prefix_key_values(distinct[0])
+            return PrefixCache(keys.to(dtype), values.to(dtype), batch_size=batch_size), mask, last_virtual
         key_values = {}
         for name in distinct:
             if self._is_virtual(name):
@@ -513,10 +531,6 @@ class SoftPromptModel(nn.Module):
             else:
                 keys, values = self._prefix_key_values(name)
             key_values[name] = (keys.to(dtype), values.to(dtype))  # each [L, H, P_name, D]
-        if len(distinct) == 1 and None not in names:
-            # One adapter for the whole batch: broadcast views, no [L, B, H, P, D] copy.
-            mask.fill_(1)
-            return PrefixCache(*key_values[distinct[0]], batch_size=batch_size), mask, last_virtual
         slots = (self.shape.num_layers, batch_size, self.shape.num_heads, num_prefix, self.shape.head_dim)
         all_keys = torch.zeros(slots, dtype=dtype, device=device)
         all_values = torch.zeros(slots, dtype=dtype, device=device)
@@ -538,7 +552,6 @@ class SoftPromptModel(nn.Module):
             carrying gradients to the adapter.
         """
         embeddings = self.prompts[adapter_name]().to(dtype)  # [P, C]
-        cache = DynamicCache(config=self.base_model.config)
         decoder = self.base_model.get_decoder()
         # The cache must be filled, and this pass is P tokens long: nothing to gain from checkpointing it, and
         # checkpointed layers would drop the cache.
@@ -546,18 +559,48 @@ class SoftPromptModel(nn.Module):
         for module in paused:
             module.gradient_checkpointing = False
         try:
-            output = decoder(
-                inputs_embeds=embeddings.unsqueeze(0),  # [1, P, C]
-                attention_mask=torch.ones(1, embeddings.shape[0], dtype=torch.long, device=embeddings.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
+            return (self._compiled_run_virtual_tokens or self._run_virtual_tokens)(embeddings)
         finally:
             for module in paused:
                 module.gradient_checkpointing = True
+
+    def _run_decoder(
+        self, token_embeddings: torch.Tensor, attention_mask: torch.Tensor, prefix: PrefixCache | None
+    ) -> torch.Tensor:
+        """The frozen decoder over ``[B, T, C]`` embeddings after a key/value prefix; final hidden states
+        ``[B, T, C]``. ``attention_mask`` is ``[B, P + T]``."""
+        return self.base_model.get_decoder()(
+            inputs_embeds=token_embeddings, attention_mask=attention_mask, past_key_values=prefix, use_cache=False
+        ).last_hidden_state
+
+    def _run_virtual_tokens(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The frozen decoder over ``[P, C]`` virtual-token embeddings as a batch of one: their keys and values
+        ``[L, H, P, D]`` and the last one's final hidden state ``[C]``."""
+        cache = DynamicCache(config=self.base_model.config)
+        output = self.base_model.get_decoder()(
+            inputs_embeds=embeddings.unsqueeze(0),  # [1, P, C]
+            attention_mask=torch.ones(1, embeddings.shape[0], dtype=torch.long, device=embeddings.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
         keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H, P, D]
         values = torch.stack([layer.values[0] for layer in cache.layers])
         return keys, values, output.last_hidden_state[0, -1]
+
+    def compile_decoder(self, **compile_options: Any) -> None:
+        """Runs `compute_loss`'s passes through the frozen decoder with ``torch.compile`` (forward and backward).
+
+        On a GPU a small batch of a model like bloomz-560m is bound by kernel launches, not by arithmetic:
+        transformers' eager BLOOM issues thousands of small kernels per step. Compiling fuses the elementwise
+        work, and ``mode="reduce-overhead"`` replays the step as CUDA graphs. The first step of each new batch
+        shape compiles (seconds to minutes), so this pays off for long runs of similar shapes;
+        ``benchmarks/train_step.py --compile`` measures it. The base model itself is not changed.
+
+        Args:
+            **compile_options: passed to ``torch.compile`` (``mode``, ``dynamic``, ``fullgraph``, ...).
+        """
+        self._compiled_run_decoder = torch.compile(self._run_decoder, **compile_options)
+        self._compiled_run_virtual_tokens = torch.compile(self._run_virtual_tokens, **compile_options)
 
     # ------------------------------------------------------------------ generation
 
@@ -567,8 +610,9 @@ class SoftPromptModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every row's adapter as a key/value prefix, left-padded with hidden slots to a common length.
 
-        Virtual tokens come first and attention is causal, so their keys and values do not depend on the input:
-        one forward pass of the P virtual tokens alone (positions 0..P-1, as in the full sequence) gives them.
+        The same prefix as the training path (`_prompts_as_prefix`): virtual tokens come first and attention is
+        causal, so their keys and values do not depend on the input and one pass of the P virtual tokens alone
+        gives them.
 
         Args:
             adapter_names: one name (or None) per row.
@@ -576,40 +620,15 @@ class SoftPromptModel(nn.Module):
         Returns:
             keys and values, each ``[L, B, H, P_max, D]`` in the base model's dtype, and the mask ``[B, P_max]``.
         """
-        batch_size = len(adapter_names)
         dtype = self.base_model.get_input_embeddings().weight.dtype
-        device = self.base_model.get_input_embeddings().weight.device
-        lengths = [self.adapter_configs[n].num_virtual_tokens if n is not None else 0 for n in adapter_names]
-        num_prefix = max(lengths, default=0)
-        slots = (self.shape.num_layers, batch_size, self.shape.num_heads, num_prefix, self.shape.head_dim)
-        keys = torch.zeros(slots, dtype=dtype, device=device)
-        values = torch.zeros(slots, dtype=dtype, device=device)
-        mask = torch.zeros(batch_size, num_prefix, dtype=torch.long, device=device)
-        for name in dict.fromkeys(n for n in adapter_names if n is not None):
-            rows = torch.tensor([row for row, n in enumerate(adapter_names) if n == name], device=device)
-            length = self.adapter_configs[name].num_virtual_tokens
-            layer_keys, layer_values = self._adapter_as_prefix(name)  # each [L, H, P, D]
-            keys[:, rows, :, num_prefix - length :] = layer_keys.unsqueeze(1).to(dtype)
-            values[:, rows, :, num_prefix - length :] = layer_values.unsqueeze(1).to(dtype)
-            mask[rows, num_prefix - length :] = 1
+        prefix, mask, _ = self._prompts_as_prefix(adapter_names, dtype)
+        if prefix is None:  # no row has an adapter: an empty prefix
+            empty = (self.shape.num_layers, len(adapter_names), self.shape.num_heads, 0, self.shape.head_dim)
+            keys = torch.zeros(empty, dtype=dtype, device=mask.device)
+            return keys, keys.clone(), mask
+        keys = torch.stack([layer.keys for layer in prefix.layers])  # [L, B, H, P_max, D]
+        values = torch.stack([layer.values for layer in prefix.layers])
         return keys, values, mask
-
-    def _adapter_as_prefix(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[L, H, P, D]`` that any adapter contributes to the layers' attention."""
-        if not self._is_virtual(adapter_name):
-            return self._prefix_key_values(adapter_name)
-        embeddings = self.prompts[adapter_name]()  # [P, C]
-        dtype = self.base_model.get_input_embeddings().weight.dtype
-        cache = DynamicCache(config=self.base_model.config)
-        self.base_model.get_decoder()(
-            inputs_embeds=embeddings.to(dtype).unsqueeze(0),  # [1, P, C]
-            attention_mask=torch.ones(1, embeddings.shape[0], dtype=torch.long, device=embeddings.device),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H, P, D]
-        values = torch.stack([layer.values[0] for layer in cache.layers])
-        return keys, values
 
     @torch.no_grad()
     def generate(
@@ -763,13 +782,7 @@ class SoftPromptModel(nn.Module):
         """A model whose first adapter is an already built `module` (no fresh initialization, no RNG use)."""
         model = cls.__new__(cls)
         nn.Module.__init__(model)
-        model.base_model = base_model
-        for parameter in base_model.parameters():
-            parameter.requires_grad_(False)
-        model.shape = BaseModelShape.of(base_model)
-        model.prompts = nn.ModuleDict()
-        model.adapter_configs = {}
-        model._active_adapter = adapter_name
+        model._attach_base_model(base_model, adapter_name)
         model.add_adapter(adapter_name, config, module=module)
         return model
 
