@@ -22,6 +22,7 @@ from softprompt.prefix_tuning import PrefixTuningConfig
 from softprompt.prompt_tuning import PromptTuningConfig
 from softprompt.train_config import (
     BASE_DTYPE_CHOICES,
+    COMPILE_CHOICES,
     DEVICE_CHOICES,
     LOSS_IMPLEMENTATION_CHOICES,
     METHODS,
@@ -152,6 +153,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     _flag(optimization, "max_grad_norm", "clip each adapter's gradient norm (0: off)", type=float)
     _flag(optimization, "mixed_precision", "CUDA autocast", choices=MIXED_PRECISION_CHOICES)
     _flag(optimization, "loss_implementation", "compute_loss implementation", choices=LOSS_IMPLEMENTATION_CHOICES)
+    _flag(optimization, "compile", "torch.compile mode for the frozen decoder (omitted: eager)",
+          choices=COMPILE_CHOICES)
     _flag(optimization, "device", "where to train", choices=DEVICE_CHOICES)
     _flag(optimization, "num_threads", "torch CPU threads; omitted: 1 for tiny models, torch's default otherwise",
           type=int)

@@ -648,6 +648,8 @@ class _Run:
         for name in names[1:]:
             model.add_adapter(name, config.adapter_config(), tokenizer=tokenizer)
         make_trainable(model, names)
+        if config.compile is not None:
+            model.compile_decoder(mode=config.compile)
         self.model = model
         self.parameters = {name: [p for p in model.prompts[name].parameters() if p.requires_grad] for name in names}
         self._broadcast_parameters()

@@ -302,6 +302,7 @@ def test_an_absurd_learning_rate_stops_with_a_clear_message(tmp_path, capsys):
         ({"batch_size": 0}, "batch_size=0: expected an integer >= 1"),
         ({"eval_fraction": 1.0}, "eval_fraction=1.0: expected a fraction in [0, 1)"),
         ({"padding": "right"}, "padding='right': expected one of longest, max_length"),
+        ({"compile": "fast"}, "compile='fast': expected one of default, reduce-overhead"),
         ({"resume": True, "overwrite": True}, "pass only one of --resume / --overwrite"),
         ({"dataset": ["a.csv"]}, "without text_column"),
         ({"dataset": ["a.csv", "b.csv"], "text_column": ["x", "y", "z"]}, "one column for all datasets or one per"),
