@@ -28,6 +28,7 @@ from softprompt.train_config import (
     METHODS,
     MIXED_PRECISION_CHOICES,
     PADDING_CHOICES,
+    VIRTUAL_TOKEN_LAYOUT_CHOICES,
     TrainConfig,
     read_config_file,
 )
@@ -153,6 +154,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     _flag(optimization, "max_grad_norm", "clip each adapter's gradient norm (0: off)", type=float)
     _flag(optimization, "mixed_precision", "CUDA autocast", choices=MIXED_PRECISION_CHOICES)
     _flag(optimization, "loss_implementation", "compute_loss implementation", choices=LOSS_IMPLEMENTATION_CHOICES)
+    _flag(optimization, "virtual_token_layout", "virtual tokens as a once-computed prefix or in every row",
+          choices=VIRTUAL_TOKEN_LAYOUT_CHOICES)
     _flag(optimization, "compile", "torch.compile mode for the frozen decoder (omitted: eager)",
           choices=COMPILE_CHOICES)
     _flag(optimization, "device", "where to train", choices=DEVICE_CHOICES)

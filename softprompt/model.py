@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import nn
@@ -62,6 +62,10 @@ SoftPromptConfig = Union[PromptTuningConfig, PromptEncoderConfig, PrefixTuningCo
 
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning")
 """Methods whose prompt enters as input embeddings; the other one, prefix tuning, enters as keys and values."""
+
+VirtualTokenLayout = Literal["prefix", "sequence"]
+"""How `SoftPromptModel.compute_loss` feeds virtual tokens: once per adapter as a key/value prefix, or in front of
+every row (see there)."""
 
 
 @dataclass(frozen=True)
@@ -394,6 +398,7 @@ class SoftPromptModel(nn.Module):
         labels: torch.Tensor,
         adapter_names: Sequence[str | None] | None = None,
         implementation: LossImplementation = "torch",
+        virtual_token_layout: VirtualTokenLayout = "prefix",
     ) -> torch.Tensor:
         """The training loss: the same value and gradients as ``forward(...).loss`` (within fp32 rounding), for
         much less work.
@@ -412,6 +417,11 @@ class SoftPromptModel(nn.Module):
         With dropout in a base model in training mode (BLOOM's is 0.0) the virtual tokens share one dropout mask
         across rows, where the full path draws one per row.
 
+        ``virtual_token_layout="sequence"`` keeps only the first saving: the virtual tokens stay in front of every
+        row, as in `forward` and PEFT (B * (P + T) positions), in one pass through the decoder instead of two. It
+        is for steps bound by kernel launches rather than arithmetic, e.g. a small batch on a GPU without
+        `compile_decoder`, where the extra batch-1 pass costs as much CPU time as the whole batch.
+
         Args:
             input_ids: ``[B, T]``.
             attention_mask: ``[B, T]`` or None.
@@ -420,6 +430,8 @@ class SoftPromptModel(nn.Module):
             implementation: ``"torch"`` (LM head on the labelled rows, plain logits ``[N, V]`` for the N labelled
                 positions), ``"triton"`` (the fused kernel, never holding ``[N, V]`` fp32 logits; CUDA, or CPU under
                 ``TRITON_INTERPRET=1``) or ``"full"`` (`forward`'s full logits, the reference).
+            virtual_token_layout: ``"prefix"`` (virtual tokens computed once per adapter, then a key/value
+                prefix) or ``"sequence"`` (in front of every row, one decoder pass); see above.
 
         Returns:
             The scalar mean loss (fp32); NaN when no label is set, like `forward`.
@@ -429,6 +441,11 @@ class SoftPromptModel(nn.Module):
         """
         if implementation == "full":
             return self.forward(input_ids, attention_mask, labels, adapter_names).loss
+        if virtual_token_layout not in ("prefix", "sequence"):
+            raise ValueError(
+                f"virtual_token_layout={virtual_token_layout!r}: expected 'prefix' or 'sequence'. Fix: 'prefix' "
+                "(fewer FLOPs) unless the step is bound by GPU kernel launches, then 'sequence'."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape or labels.shape != input_ids.shape:
@@ -436,6 +453,14 @@ class SoftPromptModel(nn.Module):
                 f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
                 f"{tuple(labels.shape)}: expected one shape [B, T] for all three."
             )
+        head = self.base_model.get_output_embeddings()
+        if virtual_token_layout == "sequence":
+            inputs, num_virtual = self._injected_inputs(input_ids, attention_mask, adapter_names)
+            with checkpointed_layers_read_cache(self.base_model):
+                hidden_states = self.base_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            targets = self._loss_targets(labels, inputs, num_virtual)  # [B, P_e + T]
+            selected = targets != IGNORE_INDEX
+            return linear_cross_entropy(hidden_states[selected], targets[selected], head.weight, implementation)
         names = self._row_adapters(input_ids.shape[0], adapter_names)
         # The last virtual token predicts the first real token (PEFT's layout); rows without virtual tokens score
         # nothing there (see `_loss_targets`). Taken before padding columns may be dropped.
@@ -458,7 +483,6 @@ class SoftPromptModel(nn.Module):
         selected = targets != IGNORE_INDEX
         rows = torch.cat([last_virtual[first_targets != IGNORE_INDEX], hidden_states[selected]])  # [N, C]
         row_targets = torch.cat([first_targets[first_targets != IGNORE_INDEX], targets[selected]])  # [N]
-        head = self.base_model.get_output_embeddings()
         return linear_cross_entropy(rows, row_targets, head.weight, implementation)
 
     @staticmethod

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from softprompt.loss import IGNORE_INDEX, LossImplementation
-from softprompt.model import VIRTUAL_TOKEN_METHODS, SoftPromptModel
+from softprompt.model import VIRTUAL_TOKEN_METHODS, SoftPromptModel, VirtualTokenLayout
 
 Reduction = Literal["adapter_mean", "sum", "mean"]
 REDUCTIONS: tuple[str, ...] = ("adapter_mean", "sum", "mean")
@@ -136,6 +136,7 @@ def multi_adapter_loss(
     adapter_names: Sequence[str | None],
     reduction: Reduction = "adapter_mean",
     implementation: LossImplementation = "torch",
+    virtual_token_layout: VirtualTokenLayout = "prefix",
 ) -> torch.Tensor:
     """The loss of a batch whose rows use different adapters, in one forward pass.
 
@@ -146,6 +147,7 @@ def multi_adapter_loss(
         adapter_names: one adapter name (or None) per row.
         reduction: ``"adapter_mean"``, ``"sum"`` or ``"mean"``; see the module docstring.
         implementation: passed to `SoftPromptModel.compute_loss`.
+        virtual_token_layout: passed to `SoftPromptModel.compute_loss`.
 
     Returns:
         A scalar: the batch's mean loss (``"adapter_mean"``, ``"mean"``) or summed loss (``"sum"``).
@@ -158,9 +160,9 @@ def multi_adapter_loss(
     counts = labelled_positions(model, labels, adapter_names)  # [B]
     total = counts.sum()
     if reduction == "mean":
-        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation)
+        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout)
     if reduction == "sum":
-        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation) * total
+        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout) * total
     # The mean's gradient reaches adapter a scaled by n_a / N (its share of the labelled positions); scaling the
     # gradient that leaves its module by N / n_a undoes exactly that and leaves the other adapters alone.
     scales = {}
@@ -168,7 +170,7 @@ def multi_adapter_loss(
         count = sum(int(c) for c, n in zip(counts.tolist(), adapter_names) if n == name)
         scales[name] = float(total) / count if count else 0.0
     with _gradient_scaled(model, scales):
-        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation)
+        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout)
 
 
 def gradient_isolation_errors(

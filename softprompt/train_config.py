@@ -43,6 +43,7 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 BASE_DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LOSS_IMPLEMENTATION_CHOICES = ("torch", "triton", "full")
+VIRTUAL_TOKEN_LAYOUT_CHOICES = ("prefix", "sequence")
 COMPILE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Fields that may differ between a run and its --resume: they change where output goes or what is printed, never
@@ -166,6 +167,11 @@ class TrainConfig:
     loss_implementation: str = "torch"
     """``SoftPromptModel.compute_loss`` implementation: ``torch``, ``triton`` or ``full``."""
 
+    virtual_token_layout: str = "prefix"
+    """How the training loss feeds prompt-tuning / p-tuning virtual tokens (`SoftPromptModel.compute_loss`):
+    ``prefix`` (computed once per adapter, fewer FLOPs) or ``sequence`` (in front of every row, one decoder pass;
+    for GPU steps bound by kernel launches when not compiling)."""
+
     compile: str | None = None
     """``torch.compile`` mode for the frozen decoder's passes in the training loss (`SoftPromptModel.compile_decoder`):
     None (eager), ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``.
@@ -213,6 +219,7 @@ class TrainConfig:
         _check_choice("device", self.device, DEVICE_CHOICES)
         _check_choice("base_dtype", self.base_dtype, BASE_DTYPE_CHOICES)
         _check_choice("loss_implementation", self.loss_implementation, LOSS_IMPLEMENTATION_CHOICES)
+        _check_choice("virtual_token_layout", self.virtual_token_layout, VIRTUAL_TOKEN_LAYOUT_CHOICES)
         if self.compile is not None:
             _check_choice("compile", self.compile, COMPILE_CHOICES)
         for name in ("max_length", "num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps",

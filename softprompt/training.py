@@ -731,7 +731,8 @@ class _Run:
                 # the case where every row names the same adapter. The sum over labelled tokens is divided below,
                 # once the step's token count over all micro-batches and processes is known.
                 loss = multi_adapter_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                          row_names, reduction="sum", implementation=config.loss_implementation)
+                                          row_names, reduction="sum", implementation=config.loss_implementation,
+                                          virtual_token_layout=config.virtual_token_layout)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += loss.detach().float()
 

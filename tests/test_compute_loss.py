@@ -125,8 +125,26 @@ def test_compute_loss_equals_full_logits_loss(base_model, method, labels, implem
     _assert_same(model, batch, implementation)
 
 
+@pytest.mark.parametrize("labels", ["all", "last2"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sequence_layout_equals_full_logits_loss(base_model, method, labels):
+    """virtual_token_layout="sequence": virtual tokens in front of every row, one decoder pass, label-only head."""
+    torch.manual_seed(1)
+    model = SoftPromptModel(base_model, METHODS[method])
+    batch = _batch([9, 4, 6, 1], num_tokens=9, labels=labels)
+    _assert_same(model, batch, "torch", virtual_token_layout="sequence")
+
+
+def test_unknown_virtual_token_layout_is_an_error(base_model):
+    model = SoftPromptModel(base_model, METHODS["prompt-tuning"])
+    batch = _batch([3, 2], num_tokens=3, labels="all")
+    with pytest.raises(ValueError, match="virtual_token_layout='rows': expected 'prefix' or 'sequence'"):
+        model.compute_loss(**batch, virtual_token_layout="rows")
+
+
+@pytest.mark.parametrize("layout", ["prefix", "sequence"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_mixed_adapters_in_one_batch(base_model, implementation):
+def test_mixed_adapters_in_one_batch(base_model, implementation, layout):
     torch.manual_seed(2)
     model = SoftPromptModel(base_model, METHODS["prompt-tuning"], adapter_name="prompt")
     model.add_adapter("p-tuning", METHODS["p-tuning-mlp"])
@@ -136,7 +154,7 @@ def test_mixed_adapters_in_one_batch(base_model, implementation):
         module.requires_grad_(True)
     batch = _batch([7, 7, 3, 5, 7, 2], num_tokens=7, labels="all", seed=3)
     names = ["prompt", "prefix", "p-tuning", None, "short-prompt", "prompt"]
-    _assert_same(model, batch, implementation, adapter_names=names)
+    _assert_same(model, batch, implementation, adapter_names=names, virtual_token_layout=layout)
 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix"])
