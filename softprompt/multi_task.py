@@ -159,10 +159,16 @@ def multi_adapter_loss(
         raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}. Fix: pass one of those.")
     counts = labelled_positions(model, labels, adapter_names)  # [B]
     total = counts.sum()
+
+    def mean_loss() -> torch.Tensor:
+        return model.compute_loss(
+            input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout
+        )
+
     if reduction == "mean":
-        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout)
+        return mean_loss()
     if reduction == "sum":
-        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout) * total
+        return mean_loss() * total
     # The mean's gradient reaches adapter a scaled by n_a / N (its share of the labelled positions); scaling the
     # gradient that leaves its module by N / n_a undoes exactly that and leaves the other adapters alone.
     scales = {}
@@ -170,7 +176,7 @@ def multi_adapter_loss(
         count = sum(int(c) for c, n in zip(counts.tolist(), adapter_names) if n == name)
         scales[name] = float(total) / count if count else 0.0
     with _gradient_scaled(model, scales):
-        return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout)
+        return mean_loss()
 
 
 def gradient_isolation_errors(
