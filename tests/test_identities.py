@@ -170,3 +170,19 @@ def test_drops_into_transformers_trainer(tiny_bloom, tokenizer, tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(model.prompts["default"].embedding.weight, before)
     assert model.base_state_fingerprint() == fingerprint
+
+
+def test_cpu_generation_head_equals_the_base_head_and_is_put_back(tiny_bloom, batch):
+    """generate() on CPU computes the head as (W @ h.T).T (a faster BLAS form) and restores the original head."""
+    from softprompt.model import _HeadWithWeightOnTheLeft
+
+    head = tiny_bloom.get_output_embeddings()
+    hidden = torch.randn(3, 5, tiny_bloom.config.hidden_size)
+    # The same dot products summed in another order by BLAS: fp32 rounding only.
+    torch.testing.assert_close(_HeadWithWeightOnTheLeft(head)(hidden), head(hidden), rtol=1e-5, atol=1e-6)
+    model = SoftPromptModel(tiny_bloom, PromptTuningConfig(num_virtual_tokens=3))
+    model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
+    assert tiny_bloom.get_output_embeddings() is head
+    with pytest.raises(ValueError):
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=-1)
+    assert tiny_bloom.get_output_embeddings() is head
