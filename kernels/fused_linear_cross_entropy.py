@@ -340,7 +340,9 @@ def _block_sizes(n_rows: int, channels: int, vocab_chunk_size: int) -> tuple[int
     return block_n, block_v, min(64, max(16, triton.next_power_of_2(channels)))
 
 
-def _columns_per_program(vocab: int, vocab_chunk_size: int, block_v: int, num_row_blocks: int, device) -> int:
+def _columns_per_program(
+    vocab: int, vocab_chunk_size: int, block_v: int, num_row_blocks: int, device: torch.device
+) -> int:
     """Vocabulary columns per program: at most ``vocab_chunk_size``, fewer when that would leave the GPU idle.
 
     With few labelled rows the vocabulary is the only parallel axis: 250880 / 4096 = 62 programs would leave half
