@@ -251,3 +251,18 @@ def test_compiled_decoder_passes_give_the_same_loss_and_gradients(base_model):
     torch.testing.assert_close(loss, expected_loss, **TRITON_TOLERANCE)
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], **TRITON_TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+def test_head_split_into_vocabulary_slices_merges_exactly(num_splits):
+    """The CPU head cuts the vocabulary into slices (one per thread), including a left-over slice (1031 % 3)."""
+    from softprompt.loss import _softmax_weighted_head_rows
+
+    generator = torch.Generator().manual_seed(num_splits)
+    rows = torch.randn(5, 16, generator=generator)
+    head = torch.randn(1031, 16, generator=generator)
+    expected_row, lse = _softmax_weighted_head_rows(rows, head, num_splits)
+    logits = rows @ head.T  # [N, V]
+    # Logits of order 4 (C = 16): a few fp32 ulps of the log-sum-exp and of the softmax weights.
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1), **TOLERANCE)
+    torch.testing.assert_close(expected_row, torch.softmax(logits, dim=1) @ head, **TOLERANCE)
