@@ -140,7 +140,7 @@ def _softmax_weighted_head_rows(
     vocab, channels = head_weight.shape
     num_splits = max(1, min(num_splits, vocab))
     in_slices = vocab - vocab % num_splits
-    keys = head_weight[:in_slices].view(num_splits, 1, in_slices // num_splits, channels)  # [S, 1, V / S, C]
+    keys = head_weight[:in_slices].reshape(num_splits, 1, in_slices // num_splits, channels)  # [S, 1, V / S, C]
     outputs, lses = flash_attention(rows.expand(num_splits, 1, -1, -1), keys, keys, scale=1.0)[:2]  # [S, 1, N, C]
     outputs, lses = [outputs[:, 0]], [lses[:, 0]]  # [S, N, C], [S, N]
     if in_slices < vocab:  # the V % S rows left over, as one more slice
