@@ -48,9 +48,7 @@ COMPILE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-n
 
 # Fields that may differ between a run and its --resume: they change where output goes or what is printed, never
 # the numbers the run computes.
-RESUME_FREE_FIELDS = frozenset(
-    {"resume", "overwrite", "num_generations", "progress", "keep_last", "save_every", "compile"}
-)
+RESUME_FREE_FIELDS = frozenset({"resume", "overwrite", "num_generations", "progress", "keep_last", "save_every"})
 
 
 class ConfigError(ValueError):
@@ -173,8 +171,9 @@ class TrainConfig:
     for GPU steps bound by kernel launches when not compiling)."""
 
     compile: str | None = None
-    """``torch.compile`` mode for the frozen decoder's passes in the training loss (`SoftPromptModel.compile_decoder`):
-    None (eager), ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune`` or ``max-autotune-no-cudagraphs``.
+    """``torch.compile`` mode for the frozen decoder's passes in the training loss
+    (`SoftPromptModel.compile_decoder`): None (eager), ``default``, ``reduce-overhead`` (CUDA graphs),
+    ``max-autotune`` or ``max-autotune-no-cudagraphs``.
     On a GPU, ``reduce-overhead`` made a bloomz-560m step at batch 16 x 64 about 3x faster (benchmarks/results);
     each new batch shape compiles first (seconds to minutes), so it pays off over long runs."""
 

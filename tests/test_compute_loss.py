@@ -3,8 +3,9 @@
 compute_loss takes three shortcuts: the LM head only at labelled positions, virtual tokens computed once per adapter
 and fed as a key/value prefix, and padding columns dropped. Each must leave the loss and every trainable gradient
 as the full-logits path computes them, for every method, on left-padded batches of mixed lengths, with mixed
-adapters, under gradient checkpointing, and with the Triton kernel (on a GPU when there is one, else under Triton's CPU interpreter). No
-timing is checked here: speed lives in ``benchmarks/``.
+adapters, under gradient checkpointing, and with the Triton kernel (on a GPU when there is one, else under Triton's
+CPU interpreter); the same for the "sequence" virtual-token layout, the one-pass CPU head and compiled decoder
+passes. No timing is checked here: speed lives in ``benchmarks/``.
 """
 
 from __future__ import annotations
