@@ -49,6 +49,10 @@ COMPILE_CHOICES = ("default", "reduce-overhead", "max-autotune", "max-autotune-n
 # Fields that may differ between a run and its --resume: they change where output goes or what is printed, never
 # the numbers the run computes.
 RESUME_FREE_FIELDS = frozenset({"resume", "overwrite", "num_generations", "progress", "keep_last", "save_every"})
+# Fields that say where a run executes. They may change at --resume too, so that a run can move to another machine,
+# but they can change floating-point rounding (another device, another split of the BLAS work over threads): the
+# bit-for-bit equality with an uninterrupted run holds only while they stay the same.
+RESUME_PLACEMENT_FIELDS = frozenset({"device", "num_threads"})
 
 
 class ConfigError(ValueError):

@@ -71,7 +71,13 @@ from softprompt.data import (
 )
 from softprompt.model import SoftPromptModel
 from softprompt.multi_task import labelled_positions, make_trainable, multi_adapter_loss
-from softprompt.train_config import RESUME_FREE_FIELDS, ConfigError, TrainConfig, adapter_name_for_source
+from softprompt.train_config import (
+    RESUME_FREE_FIELDS,
+    RESUME_PLACEMENT_FIELDS,
+    ConfigError,
+    TrainConfig,
+    adapter_name_for_source,
+)
 
 Event = dict[str, Any]
 """What the loop reports to ``on_event``: a dict with an ``"event"`` key (start, resumed, eval, checkpoint, done)."""
@@ -621,7 +627,10 @@ class _Run:
                 if step_in_epoch + 1 == self.steps_per_epoch:
                     self._evaluate(epoch=epoch + 1, step=global_step)
                     self.model.train()
-                    self._save(global_step, {"epoch": epoch + 1, "step_in_epoch": 0, "order": order})
+                    # The position is the start of the next epoch, so it carries that epoch's order: the one a
+                    # resumed run checks against.
+                    next_order = epoch_order(len(self.data.train), config.seed, epoch + 1)
+                    self._save(global_step, {"epoch": epoch + 1, "step_in_epoch": 0, "order": next_order})
                 elif config.save_every and global_step % config.save_every == 0:
                     self._save(global_step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "order": order})
         bar.close()
@@ -808,8 +817,7 @@ class _Run:
                 self.output_dir, step,
                 save_adapters=lambda target: [self.model.save_adapter(target / name, name) for name in self.parameters],
                 optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                position={**position, "order_seed": self.config.seed * 1_000_003 + position["epoch"],
-                          "global_step": step},
+                position={**position, "global_step": step},
                 extra={"metrics_bytes": self.metrics.size, "config": self.config.to_dict()},
                 keep_last=self.config.keep_last,
             )
@@ -829,10 +837,11 @@ class _Run:
 
     def _check_output_dir(self) -> None:
         existing = complete_checkpoint_directories(self.output_dir)
-        if self.config.overwrite and self.is_main:
-            remove_all_checkpoints(self.output_dir)
-            for name in (ADAPTER_DIR, ADAPTERS_DIR):
-                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+        if self.config.overwrite:
+            if self.is_main:  # every process takes this branch; one deletes
+                remove_all_checkpoints(self.output_dir)
+                for name in (ADAPTER_DIR, ADAPTERS_DIR):
+                    shutil.rmtree(self.output_dir / name, ignore_errors=True)
         elif existing and not self.config.resume:
             raise ConfigError(
                 f"output_dir={str(self.output_dir)!r} already holds a run ({len(existing)} checkpoint(s), newest "
@@ -853,7 +862,7 @@ class _Run:
             return None
         saved = checkpoint.state.get("config", {})
         current = self.config.to_dict()
-        free = RESUME_FREE_FIELDS | {"output_dir", "device", "num_threads"}
+        free = RESUME_FREE_FIELDS | RESUME_PLACEMENT_FIELDS | {"output_dir"}
         changed = sorted(key for key in current if key not in free and saved.get(key) != current[key])
         if changed:
             details = "; ".join(f"{key}: {saved.get(key)!r} in the checkpoint, {current[key]!r} now" for key in changed)

@@ -49,3 +49,13 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert torch.equal(tensor, accumulated[name]), name
         scale = float(one_batch[name].abs().max())
         assert float((tensor - one_batch[name]).abs().max()) <= 1e-3 * scale, name
+
+    # --overwrite with several processes: every process must get past the output-directory check (one deletes).
+    overwritten = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "softprompt.cli", "train", *FLAGS, "--batch-size", "4", "--output-dir", str(two),
+         "--split", "train[:20]", "--num-epochs", "1", "--overwrite"],  # later flags win: 16 rows, 2 steps
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert overwritten.returncode == 0, overwritten.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(two / "metrics.jsonl") if r["event"] == "train"] == [1, 2]

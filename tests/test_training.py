@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,7 +165,8 @@ def test_checkpoints_are_complete_rotated_and_never_pickled(tmp_path):
     assert sorted(p.name for p in directories[-1].iterdir()) == ["adapters", "manifest.json", "state.json",
                                                                  "tensors.safetensors"]
     assert checkpoint.state["position"]["epoch"] == 2 and checkpoint.state["position"]["step_in_epoch"] == 0
-    assert checkpoint.state["position"]["order"] == epoch_order(48, 0, 1)
+    # The position is the start of epoch 2 (0-based), so the order recorded is that epoch's.
+    assert checkpoint.state["position"]["order"] == epoch_order(48, 0, 2)
     assert checkpoint.tensors["rng.torch"].dtype == torch.uint8
     assert {"exp_avg", "exp_avg_sq", "step"} == {k.split(".", 2)[2] for k in checkpoint.tensors if k.startswith("optimizer.")}
     assert isinstance(checkpoint.state["rng"]["python"][1], list)
@@ -223,6 +225,22 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     assert again.resumed_from is not None and again.global_step == first.global_step
     assert_bitwise_equal(adapter_tensors(again.adapter_directories["default"]), before)
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_resume_from_an_epoch_end_checkpoint_continues_with_the_next_epoch(tmp_path):
+    """A run stopped right after an epoch-end checkpoint (here: the later checkpoint and the final adapter removed)
+    resumes into the next epoch and ends bit for bit where the uninterrupted run ended."""
+    uninterrupted = train(short_config(tmp_path, num_epochs=2, save_every=0, keep_last=2,
+                                       output_dir=str(tmp_path / "uninterrupted")))
+    train(short_config(tmp_path, num_epochs=2, save_every=0, keep_last=2))
+    run = tmp_path / "run"
+    epoch_one, epoch_two = complete_checkpoint_directories(run)
+    assert load_checkpoint(epoch_one).state["position"]["epoch"] == 1
+    shutil.rmtree(epoch_two)
+    shutil.rmtree(run / "adapter")
+    resumed = train(short_config(tmp_path, num_epochs=2, save_every=0, keep_last=2, resume=True))
+    assert resumed.resumed_from == epoch_one and resumed.global_step == uninterrupted.global_step == 12
+    assert_bitwise_equal(adapter_tensors(run / "adapter"), adapter_tensors(tmp_path / "uninterrupted" / "adapter"))
 
 
 def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tmp_path):
