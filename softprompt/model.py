@@ -552,7 +552,7 @@ class SoftPromptModel(nn.Module):
             if self._is_virtual(name):
                 keys, values, last = self._virtual_tokens_key_values(name, dtype)
                 rows = torch.tensor([row for row, n in enumerate(names) if n == name], device=device)
-                last_virtual = last_virtual.index_copy(0, rows, last.expand(len(rows), -1))
+                last_virtual = last_virtual.index_copy(0, rows, last.to(dtype).expand(len(rows), -1))
             else:
                 keys, values = self._prefix_key_values(name)
             key_values[name] = (keys.to(dtype), values.to(dtype))  # each [L, H, P_name, D]

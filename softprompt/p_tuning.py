@@ -81,18 +81,28 @@ class PromptEncoderConfig:
                 "'LSTM'. Fix: pick one of those."
             ) from None
         if self.encoder_hidden_size is not None and (
-            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
+            not isinstance(self.encoder_hidden_size, int)
+            or isinstance(self.encoder_hidden_size, bool)
+            or self.encoder_hidden_size <= 0
         ):
             raise ValueError(
                 f"encoder_hidden_size={self.encoder_hidden_size!r}: expected a positive int or None (None means the "
                 "model's hidden size). Fix: pass e.g. encoder_hidden_size=128."
             )
-        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers <= 0:
+        if (
+            not isinstance(self.encoder_num_layers, int)
+            or isinstance(self.encoder_num_layers, bool)
+            or self.encoder_num_layers <= 0
+        ):
             raise ValueError(
                 f"encoder_num_layers={self.encoder_num_layers!r}: expected a positive int. "
                 "Fix: pass e.g. encoder_num_layers=2."
             )
-        if not 0.0 <= float(self.encoder_dropout) < 1.0:
+        if (
+            not isinstance(self.encoder_dropout, (int, float))
+            or isinstance(self.encoder_dropout, bool)
+            or not 0.0 <= self.encoder_dropout < 1.0
+        ):
             raise ValueError(
                 f"encoder_dropout={self.encoder_dropout!r}: expected a probability in [0, 1). "
                 "Fix: pass e.g. encoder_dropout=0.1."

@@ -62,7 +62,9 @@ class PrefixTuningConfig:
                 "Fix: pass e.g. PrefixTuningConfig(num_virtual_tokens=20)."
             )
         if self.encoder_hidden_size is not None and (
-            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
+            not isinstance(self.encoder_hidden_size, int)
+            or isinstance(self.encoder_hidden_size, bool)
+            or self.encoder_hidden_size <= 0
         ):
             raise ValueError(
                 f"encoder_hidden_size={self.encoder_hidden_size!r}: expected a positive int or None (None means the "

@@ -32,6 +32,23 @@ def test_bad_config_values_name_the_value_and_the_fix():
     assert PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="lstm").encoder_reparameterization_type.value == "LSTM"
 
 
+@pytest.mark.parametrize(
+    ("config_class", "field", "value", "expected"),
+    [
+        # None and True are what a YAML/JSON config file gives for `null` / `true`: a clear ValueError, not a
+        # TypeError from float(None) or a bool accepted as the int 1.
+        (PromptEncoderConfig, "encoder_dropout", None, r"a probability in \[0, 1\)"),
+        (PromptEncoderConfig, "encoder_dropout", True, r"a probability in \[0, 1\)"),
+        (PromptEncoderConfig, "encoder_num_layers", True, "a positive int"),
+        (PromptEncoderConfig, "encoder_hidden_size", True, "a positive int or None"),
+        (PrefixTuningConfig, "encoder_hidden_size", True, "a positive int or None"),
+    ],
+)
+def test_null_and_bool_config_values_are_refused_by_name(config_class, field, value, expected):
+    with pytest.raises(ValueError, match=rf"{field}={value!r}: expected {expected}.*Fix:"):
+        config_class(num_virtual_tokens=4, **{field: value})
+
+
 def test_init_text_without_a_tokenizer_is_refused(tiny_bloom):
     config = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="Hello")
     with pytest.raises(ValueError, match=r"prompt_tuning_init=TEXT needs a tokenizer, got tokenizer=None. Fix:"):
