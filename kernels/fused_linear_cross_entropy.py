@@ -381,6 +381,7 @@ def triton_fused_linear_cross_entropy_forward(
         TypeError: an unsupported dtype.
     """
     _check_kernel_inputs(hidden, weight)
+    targets = targets.contiguous()  # the kernels read targets_ptr + row: a strided view would give other ids
     n_rows, channels = hidden.shape
     vocab = weight.shape[0]
     if n_rows == 0:
@@ -451,6 +452,7 @@ def triton_fused_linear_cross_entropy_backward(
         RuntimeError: triton is not installed, or the tensors are on CPU without the interpreter.
     """
     _check_kernel_inputs(hidden, weight)
+    targets = targets.contiguous()  # the kernels read targets_ptr + row: a strided view would give other ids
     n_rows, channels = hidden.shape
     vocab = weight.shape[0]
     # fp32 accumulators: both gradients are sums over many programs' atomic adds.

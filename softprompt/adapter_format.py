@@ -273,12 +273,17 @@ def load_adapter_module(
     config = config_from_dict(str(document.get("method")), dict(document.get("config") or {}), str(config_path))
     check_base_shape(dict(document.get("base_model") or {}), base_model, config_path)
     weights = dict(document.get("weights") or {})
-    tensors = read_safetensors(
-        directory / str(weights.get("file", WEIGHTS_FILE)), weights.get("bytes"), weights.get("sha256")
-    )
+    weights_name = str(weights.get("file", WEIGHTS_FILE))
+    if Path(weights_name).name != weights_name:  # the weights sit beside the config, never elsewhere
+        raise AdapterFormatError(
+            f"{config_path}: weights file {weights_name!r}: expected a file name in the adapter directory. Fix: "
+            f"re-save the adapter (its weights are {WEIGHTS_FILE!r})."
+        )
+    weights_path = directory / weights_name
+    tensors = read_safetensors(weights_path, weights.get("bytes"), weights.get("sha256"))
     shape = BaseModelShape.of(base_model)
     if "materialized" not in tensors:
-        raise AdapterFormatError(f"{directory / WEIGHTS_FILE}: the tensor 'materialized' is missing.")
+        raise AdapterFormatError(f"{weights_path}: the tensor 'materialized' is missing.")
     if materialized_only or not document.get("encoder_weights", True):
         module: nn.Module = MaterializedPrompt(tensors["materialized"])
     else:
@@ -294,7 +299,7 @@ def load_adapter_module(
     ]
     if problems:
         raise AdapterFormatError(
-            f"{directory / WEIGHTS_FILE}: tensors do not match the {config.method} config: {problems}. "
+            f"{weights_path}: tensors do not match the {config.method} config: {problems}. "
             "Fix: the weights and the config come from different adapters; re-save the adapter."
         )
     module.load_state_dict(state)

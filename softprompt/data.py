@@ -33,8 +33,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
-"""Label value the loss skips (``torch.nn.functional.cross_entropy``'s default ``ignore_index``)."""
+from softprompt.loss import IGNORE_INDEX
 
 LOCAL_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 """File extension → the ``datasets`` builder that reads it."""

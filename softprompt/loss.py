@@ -5,6 +5,15 @@ and p-tuning), the hidden-state sequence has P + T positions and the labels are 
 PEFT; the last virtual position therefore predicts the first real token. Prefix tuning adds no positions (P = 0
 here): its prefix lives in the attention cache, not in the sequence.
 
+The head and the loss run only on the N labelled rows (`linear_cross_entropy`), by one of two implementations,
+chosen by the caller:
+
+- ``"torch"``: on CPU, with fp32 rows and a frozen head (the soft-prompt case), `HeadAsAttentionCrossEntropy`,
+  which reads the head once; anywhere else (GPU, fp16/bf16, a trainable head) plain ``[N, V]`` logits and
+  `torch.nn.functional.cross_entropy` in fp32. The two compute the same loss and gradients.
+- ``"triton"``: the fused linear + cross-entropy kernel of ``softprompt.kernels`` (CUDA, or CPU under
+  ``TRITON_INTERPRET=1``), which never holds ``[N, V]`` fp32 logits.
+
 Shapes: B batch, T tokens, P virtual positions in the sequence, C hidden, V vocab, N labelled positions.
 """
 
@@ -39,8 +48,8 @@ def cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> to
     """Mean cross-entropy over positions whose target is not -100, computed in fp32 like transformers.
 
     Args:
-        logits: ``[B, S, V]``.
-        targets: ``[B, S]``.
+        logits: ``[B, P + T, V]``.
+        targets: ``[B, P + T]``.
     """
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
@@ -57,9 +66,10 @@ def linear_cross_entropy(
         rows: ``[N, C]`` final hidden states (after the final LayerNorm) of the N labelled positions.
         targets: ``[N]`` their target ids (none is -100).
         head_weight: ``[V, C]`` the LM head (BLOOM ties it to the input embeddings; it has no bias).
-        implementation: ``"torch"`` (plain ``[N, V]`` logits, fp32 for the loss) or ``"triton"`` (the fused kernel
-            in ``softprompt.kernels``, which never holds ``[N, V]`` fp32 logits; CUDA, or CPU under
-            ``TRITON_INTERPRET=1``).
+        implementation: ``"torch"`` (on CPU with fp32 rows and a frozen head `HeadAsAttentionCrossEntropy`,
+            elsewhere plain ``[N, V]`` logits with an fp32 loss) or ``"triton"`` (the fused kernel in
+            ``softprompt.kernels``, which never holds ``[N, V]`` fp32 logits; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``); see the module docstring.
 
     Returns:
         The scalar mean loss (fp32). NaN when N = 0, like `torch.nn.functional.cross_entropy`.
@@ -134,48 +144,22 @@ def _softmax_weighted_head_rows(
     The kernel spreads work over batch entries and heads only, and here there is one query block: the vocabulary
     is cut into `num_splits` equal slices, one batch entry each, so that every thread gets one (on 2 cores, 0.27 s
     instead of 0.41 s for bloomz-560m's head and 24 rows). The slices' results merge like the kernel's own blocks:
-    weights ``exp(lse_slice - lse)``.
+    weights ``exp(lse_slice - lse)``. In the shape comments, ``splits`` is `num_splits` (one more slice when
+    `num_splits` does not divide V).
     """
     flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     vocab, channels = head_weight.shape
     num_splits = max(1, min(num_splits, vocab))
     in_slices = vocab - vocab % num_splits
-    keys = head_weight[:in_slices].reshape(num_splits, 1, in_slices // num_splits, channels)  # [S, 1, V / S, C]
-    outputs, lses = flash_attention(rows.expand(num_splits, 1, -1, -1), keys, keys, scale=1.0)[:2]  # [S, 1, N, C]
-    outputs, lses = [outputs[:, 0]], [lses[:, 0]]  # [S, N, C], [S, N]
-    if in_slices < vocab:  # the V % S rows left over, as one more slice
-        rest = head_weight[in_slices:][None, None]  # [1, 1, V % S, C]
+    keys = head_weight[:in_slices].reshape(num_splits, 1, in_slices // num_splits, channels)  # [splits, 1, V / splits, C]
+    outputs, lses = flash_attention(rows.expand(num_splits, 1, -1, -1), keys, keys, scale=1.0)[:2]  # [splits, 1, N, C]
+    outputs, lses = [outputs[:, 0]], [lses[:, 0]]  # [splits, N, C], [splits, N]
+    if in_slices < vocab:  # the V % splits rows left over, as one more slice
+        rest = head_weight[in_slices:][None, None]  # [1, 1, V % splits, C]
         output, lse = flash_attention(rows[None, None], rest, rest, scale=1.0)[:2]
         outputs.append(output[:, 0])
         lses.append(lse[:, 0])
-    outputs, lses = torch.cat(outputs), torch.cat(lses)  # [S', N, C], [S', N]
+    outputs, lses = torch.cat(outputs), torch.cat(lses)  # [splits, N, C], [splits, N]
     lse = torch.logsumexp(lses, dim=0)  # [N]
-    weights = torch.exp(lses - lse)  # [S', N]: each slice's share of the softmax mass
+    weights = torch.exp(lses - lse)  # [splits, N]: each slice's share of the softmax mass
     return (weights[..., None] * outputs).sum(dim=0), lse
-
-
-def label_only_cross_entropy(
-    hidden_states: torch.Tensor,
-    targets: torch.Tensor,
-    head_weight: torch.Tensor,
-    implementation: LossImplementation = "torch",
-) -> torch.Tensor:
-    """The same loss as `cross_entropy_from_logits`, applying the LM head only where a target exists.
-
-    In soft-prompt training on classification data only the label tokens carry a loss (2 to 4 per row), so
-    gathering those rows first skips almost all of the LM head, which is nearly half of a BLOOM forward pass.
-
-    Args:
-        hidden_states: ``[B, S, C]`` final hidden states (after the final LayerNorm).
-        targets: ``[B, S]`` next-token targets, -100 where no loss is wanted.
-        head_weight: ``[V, C]`` the LM head.
-        implementation: ``"torch"`` or ``"triton"``, as in `linear_cross_entropy`.
-
-    Returns:
-        The scalar mean loss (fp32). NaN when no target is set, like `torch.nn.functional.cross_entropy`.
-
-    Raises:
-        ValueError: an implementation other than ``"torch"`` or ``"triton"``.
-    """
-    selected = targets != IGNORE_INDEX  # [B, S]
-    return linear_cross_entropy(hidden_states[selected], targets[selected], head_weight, implementation)

@@ -1,8 +1,10 @@
 """`SoftPromptModel`: a frozen causal LM plus trainable soft prompts, joined only at the model's public seams.
 
-The base model (a transformers `BloomForCausalLM`) is frozen and never modified; the soft prompts are ordinary
-`nn.Module`s kept beside it (composition), so that an adapter's state dict is all there is to save. Each method
-lives in its own file:
+The base model (a transformers `BloomForCausalLM`) is frozen and its weights are never changed; the soft prompts are
+ordinary `nn.Module`s kept beside it (composition), so that an adapter's state dict is all there is to save. A few
+calls set a switch on the base model for their own duration and restore it in a ``finally``: gradient-checkpointing
+flags (`checkpointed_layers_read_cache`, the virtual-token pass of `compute_loss`) and, in `generate` on CPU, the
+output head (swapped through transformers' public ``set_output_embeddings``). Each method lives in its own file:
 
 - prompt tuning: ``softprompt/prompt_tuning.py`` -> virtual-token embeddings ``[P, C]``
 - p-tuning: ``softprompt/p_tuning.py`` -> virtual-token embeddings ``[P, C]`` (from an MLP or LSTM encoder)
@@ -154,6 +156,12 @@ def _prompt_tuning_init_ids(config: PromptTuningConfig, tokenizer: Any | None) -
     return [producible[i] for i in picks.tolist()]
 
 
+_INPUTS_FORWARD_CANNOT_TAKE = frozenset(
+    {"inputs_embeds", "past_key_values", "position_ids", "cache_position", "output_attentions", "output_hidden_states"}
+)
+"""Keyword arguments of a transformers causal LM that `SoftPromptModel.forward` refuses rather than drop."""
+
+
 class SoftPromptModel(nn.Module):
     """A frozen causal LM with one or more soft-prompt adapters.
 
@@ -288,7 +296,7 @@ class SoftPromptModel(nn.Module):
             ``past_key_values`` or None; P_e, the virtual positions in front of the real tokens), where P_e is the
             longest virtual-token prompt in the batch and P_k the longest prefix.
         """
-        batch_size, num_tokens = input_ids.shape
+        batch_size = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -376,13 +384,25 @@ class SoftPromptModel(nn.Module):
             labels: ``[B, T]`` next-token labels (-100 where no loss is wanted), or None.
             adapter_names: one adapter name (or None for the base model alone) per row; the active adapter for
                 every row when None.
-            **kwargs: ignored extra keys that training frameworks pass (e.g. ``num_items_in_batch``).
+            **kwargs: ignored extra keys that training frameworks pass (e.g. ``num_items_in_batch``); model
+                inputs this method cannot honour (``inputs_embeds``, ``past_key_values``, ...) are refused.
 
         Returns:
             ``.loss`` (mean cross-entropy over the labelled positions, or None) and ``.logits [B, T, V]`` for the
             real positions only. As in PEFT, with prompt tuning and p-tuning the last virtual token predicts the
             first real token, so ``labels[:, 0]`` counts when it is not -100.
+
+        Raises:
+            ValueError: a model input among ``kwargs`` that would be silently dropped, shapes that do not match, or
+                an unknown adapter name.
         """
+        refused = sorted(set(kwargs) & _INPUTS_FORWARD_CANNOT_TAKE)
+        if refused:
+            raise ValueError(
+                f"SoftPromptModel.forward got {', '.join(refused)}: it builds the embeddings, the cache and the "
+                "positions itself from input_ids and attention_mask, so these would be ignored. Fix: pass input_ids "
+                "(and attention_mask); for decoding use SoftPromptModel.generate."
+            )
         inputs, num_virtual = self._injected_inputs(input_ids, attention_mask, adapter_names)
         with checkpointed_layers_read_cache(self.base_model):
             output = self.base_model(**inputs, use_cache=False)
@@ -440,13 +460,19 @@ class SoftPromptModel(nn.Module):
         Raises:
             ValueError: shapes that do not match, an unknown adapter name or implementation.
         """
-        if implementation == "full":
-            return self.forward(input_ids, attention_mask, labels, adapter_names).loss
+        # Both choices are checked before any work, so that a typo does not cost a decoder pass first.
+        if implementation not in ("full", "torch", "triton"):
+            raise ValueError(
+                f"implementation={implementation!r}: expected 'torch', 'triton' or 'full'. Fix: 'torch' (CPU or "
+                "GPU), 'triton' (the fused kernel, GPU), 'full' (the full-logits reference)."
+            )
         if virtual_token_layout not in ("prefix", "sequence"):
             raise ValueError(
                 f"virtual_token_layout={virtual_token_layout!r}: expected 'prefix' or 'sequence'. Fix: 'prefix' "
                 "(fewer FLOPs) unless the step is bound by GPU kernel launches, then 'sequence'."
             )
+        if implementation == "full":
+            return self.forward(input_ids, attention_mask, labels, adapter_names).loss
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape or labels.shape != input_ids.shape:
@@ -619,7 +645,8 @@ class SoftPromptModel(nn.Module):
         transformers' eager BLOOM issues thousands of small kernels per step. Compiling fuses the elementwise
         work, and ``mode="reduce-overhead"`` replays the step as CUDA graphs. The first step of each new batch
         shape compiles (seconds to minutes), so this pays off for long runs of similar shapes;
-        ``benchmarks/train_step.py --compile`` measures it. The base model itself is not changed.
+        ``benchmarks/train_step.py --compile`` measures it. The base model object is not replaced or wrapped: only
+        this model's two decoder-pass methods are compiled.
 
         Args:
             **compile_options: passed to ``torch.compile`` (``mode``, ``dynamic``, ``fullgraph``, ...).

@@ -211,7 +211,8 @@ def checkpointed_layers_read_cache(model: nn.Module) -> Iterator[None]:
     """Let gradient-checkpointed transformers layers keep a read-only cache while the forward pass runs.
 
     transformers' `GradientCheckpointingLayer` drops the cache under checkpointing unless the layer sets
-    ``_can_checkpoint_with_cache``, its documented switch for layers that only read the cache. A `PrefixCache`
+    ``_can_checkpoint_with_cache``, the class attribute it provides for layers that only read the cache (private by
+    its name, explained by the comment beside it in transformers' ``modeling_layers.py``). A `PrefixCache`
     is only read, so a recomputed layer sees the same prefix. The decision is taken when each layer's forward runs
     (the recomputation reuses it), so the switch only needs to be on during the forward pass; it is restored after.
     """

@@ -6,7 +6,8 @@ examples and the tests work on a machine that cannot reach the Hugging Face Hub:
 - `build_tokenizer`: a byte-level BPE tokenizer (so any text encodes, nothing maps to ``<unk>``) trained on the
   text of the shipped datasets, with BLOOM's special-token layout (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2,
   ``<pad>`` 3) and, like BLOOM's tokenizer, no special tokens added by ``tokenizer(text)``.
-- `build_tiny_bloom`: a `BloomForCausalLM` with random, seeded weights and a few thousand parameters per layer.
+- `build_tiny_bloom`: a `BloomForCausalLM` with random, seeded weights, about 12 C^2 parameters per layer (50k
+  at the default C = 64).
 - `save_tiny_bloom`: writes both with ``save_pretrained`` so ``AutoModelForCausalLM.from_pretrained(path)`` and
   ``AutoTokenizer.from_pretrained(path)`` load them like any checkpoint.
 - Three synthetic datasets shipped under ``softprompt/data/`` (`SHIPPED_DATASETS`, `shipped_dataset_path`):

@@ -15,7 +15,8 @@
 6. saves the final adapter(s), ``curves.png`` and returns a `TrainResult`.
 
 Losses are token sums divided by the labelled-token count of the whole optimizer step (all micro-batches, all
-processes), so the gradient of a step does not depend on how its rows are split into micro-batches or processes:
+processes), per adapter: each adapter's gradient is the mean over its own labelled tokens in the step. So the
+gradient of a step does not depend on how its rows are split into micro-batches or processes:
 1 process x 8 rows, 1 process x 4 rows x 2 accumulation steps and 2 processes x 4 rows compute the same update.
 
 Several processes (``torchrun``): every process holds the frozen base and the adapters; each step, the gradients of
