@@ -101,8 +101,8 @@ if _TRITON_AVAILABLE:
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         # -1 never equals a column id, so padding rows (and ignored rows) pick no target logit.
-        tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-        offs_c = tl.arange(0, BLOCK_C)
+        target_ids = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+        channel_offsets = tl.arange(0, BLOCK_C)
 
         running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
         running_sumexp = tl.full([BLOCK_N], 0.0, tl.float32)
@@ -119,19 +119,19 @@ if _TRITON_AVAILABLE:
             cols64 = cols.to(tl.int64)
             acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                cs = c0 + offs_c
-                c_mask = cs < C
+                channels_in_block = c0 + channel_offsets
+                channel_mask = channels_in_block < C
                 h = tl.load(
-                    hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
-                    mask=row_mask[:, None] & c_mask[None, :],
+                    hidden_ptr + rows[:, None] * stride_hn + channels_in_block[None, :] * stride_hc,
+                    mask=row_mask[:, None] & channel_mask[None, :],
                     other=0.0,
                 )  # [BLOCK_N, BLOCK_C]
-                w_t = tl.load(
-                    weight_ptr + cols64[None, :] * stride_wv + cs[:, None] * stride_wc,
-                    mask=col_mask[None, :] & c_mask[:, None],
+                weight_tile_t = tl.load(
+                    weight_ptr + cols64[None, :] * stride_wv + channels_in_block[:, None] * stride_wc,
+                    mask=col_mask[None, :] & channel_mask[:, None],
                     other=0.0,
                 )  # [BLOCK_C, BLOCK_V]
-                acc = _dot(h, w_t, acc, NATIVE_DOT)
+                acc = _dot(h, weight_tile_t, acc, NATIVE_DOT)
             logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
             new_max = tl.maximum(running_max, tl.reduce(logits, 1, tl.standard._elementwise_max))
             running_sumexp = running_sumexp * tl.exp(running_max - new_max) + tl.reduce(
@@ -139,7 +139,7 @@ if _TRITON_AVAILABLE:
             )
             running_max = new_max
             # The column mask matters: a masked column past v_end may be a real column of the next split.
-            is_target = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+            is_target = (cols[None, :] == target_ids[:, None]) & col_mask[None, :]
             target_logit += tl.reduce(tl.where(is_target, logits, 0.0), 1, tl.standard._sum_combine)
 
         out = rows * num_splits + pid_s
@@ -178,7 +178,7 @@ if _TRITON_AVAILABLE:
         """
         pid_s = tl.program_id(0)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_c = tl.arange(0, BLOCK_C)
+        channel_offsets = tl.arange(0, BLOCK_C)
         v_begin = pid_s * span
         v_end = tl.minimum(v_begin + span, V)
         for v0 in range(v_begin, v_end, BLOCK_V):
@@ -190,58 +190,58 @@ if _TRITON_AVAILABLE:
                 row_mask = rows < N
                 acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
                 for c0 in range(0, C, BLOCK_C):
-                    cs = c0 + offs_c
-                    c_mask = cs < C
+                    channels_in_block = c0 + channel_offsets
+                    channel_mask = channels_in_block < C
                     h = tl.load(
-                        hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
-                        mask=row_mask[:, None] & c_mask[None, :],
+                        hidden_ptr + rows[:, None] * stride_hn + channels_in_block[None, :] * stride_hc,
+                        mask=row_mask[:, None] & channel_mask[None, :],
                         other=0.0,
                     )  # [BLOCK_N, BLOCK_C]
-                    w_t = tl.load(
-                        weight_ptr + cols64[None, :] * stride_wv + cs[:, None] * stride_wc,
-                        mask=col_mask[None, :] & c_mask[:, None],
+                    weight_tile_t = tl.load(
+                        weight_ptr + cols64[None, :] * stride_wv + channels_in_block[:, None] * stride_wc,
+                        mask=col_mask[None, :] & channel_mask[:, None],
                         other=0.0,
                     )  # [BLOCK_C, BLOCK_V]
-                    acc = _dot(h, w_t, acc, NATIVE_DOT)
+                    acc = _dot(h, weight_tile_t, acc, NATIVE_DOT)
                 logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
                 # Padding rows load lse 0 and scale 0, so their (finite) probabilities are zeroed by the scale.
                 lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
                 scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
-                tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+                target_ids = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
                 prob = tl.exp(logits - lse[:, None])  # 0 on padding columns
                 # Masked: a column past v_end may be the next split's, which subtracts that one-hot itself.
-                onehot = tl.where((cols[None, :] == tgt[:, None]) & col_mask[None, :], 1.0, 0.0)
+                onehot = tl.where((cols[None, :] == target_ids[:, None]) & col_mask[None, :], 1.0, 0.0)
                 dlogits = (prob - onehot) * scale[:, None]  # [BLOCK_N, BLOCK_V]
 
                 for c0 in range(0, C, BLOCK_C):
-                    cs = c0 + offs_c
-                    c_mask = cs < C
+                    channels_in_block = c0 + channel_offsets
+                    channel_mask = channels_in_block < C
                     if COMPUTE_GRAD_HIDDEN:
                         w = tl.load(
-                            weight_ptr + cols64[:, None] * stride_wv + cs[None, :] * stride_wc,
-                            mask=col_mask[:, None] & c_mask[None, :],
+                            weight_ptr + cols64[:, None] * stride_wv + channels_in_block[None, :] * stride_wc,
+                            mask=col_mask[:, None] & channel_mask[None, :],
                             other=0.0,
                         )  # [BLOCK_V, BLOCK_C]
                         zeros = tl.full([BLOCK_N, BLOCK_C], 0.0, tl.float32)
                         grad_h = _dot(dlogits, w, zeros, NATIVE_DOT)  # [BLOCK_N, BLOCK_C]
                         tl.atomic_add(
-                            grad_hidden_ptr + rows[:, None] * C + cs[None, :],
+                            grad_hidden_ptr + rows[:, None] * C + channels_in_block[None, :],
                             grad_h,
-                            mask=row_mask[:, None] & c_mask[None, :],
+                            mask=row_mask[:, None] & channel_mask[None, :],
                         )
                     if COMPUTE_GRAD_WEIGHT:
                         h = tl.load(
-                            hidden_ptr + rows[:, None] * stride_hn + cs[None, :] * stride_hc,
-                            mask=row_mask[:, None] & c_mask[None, :],
+                            hidden_ptr + rows[:, None] * stride_hn + channels_in_block[None, :] * stride_hc,
+                            mask=row_mask[:, None] & channel_mask[None, :],
                             other=0.0,
                         )  # [BLOCK_N, BLOCK_C]
                         grad_w = _dot(
                             tl.trans(dlogits), h, tl.full([BLOCK_V, BLOCK_C], 0.0, tl.float32), NATIVE_DOT
                         )  # [BLOCK_V, BLOCK_C]
                         tl.atomic_add(
-                            grad_weight_ptr + cols64[:, None] * C + cs[None, :],
+                            grad_weight_ptr + cols64[:, None] * C + channels_in_block[None, :],
                             grad_w,
-                            mask=col_mask[:, None] & c_mask[None, :],
+                            mask=col_mask[:, None] & channel_mask[None, :],
                         )
 
 

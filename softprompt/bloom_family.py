@@ -10,8 +10,10 @@ Shapes: L layers, H heads, C hidden, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BloomConfig, PretrainedConfig
@@ -85,7 +87,7 @@ def meta_base_model(config: PretrainedConfig) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-SEED_CONFIGS: dict[str, SoftPromptConfig] = {
+SEED_CONFIGS: Mapping[str, SoftPromptConfig] = MappingProxyType({
     "prompt tuning, 8 tokens": PromptTuningConfig(num_virtual_tokens=8),
     "prompt tuning, 4 tokens": PromptTuningConfig(num_virtual_tokens=4),
     "p-tuning MLP, 20 tokens, h=128": PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128),
@@ -94,8 +96,9 @@ SEED_CONFIGS: dict[str, SoftPromptConfig] = {
     ),
     "prefix tuning, 20 tokens": PrefixTuningConfig(num_virtual_tokens=20),
     "prefix tuning, 20 tokens, projection": PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True),
-}
-"""The configurations of the seed guides (and PEFT's published counts for bloomz-560m)."""
+})
+"""The configurations of the seed guides (and PEFT's published counts for bloomz-560m); read-only, and
+`SoftPromptModel` keeps its own copy of a config it is given."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from softprompt.prompt_tuning import PromptTuningConfig
 from softprompt.train_config import (
     BASE_DTYPE_CHOICES,
     COMPILE_CHOICES,
+    DEFAULT_NUM_VIRTUAL_TOKENS,
     DEVICE_CHOICES,
     LOSS_IMPLEMENTATION_CHOICES,
     METHODS,
@@ -35,6 +36,7 @@ from softprompt.train_config import (
 
 
 def add_params_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``softprompt params``: parameter counts in PEFT's wording, on the meta device."""
     parser = subparsers.add_parser(
         "params",
         help="print trainable / all parameter counts (meta device: nothing loaded or downloaded)",
@@ -47,7 +49,8 @@ def add_params_parser(subparsers: argparse._SubParsersAction) -> None:
         help="built-in BLOOM name (works offline), local model directory, or hub id (default: %(default)s)",
     )
     parser.add_argument("--method", choices=["prompt-tuning", "p-tuning", "prefix-tuning"], help="count one config")
-    parser.add_argument("--num-virtual-tokens", type=int, default=20)
+    parser.add_argument("--num-virtual-tokens", type=int, default=None,
+                        help="default: the seed guides' count for --method (8 for prompt tuning, 20 otherwise)")
     parser.add_argument("--encoder-hidden-size", type=int, default=None)
     parser.add_argument("--encoder-reparameterization-type", choices=["MLP", "LSTM"], default="MLP")
     parser.add_argument("--prefix-projection", action="store_true")
@@ -55,18 +58,22 @@ def add_params_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_params(args: argparse.Namespace) -> int:
+    """Prints one count line per configuration; returns the exit status."""
     if args.method is None:
         configs = dict(SEED_CONFIGS)
     else:
+        num_virtual_tokens = args.num_virtual_tokens
+        if num_virtual_tokens is None:
+            num_virtual_tokens = DEFAULT_NUM_VIRTUAL_TOKENS[args.method]
         config = {
-            "prompt-tuning": lambda: PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens),
+            "prompt-tuning": lambda: PromptTuningConfig(num_virtual_tokens=num_virtual_tokens),
             "p-tuning": lambda: PromptEncoderConfig(
-                num_virtual_tokens=args.num_virtual_tokens,
+                num_virtual_tokens=num_virtual_tokens,
                 encoder_hidden_size=args.encoder_hidden_size,
                 encoder_reparameterization_type=args.encoder_reparameterization_type,
             ),
             "prefix-tuning": lambda: PrefixTuningConfig(
-                num_virtual_tokens=args.num_virtual_tokens,
+                num_virtual_tokens=num_virtual_tokens,
                 encoder_hidden_size=args.encoder_hidden_size,
                 prefix_projection=args.prefix_projection,
             ),
@@ -101,6 +108,7 @@ def _flag(group: argparse._ArgumentGroup, name: str, help: str, **kwargs: Any) -
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``softprompt train``: one flag per `TrainConfig` field, grouped as in the config."""
     parser = subparsers.add_parser(
         "train",
         help="train a soft prompt (no flags: the embedded offline default, about a minute on a laptop CPU)",
@@ -205,6 +213,7 @@ def _format_eval(record: dict[str, Any]) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Trains with the config the flags (and ``--config``) describe, printing progress; returns the exit status."""
     from tqdm.auto import tqdm
 
     from softprompt.training import TrainingDivergedError, train
@@ -282,6 +291,7 @@ def _parse_adapter_specs(specs: Sequence[str]) -> dict[str, Path]:
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``softprompt eval``: loss, perplexity and accuracy of saved adapters."""
     parser = subparsers.add_parser(
         "eval",
         help="loss, perplexity and accuracy of saved adapters on a dataset",
@@ -307,6 +317,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """Evaluates the adapters on the training run's held-out rows or on the given data; returns the exit status."""
     from softprompt.training import evaluate_adapters, run_config_for_adapter
 
     _quiet_libraries()
@@ -339,6 +350,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``softprompt generate``: text from saved adapters on one frozen base."""
     parser = subparsers.add_parser(
         "generate",
         help="generate text with saved adapters",
@@ -363,6 +375,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Prints each chosen adapter's continuation of each prompt; returns the exit status."""
     import torch
 
     from softprompt.training import cpu_threads, default_threads, generate_texts, load_adapters
@@ -395,6 +408,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``softprompt`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     for add_parser in SUBCOMMANDS:
@@ -403,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command-line entry point.
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The exit status: 0, or 2 after printing the message of a `ValueError` (bad input, with its fix).
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -32,7 +32,8 @@ Shapes: B batch, T tokens, P virtual tokens, L layers, H heads, D head dim, C hi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,12 +237,13 @@ class SoftPromptModel(nn.Module):
         self.prompts[adapter_name] = module if module is not None else build_prompt_module(
             config, self.base_model, tokenizer
         )
-        self.adapter_configs[adapter_name] = config
+        # A copy: a caller who edits their config object afterwards must not change what this adapter records.
+        self.adapter_configs[adapter_name] = copy.deepcopy(config)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Makes `adapter_name` the adapter used when no ``adapter_names`` are given; it becomes trainable, every
         other adapter is frozen (as in PEFT)."""
-        self._check_adapter_names([adapter_name])
+        self.check_adapter_names([adapter_name])
         self._active_adapter = adapter_name
         for name, module in self.prompts.items():
             module.requires_grad_(name == adapter_name)
@@ -256,7 +258,12 @@ class SoftPromptModel(nn.Module):
         """The active adapter's configuration."""
         return self.adapter_configs[self._active_adapter]
 
-    def _check_adapter_names(self, names: Sequence[str | None]) -> None:
+    def check_adapter_names(self, names: Iterable[str | None]) -> None:
+        """Checks that every name (None, the base model alone, aside) is a loaded adapter.
+
+        Raises:
+            ValueError: naming the unknown names and the loaded ones.
+        """
         unknown = sorted({name for name in names if name is not None and name not in self.prompts})
         if unknown:
             raise ValueError(
@@ -278,7 +285,7 @@ class SoftPromptModel(nn.Module):
                 f"adapter_names has {len(names)} entries for a batch of {batch_size} rows: expected one name per "
                 "row (None for the base model alone)."
             )
-        self._check_adapter_names(names)
+        self.check_adapter_names(names)
         return names
 
     # ------------------------------------------------------------------ injection
@@ -781,7 +788,7 @@ class SoftPromptModel(nn.Module):
         from softprompt.adapter_format import save_adapter
 
         name = adapter_name or self._active_adapter
-        self._check_adapter_names([name])
+        self.check_adapter_names([name])
         return save_adapter(
             directory,
             self.adapter_configs[name],
@@ -848,7 +855,7 @@ class SoftPromptModel(nn.Module):
         from softprompt.peft_format import save_peft_adapter
 
         name = adapter_name or self._active_adapter
-        self._check_adapter_names([name])
+        self.check_adapter_names([name])
         return save_peft_adapter(directory, self.adapter_configs[name], self.prompts[name], self.base_model)
 
 

@@ -92,7 +92,7 @@ def make_trainable(model: SoftPromptModel, adapter_names: Iterable[str | None]) 
         ValueError: a name is not loaded (the message lists the loaded ones).
     """
     names = list(dict.fromkeys(name for name in adapter_names if name is not None))
-    _check_loaded(model, names)
+    model.check_adapter_names(names)
     for name, module in model.prompts.items():
         module.requires_grad_(name in names)
     return [parameter for name in names for parameter in model.prompts[name].parameters()]
@@ -119,7 +119,7 @@ def labelled_positions(
             f"adapter_names={adapter_names!r} for a batch of {labels.shape[0]} rows: expected a list with one "
             "name per row (None for the base model alone)."
         )
-    _check_loaded(model, (name for name in adapter_names if name is not None))
+    model.check_adapter_names(adapter_names)
     virtual = torch.tensor(
         [name is not None and model.adapter_configs[name].method in VIRTUAL_TOKEN_METHODS for name in adapter_names],
         device=labels.device,
@@ -279,15 +279,6 @@ def _gradient_scaled(model: SoftPromptModel, scales: Mapping[str, float]) -> Ite
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _check_loaded(model: SoftPromptModel, names: Iterable[str]) -> None:
-    unknown = sorted({name for name in names if name not in model.prompts})
-    if unknown:
-        raise ValueError(
-            f"Unknown adapter name(s) {unknown}: loaded adapters are {sorted(model.prompts)}. "
-            "Fix: add_adapter / load_adapter them first, or fix the name."
-        )
 
 
 __all__ = [
