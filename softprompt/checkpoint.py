@@ -308,7 +308,8 @@ def rng_json() -> dict[str, Any]:
 def restore_rng(tensors: Mapping[str, torch.Tensor], document: Mapping[str, Any]) -> None:
     """Sets every generator back to the state `rng_tensors` / `rng_json` recorded."""
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[f"rng.cuda.{d}"] for d in range(len(tensors)) if f"rng.cuda.{d}" in tensors]
+    num_cuda_devices = sum(1 for key in tensors if key.startswith("rng.cuda."))
+    cuda_states = [tensors[f"rng.cuda.{d}"] for d in range(num_cuda_devices)]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     version, internal, gauss_next = document["python"]

@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import random
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -35,6 +36,8 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
+
+from softprompt.adapter_format import atomic_write_bytes
 
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
@@ -422,7 +425,7 @@ def write_shipped_datasets(directory: str | os.PathLike[str]) -> list[pathlib.Pa
     written = []
     for name, dataset in SHIPPED_DATASETS.items():
         path = folder / dataset.file_name
-        path.write_text(render_shipped_dataset(name), encoding="utf-8")
+        atomic_write_bytes(path, render_shipped_dataset(name).encode("utf-8"))
         written.append(path)
     return written
 
@@ -629,6 +632,10 @@ def save_tiny_bloom(
         )
     folder = pathlib.Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    # Written beside the folder first, then each file renamed into place: a crash leaves no half-written file.
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for written in sorted(pathlib.Path(staging).iterdir()):
+            os.replace(written, folder / written.name)
     return folder
