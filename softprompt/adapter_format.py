@@ -237,9 +237,17 @@ def check_base_shape(recorded: dict[str, Any], base_model: PreTrainedModel, sour
     ]
     if mismatches:
         raise AdapterFormatError(
-            f"{source}: adapter made for another base model shape: {'; '.join(mismatches)}. It was trained on "
-            f"{recorded.get('name_or_path')!r}. Fix: load it onto that base model."
+            f"{source}: adapter made for another base model shape: {'; '.join(mismatches)}. "
+            f"{trained_on(recorded.get('name_or_path'))}"
         )
+
+
+def trained_on(name_or_path: str | None) -> str:
+    """The sentence of a shape-mismatch error that names the adapter's base and the fix."""
+    if name_or_path:
+        return f"It was trained on {name_or_path!r}. Fix: load it onto that base model."
+    return "Its base model's name was not recorded. Fix: load it onto a base model of the adapter's shape."
+
 
 
 def load_adapter_module(

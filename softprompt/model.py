@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from softprompt.loss import (
     IGNORE_INDEX,
@@ -696,7 +697,7 @@ class SoftPromptModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         adapter_names: Sequence[str | None] | None = None,
         **generate_kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | ModelOutput:
         """Generates with transformers' ``generate``, the adapters acting through a key/value prefix.
 
         Args:
@@ -707,7 +708,9 @@ class SoftPromptModel(nn.Module):
                 ``repetition_penalty``, ``eos_token_id``, ``num_return_sequences``, ...).
 
         Returns:
-            ``[B * num_return_sequences, T + new]``: the input ids followed by the new ids; never virtual ids.
+            ``[B * num_return_sequences, T + new]``: the input ids followed by the new ids; never virtual ids. With
+            ``return_dict_in_generate=True``, transformers' output object, whose ``sequences`` are that tensor
+            (and ``scores`` / ``logits`` per step when asked for).
         """
         if "inputs_embeds" in generate_kwargs:
             raise ValueError(

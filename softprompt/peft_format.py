@@ -32,6 +32,7 @@ from softprompt.adapter_format import (
     config_from_dict,
     read_json,
     read_safetensors,
+    trained_on,
 )
 from softprompt.model import BaseModelShape, SoftPromptConfig, SoftPromptModel, materialize
 from softprompt.p_tuning import PromptEncoderConfig
@@ -113,8 +114,8 @@ def read_peft_adapter(base_model: PreTrainedModel, peft_directory: str | Path) -
     ]
     if mismatches:
         raise AdapterFormatError(
-            f"{config_path}: adapter made for another base model shape: {'; '.join(mismatches)} (trained on "
-            f"{document.get('base_model_name_or_path')!r}). Fix: load it onto that base model."
+            f"{config_path}: adapter made for another base model shape: {'; '.join(mismatches)}. "
+            f"{trained_on(document.get('base_model_name_or_path'))}"
         )
 
     weights_path = directory / PEFT_WEIGHTS_FILE

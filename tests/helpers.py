@@ -20,3 +20,18 @@ def left_padded_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
         attention_mask[row, length - len(ids) :] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def count_attention_calls(model) -> list[int]:
+    """Counts calls of each layer's attention module of a SoftPromptModel's base, one entry per layer (a
+    checkpointed layer's recomputation in the backward pass calls it again)."""
+    calls = []
+    for block in model.base_model.get_decoder().h:
+        calls.append(0)
+        index = len(calls) - 1
+
+        def hook(module, inputs, output, index=index):
+            calls[index] += 1
+
+        block.self_attention.register_forward_hook(hook)
+    return calls

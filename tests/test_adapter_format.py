@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 
-import peft
 import pytest
 import torch
 from peft import PeftModel
@@ -46,7 +45,8 @@ def test_save_then_load_is_bit_exact(variant, tiny_bloom, tokenizer, batch, tmp_
     assert not any(p.requires_grad for p in SoftPromptModel.from_adapter(tiny_bloom, tmp_path / "adapter").parameters())
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
-    # Inference needs no encoder: the stored output alone gives the same logits.
+    # Inference needs no encoder: the stored output alone gives the same logits. Bit for bit (rtol=0, atol=0): the
+    # stored table holds the encoder's output exactly, and the base model then runs the same operations on it.
     config, materialized = load_adapter_module(tmp_path / "adapter", tiny_bloom, materialized_only=True)
     assert isinstance(materialized, MaterializedPrompt)
     only_output = SoftPromptModel._from_module(tiny_bloom, config, materialized, "default")
@@ -117,6 +117,8 @@ def test_several_adapters_share_one_frozen_base(tiny_bloom, batch, tmp_path):
     assert model.active_adapter == "second"
     assert not any(p.requires_grad for p in model.prompts["first"].parameters())
     assert all(p.requires_grad for p in model.prompts["second"].parameters())
+    # Bit for bit (rtol=0, atol=0): the same weights through the same operations; another adapter loaded beside an
+    # adapter must not change a single one of its numbers.
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, second(**batch).logits, rtol=0, atol=0)
         model.set_adapter("first")
@@ -141,6 +143,15 @@ def test_adapter_for_another_base_shape_is_refused(saved):
     with pytest.raises(AdapterFormatError, match=r"adapter_config.json: adapter made for another base model shape: "
                        r"hidden_size 32 \(adapter\) vs 48 \(base model\); num_layers 2 \(adapter\) vs 3"):
         SoftPromptModel.from_adapter(other, saved)
+
+
+def test_weights_file_outside_the_adapter_directory_is_refused(saved, tiny_bloom):
+    config_path = saved / "adapter_config.json"
+    document = json.loads(config_path.read_text())
+    document["weights"]["file"] = "../elsewhere.safetensors"
+    config_path.write_text(json.dumps(document))
+    with pytest.raises(AdapterFormatError, match=r"weights file '\.\./elsewhere\.safetensors': expected a file name"):
+        SoftPromptModel.from_adapter(tiny_bloom, saved)
 
 
 def test_truncated_safetensors_is_refused(saved, tiny_bloom):
@@ -199,7 +210,9 @@ def test_peft_directory_given_to_our_loader_gets_a_hint(tiny_bloom, tmp_path):
 
 def test_peft_adapter_for_another_base_is_refused(tiny_bloom, tmp_path):
     SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_peft_adapter(tmp_path)
-    with pytest.raises(AdapterFormatError, match=r"token_dim|hidden_size 32 \(adapter\) vs 48 \(base model\)"):
+    message = (r"adapter made for another base model shape: hidden_size 32 \(adapter\) vs 48 \(base model\)\. "
+               r"Its base model's name was not recorded\. Fix: load it onto a base model of the adapter's shape")
+    with pytest.raises(AdapterFormatError, match=message):
         load_peft_adapter(build_tiny_bloom(300, hidden_size=48, n_layer=2, n_head=4), tmp_path)
 
 

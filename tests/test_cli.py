@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from softprompt.cli import build_parser, main, train_config_from_args
 from softprompt.train_config import TrainConfig
@@ -27,15 +28,14 @@ def evaluations(run: Path) -> list[dict]:
 
 
 def test_softprompt_train_with_no_arguments_runs_the_offline_default(tmp_path):
-    """Exactly the quick start: `softprompt train` in an empty directory, no network, under 3 minutes."""
-    started = time.monotonic()
+    """Exactly the quick start: `softprompt train` in an empty directory, no network. (How long it takes is measured
+    in benchmarks/, not checked here.)"""
     completed = subprocess.run(
         [sys.executable, "-m", "softprompt.cli", "train"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=180, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        # Only a hang guard, not a speed check: the run takes ~30 s, and a loaded machine may take several times that.
+        timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
-    elapsed = time.monotonic() - started
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert elapsed < 180
     run = tmp_path / "softprompt-runs" / "prompt-tuning"
     for path in ("adapter/adapter.safetensors", "adapter/adapter_config.json", "metrics.jsonl", "curves.png",
                  "base-model/config.json", "train_config.json"):
@@ -127,24 +127,82 @@ def test_eval_reproduces_the_runs_last_evaluation(trained_run, capsys):
     result = json.loads(capsys.readouterr().out)
     last = evaluations(trained_run)[-1]
     assert result["examples"] == 12
-    assert result["loss"] == pytest.approx(last["loss"], abs=1e-6)
+    # The same adapter, rows, batches and code: equal in practice; 1e-6 relative (a few fp32 ulps) allows only for
+    # the eval running on another thread count than the run (BLAS blocking).
+    assert result["loss"] == pytest.approx(last["loss"], rel=1e-6)
     assert result["accuracy"] == last["accuracy"]
     assert main(["eval", "--adapter", str(trained_run / "adapter")]) == 0
     assert "12 rows held out by the training run" in capsys.readouterr().out
 
 
-def test_eval_on_a_whole_split_of_another_file(trained_run, tmp_path, capsys):
+def loss_and_accuracy_row_by_row(adapter: Path, base_directory: Path, rows: list[dict], text_column: str,
+                                 label_column: str) -> tuple[float, float]:
+    """The classification recipe's loss and accuracy as the README describes them, computed without the eval code:
+    one row at a time (no padding), the full-logits forward for the loss, plain greedy generation for the label.
+
+    Prompt ``"{text_column} : {text} Label : "``, target = label ids + EOS; the loss is the mean over every target
+    token of all rows; a row is correct when its generated text (special tokens dropped) is its label.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from softprompt import SoftPromptModel
+
+    tokenizer = AutoTokenizer.from_pretrained(base_directory)
+    base = AutoModelForCausalLM.from_pretrained(base_directory).eval()
+    model = SoftPromptModel.from_adapter(base, adapter).eval()
+    targets = [tokenizer(row[label_column], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for row in rows]
+    max_new_tokens = max(len(target) for target in targets)
+    loss_sum, num_targets, correct = 0.0, 0, 0
+    for row, target in zip(rows, targets):
+        prompt = tokenizer(f"{text_column} : {row[text_column]} Label : ", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            loss = model(torch.tensor([prompt + target]), labels=torch.tensor([[-100] * len(prompt) + target])).loss
+        loss_sum += float(loss) * len(target)
+        num_targets += len(target)
+        generated = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        correct += tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True).strip() == row[label_column]
+    return loss_sum / num_targets, correct / len(rows)
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory) -> Path:
+    """A run that has learned enough to get some held-out labels right and some wrong (p-tuning, 10 short epochs),
+    so that an accuracy can be checked against another computation of it."""
+    run = tmp_path_factory.mktemp("cli") / "learned"
+    assert main(["train", *SHORT, "--method", "p-tuning", "--num-epochs", "10", "--output-dir", str(run)]) == 0
+    return run
+
+
+def test_eval_on_a_whole_split_of_another_file(learned_run, tmp_path, capsys):
+    import csv
+
+    from softprompt.quickstart import shipped_dataset_path
+
+    with shipped_dataset_path("complaints").open(newline="") as file:
+        shipped = list(csv.DictReader(file))[200:210]  # past train[:60]: rows the run never saw
     rows = [{"tweet": "my parcel is lost again", "label": "complaint"},
-            {"tweet": "lovely service, thanks", "label": "no complaint"}]
+            {"tweet": "lovely service, thanks", "label": "no complaint"},
+            *({"tweet": row["Tweet text"], "label": row["text_label"]} for row in shipped)]
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     capsys.readouterr()
-    code = main(["eval", "--adapter", str(trained_run / "adapter"), "--dataset", str(path), "--text-column", "tweet",
+    code = main(["eval", "--adapter", str(learned_run / "adapter"), "--dataset", str(path), "--text-column", "tweet",
                  "--label-column", "label", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["examples"] == 2 and result["accuracy"] in (0.0, 0.5, 1.0)
-    assert main(["eval", "--adapter", str(trained_run / "adapter"), "--dataset", str(path), "--text-column",
+    assert result["examples"] == len(rows)
+    loss, accuracy = loss_and_accuracy_row_by_row(learned_run / "adapter", learned_run / "base-model", rows, "tweet",
+                                                  "label")
+    assert 0 < accuracy < 1, "all right or all wrong: the accuracy comparison below would prove little"
+    # fp32 on CPU: the eval batches and pads the rows and takes the label-only head, the reference runs each row
+    # alone with full logits; that changes only summation order (measured: 5e-8 relative on a loss of 1.4). 1e-5
+    # leaves 200x margin, while a wrong row, token or adapter moves the loss by 1e-2 or more.
+    assert result["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert result["accuracy"] == accuracy  # the same greedy choices: the logits agree to ~1e-7
+    assert main(["eval", "--adapter", str(learned_run / "adapter"), "--dataset", str(path), "--text-column",
                  "text"]) == 2
     assert "Column 'text' is not in the data" in capsys.readouterr().err
 

@@ -19,6 +19,8 @@ import softprompt
 from softprompt import SoftPromptModel
 from softprompt.quickstart import build_tiny_bloom
 
+from helpers import count_attention_calls
+
 VOCAB_SIZE = 300
 PAD_ID = 3
 
@@ -114,16 +116,36 @@ def _assert_same(model: SoftPromptModel, batch: dict, implementation: str, **kwa
         torch.testing.assert_close(grads[name], expected_grads[name], **tolerance, msg=name)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def _record_head_choice(monkeypatch, force_plain: bool) -> list[bool]:
+    """Records which head the "torch" loss takes on each call (True: the one-pass `HeadAsAttentionCrossEntropy`,
+    False: plain [N, V] logits); with `force_plain`, makes it take the plain one."""
+    one_pass_applies = softprompt.loss._one_pass_head_applies
+    choices = []
+
+    def choose(rows, head_weight):
+        choices.append(False if force_plain else one_pass_applies(rows, head_weight))
+        return choices[-1]
+
+    monkeypatch.setattr(softprompt.loss, "_one_pass_head_applies", choose)
+    return choices
+
+
+@pytest.mark.parametrize("implementation", ["torch", "torch-plain-head", *IMPLEMENTATIONS[1:]])
 @pytest.mark.parametrize("labels", ["all", "last2"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_compute_loss_equals_full_logits_loss(base_model, method, labels, implementation):
+def test_compute_loss_equals_full_logits_loss(base_model, method, labels, implementation, monkeypatch):
+    # "torch" on CPU with fp32 rows and a frozen head (every case here) always takes the one-pass head; its plain
+    # [N, V]-logits branch (GPUs, half precision, a trainable head) is forced in "torch-plain-head" so that it runs
+    # here too.
+    choices = _record_head_choice(monkeypatch, force_plain=implementation == "torch-plain-head")
     torch.manual_seed(1)
     model = SoftPromptModel(base_model, METHODS[method])
     # Left-padded, mixed lengths; the full-length row puts a label on column 0, which the last virtual token
     # predicts (prompt tuning, p-tuning).
     batch = _batch([9, 4, 6, 1], num_tokens=9, labels=labels)
-    _assert_same(model, batch, implementation)
+    _assert_same(model, batch, "torch" if implementation == "torch-plain-head" else implementation)
+    if implementation != "triton":
+        assert choices and all(choice == (implementation == "torch") for choice in choices), choices
 
 
 @pytest.mark.parametrize("labels", ["all", "last2"])
@@ -141,6 +163,25 @@ def test_unknown_virtual_token_layout_is_an_error(base_model):
     batch = _batch([3, 2], num_tokens=3, labels="all")
     with pytest.raises(ValueError, match="virtual_token_layout='rows': expected 'prefix' or 'sequence'"):
         model.compute_loss(**batch, virtual_token_layout="rows")
+
+
+def test_unknown_implementation_is_refused_before_any_work(base_model, monkeypatch):
+    model = SoftPromptModel(base_model, METHODS["prompt-tuning"])
+    batch = _batch([3, 2], num_tokens=3, labels="all")
+    decoder_calls = []
+    monkeypatch.setattr(model, "_run_decoder", lambda *args: decoder_calls.append(args))
+    with pytest.raises(ValueError, match="implementation='cuda': expected 'torch', 'triton' or 'full'"):
+        model.compute_loss(**batch, implementation="cuda")
+    assert decoder_calls == []
+
+
+@pytest.mark.parametrize("key", ["inputs_embeds", "past_key_values", "position_ids"])
+def test_forward_refuses_model_inputs_it_would_drop(base_model, key):
+    model = SoftPromptModel(base_model, METHODS["prefix"])
+    batch = _batch([3, 2], num_tokens=3, labels="all")
+    with pytest.raises(ValueError, match=rf"forward got {key}: it builds the embeddings"):
+        model(**batch, **{key: None})
+    model(**batch, num_items_in_batch=4)  # what trainers pass: still accepted and ignored
 
 
 @pytest.mark.parametrize("layout", ["prefix", "sequence"])
@@ -187,17 +228,27 @@ def test_gradient_checkpointing_keeps_the_loss_and_gradients(method):
     torch.manual_seed(4)
     base = build_tiny_bloom(VOCAB_SIZE, hidden_size=32, n_layer=2, n_head=4, seed=0)
     model = SoftPromptModel(base, METHODS[method])
+    calls = count_attention_calls(model)
     batch = _batch([8, 5, 3], num_tokens=8, labels="all", seed=6)
     expected_loss, expected_grads = _loss_and_grads(model, batch, "full")
+    calls[:] = [0] * len(calls)
+    _loss_and_grads(model, batch, "torch")
+    plain_calls = list(calls)  # 1 per layer and decoder pass (prompt tuning: a virtual-token pass, then the batch)
     # transformers' default checkpointing (whichever reentrancy it picks) and training mode, as a trainer runs it.
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable()
     else:
         base.gradient_checkpointing_enable()
     base.train()
+    calls[:] = [0] * len(calls)
     loss, grads = _loss_and_grads(model, batch, "torch")
+    # Checkpointing was active: every layer ran once more, the batch pass recomputed in the backward pass (the short
+    # virtual-token pass is not checkpointed: it must fill the cache).
+    assert calls == [count + 1 for count in plain_calls], (plain_calls, calls)
     torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
+    assert grads.keys() == expected_grads.keys() and grads
     for name in grads:
+        assert expected_grads[name].abs().max() > 0, f"{name}: the reference gradient is zero, the test proves nothing"
         torch.testing.assert_close(grads[name], expected_grads[name], **TOLERANCE, msg=name)
 
 

@@ -17,6 +17,7 @@ import importlib.util  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from softprompt.kernels import fused_linear_cross_entropy as flce  # noqa: E402
 from softprompt.kernels.fused_linear_cross_entropy import (  # noqa: E402
@@ -101,10 +102,16 @@ def test_matches_reference(
     check_against_reference(implementation, hidden, weight, targets, vocab_chunk_size, dtype)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is checked on CUDA only (the interpreter is wrong)")
+# bf16 for both implementations on every device: the torch path computes in fp32 from the bf16 inputs on any device,
+# and the kernels' bf16 path (tl.dot on bf16 operands) runs and passes under the CPU interpreter too (triton 3.9).
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("n_rows, channels, vocab, vocab_chunk_size, ignored", SHAPES)
 def test_matches_reference_bf16(implementation, n_rows, channels, vocab, vocab_chunk_size, ignored):
+    # Tolerances: LOSS_RTOL and GRAD_RTOL[bf16] (see the top of the file). The loss is fp32 on both sides and differs
+    # by summation order only; each bf16 gradient entry is one rounding of fp32 values that agree closely, so about
+    # one bf16 ulp (2**-7 relative) apart at most, and 1.6e-2 allows two. Measured on CPU, both implementations:
+    # loss within 1.2e-7 relative, gradients within 9e-5 of their largest entry; a lost chunk or row is off by
+    # the gradient's own size.
     hidden, weight, targets = make_inputs(
         n_rows, channels, vocab, torch.bfloat16, weight_requires_grad=True, ignored=ignored
     )
@@ -149,12 +156,64 @@ def test_custom_ignore_index(implementation):
         assert_grad_close(grad, expected_grad, torch.float32)
 
 
-def test_torch_entry_point_is_the_chunked_path():
-    hidden, weight, targets = make_inputs(3, 16, 100, torch.float32, weight_requires_grad=False)
-    torch.testing.assert_close(
-        torch_fused_linear_cross_entropy(hidden, weight, targets, vocab_chunk_size=30),
-        fused_linear_cross_entropy(hidden, weight, targets, implementation="torch", vocab_chunk_size=30),
+class LogitsBlockRecorder(TorchFunctionMode):
+    """Records the shape of every matrix product's output (the logits blocks of a chunked pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm):
+            self.shapes.append(tuple(output.shape))
+        return output
+
+
+def test_torch_entry_point_is_the_chunked_path(monkeypatch):
+    """torch_fused_linear_cross_entropy walks the vocabulary in chunks (1009 = 10 x 100 + 9: a ragged last chunk),
+    forward and backward, never forming [N, V] logits, and gives the full-logits reference's loss and gradients."""
+    n_rows, channels, vocab, chunk = 6, 16, 1009, 100
+    hidden, weight, targets = make_inputs(n_rows, channels, vocab, torch.float32, weight_requires_grad=True,
+                                          ignored=(2,))
+    targets[1], targets[3] = chunk - 1, chunk  # the two sides of a chunk boundary (targets[0] is in the ragged tail)
+    passes = {"forward": LogitsBlockRecorder(), "backward": LogitsBlockRecorder()}
+
+    def recorded(function, recorder):
+        def run(*args, **kwargs):
+            with recorder:
+                return function(*args, **kwargs)
+
+        return run
+
+    forward, backward = flce._IMPLEMENTATIONS["torch"]
+    monkeypatch.setitem(
+        flce._IMPLEMENTATIONS, "torch", (recorded(forward, passes["forward"]), recorded(backward, passes["backward"]))
     )
+    loss = torch_fused_linear_cross_entropy(hidden, weight, targets, vocab_chunk_size=chunk)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    for name, recorder in passes.items():
+        # [N, chunk] logits blocks; the backward's other products are [N, C] and [chunk, C].
+        widths = sorted(shape[1] for shape in recorder.shapes if shape[0] == n_rows and shape[1] != channels)
+        assert widths == [vocab % chunk] + [chunk] * (vocab // chunk), (name, recorder.shapes)
+
+    # LOSS_RTOL and GRAD_RTOL[fp32] (see the top of the file): the online log-sum-exp over 11 chunks and the full
+    # logits' log-sum-exp differ only in summation order, ~1e-6 relative.
+    expected = reference_linear_cross_entropy(hidden, weight, targets)
+    torch.testing.assert_close(loss, expected, rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (hidden, weight))):
+        assert expected_grad.abs().max() > 0
+        assert_grad_close(grad, expected_grad, torch.float32)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_strided_targets_are_read_as_their_values(implementation):
+    """A column of a label matrix is a strided view; the kernels index targets by row, so they must see its values."""
+    hidden, weight, _ = make_inputs(5, 16, 101, torch.float32, weight_requires_grad=True)
+    label_matrix = torch.randint(0, 101, (5, 3), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    targets = label_matrix[:, 1]  # stride 3
+    assert not targets.is_contiguous()
+    check_against_reference(implementation, hidden, weight, targets, 32, torch.float32)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -207,10 +266,12 @@ def test_module_imports_without_triton_and_triton_path_says_how_to_install(monke
     hidden, weight, targets = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 3])
     with pytest.raises(RuntimeError, match=r"pip install triton.*implementation='torch'"):
         module.fused_linear_cross_entropy(hidden, weight, targets, implementation="triton")
-    # The torch path still works.
+    # The torch path still works (LOSS_RTOL: fp32 summation order only, see the top of the file).
     torch.testing.assert_close(
         module.fused_linear_cross_entropy(hidden, weight, targets, implementation="torch"),
         reference_linear_cross_entropy(hidden, weight, targets),
+        rtol=LOSS_RTOL,
+        atol=LOSS_RTOL,
     )
 
 

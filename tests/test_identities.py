@@ -15,6 +15,8 @@ from transformers import DynamicCache
 from softprompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SoftPromptModel
 from softprompt.prefix_tuning import merge_key_values
 
+from helpers import count_attention_calls
+
 
 def context_and_batch(tokenizer, batch):
     context_ids = torch.tensor(tokenizer("Answer briefly and politely :")["input_ids"])  # [P]
@@ -72,20 +74,6 @@ def test_generation_from_real_token_prompt_equals_base_model_generation(tiny_blo
         do_sample=False,
     )
     assert torch.equal(generated, expected[:, num_context:])
-
-
-def count_attention_calls(model) -> list[int]:
-    """Counts calls of each layer's attention module (a checkpointed layer's recomputation calls it again)."""
-    calls = []
-    for block in model.base_model.get_decoder().h:
-        calls.append(0)
-        index = len(calls) - 1
-
-        def hook(module, inputs, output, index=index):
-            calls[index] += 1
-
-        block.self_attention.register_forward_hook(hook)
-    return calls
 
 
 @pytest.mark.parametrize("projection", [False, True])

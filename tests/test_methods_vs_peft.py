@@ -189,12 +189,29 @@ def test_text_init_truncates_a_long_text(tiny_bloom, tokenizer):
 
 
 def test_sample_vocab_init_draws_only_ids_the_tokenizer_produces(tiny_bloom, tokenizer):
+    """Unlike PEFT, which draws from every row of the embedding matrix, SAMPLE_VOCAB draws uniformly from the ids the
+    tokenizer produces: no special id, no row past the tokenizer's vocabulary (never trained in BLOOM)."""
+    producible = set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids)
+    embeddings = tiny_bloom.get_input_embeddings().weight.detach()  # [V, C], V = len(tokenizer) + unused rows
+    assert embeddings.shape[0] == len(tokenizer) + UNUSED_EMBEDDING_ROWS and len(producible) < len(tokenizer)
+    row_ids = {row.numpy().tobytes(): index for index, row in enumerate(embeddings)}
+    assert len(row_ids) == embeddings.shape[0], "two rows are equal: a drawn row would not name its id"
+    # Enough draws that a wrong range shows with certainty: a draw over all V rows misses the 24 unused rows with
+    # probability (1 - 24 / 1316) ** 40000 < 1e-300, and a producible id is never drawn with probability
+    # 1288 * (1 - 1 / 1288) ** 40000 < 1e-10, so the drawn set must be exactly the producible set. A [40000, 32] table
+    # is 5 MB and builds in milliseconds.
+    num_draws = 40_000
     torch.manual_seed(0)
-    config = softprompt.PromptTuningConfig(num_virtual_tokens=64, prompt_tuning_init="SAMPLE_VOCAB")
-    table = SoftPromptModel(tiny_bloom, config, tokenizer=tokenizer).prompts["default"].embedding.weight
-    embeddings = tiny_bloom.get_input_embeddings().weight  # [V, C], V = len(tokenizer) + unused rows
-    matches = (table[:, None, :] == embeddings[None, :, :]).all(-1)  # [P, V]
-    assert matches.any(-1).all(), "every virtual token starts as some token's embedding"
-    drawn = matches.float().argmax(-1)
-    assert (drawn < len(tokenizer)).all() and UNUSED_EMBEDDING_ROWS > 0
-    assert not set(drawn.tolist()) & set(tokenizer.all_special_ids)
+    config = softprompt.PromptTuningConfig(num_virtual_tokens=num_draws, prompt_tuning_init="SAMPLE_VOCAB")
+    table = SoftPromptModel(tiny_bloom, config, tokenizer=tokenizer).prompts["default"].embedding.weight.detach()
+    drawn = [row_ids.get(row.tobytes()) for row in table.numpy()]
+    assert None not in drawn, "every virtual token starts as some token's embedding"
+    assert set(drawn) == producible
+    # Uniform: Pearson's chi-square of the counts (each id ~31 times) has mean k - 1 and sd sqrt(2 (k - 1)) over k
+    # ids; 8 sd above the mean is not reached by chance (p < 1e-9), while a skewed draw (say a third of the ids
+    # twice as likely) lands thousands above it.
+    counts = torch.bincount(torch.tensor(drawn), minlength=embeddings.shape[0])[sorted(producible)].double()
+    expected = num_draws / len(producible)
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    dof = len(producible) - 1
+    assert chi_square < dof + 8 * (2 * dof) ** 0.5, chi_square

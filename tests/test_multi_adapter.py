@@ -3,7 +3,8 @@
 One frozen tiny BLOOM carries five adapters: prompt tuning, p-tuning (MLP and LSTM) and prefix tuning (plain and
 projected), with four different numbers of virtual tokens. The batch mixes them with rows that use no adapter,
 rows of different lengths and left padding. For every row, the mixed batch must give what the row gives alone
-(batch of one, no padding): logits, loss, gradients, greedy / beam / sampled generation; and what PEFT gives with
+(batch of one, no padding): logits, loss, gradients, greedy and beam generation, and for sampled generation the
+distribution of every step (the draws themselves share one random stream per batch); and what PEFT gives with
 the same weights. The ALiBi test shows why hidden slots are harmless, and that the equality tests could fail.
 
 Shapes: B batch, T tokens, V vocab.
@@ -338,7 +339,7 @@ def test_greedy_generation_of_each_row_equals_the_row_alone(model, batch):
     assert changed >= 5, "the adapters barely change the continuations: the equality above proves little"
 
 
-def test_beam_search_and_sampling_with_mixed_adapters(model, batch):
+def test_beam_search_with_mixed_adapters(model, batch):
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
     length = batch["input_ids"].shape[1]
     beams = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, **GENERATION)
@@ -348,14 +349,46 @@ def test_beam_search_and_sampling_with_mixed_adapters(model, batch):
         row_ids = model.generate(input_ids=alone(batch, row), adapter_names=[name], **beams)
         assert torch.equal(generated[2 * row : 2 * row + 2, length:], row_ids[:, n:]), f"row {row} ({name})"
 
-    sampled = model.generate(
-        **inputs, adapter_names=NAMES, max_new_tokens=6, do_sample=True, num_return_sequences=3, **GENERATION
+
+def test_sampling_draws_each_row_from_its_distribution_alone(model, batch):
+    """transformers draws a batch's samples from one random stream (torch.multinomial over the rows), so a row's
+    sampled ids in a batch cannot equal the ids it samples alone. What must hold is that every step of every row
+    samples from the distribution the row has alone: the raw logits of each step equal those of the row alone,
+    fed the same ids (teacher forcing), and every sampled id is among that row's own top-k."""
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    length, new, top_k, sequences = batch["input_ids"].shape[1], 6, 3, 2
+    torch.manual_seed(0)
+    output = model.generate(
+        **inputs, adapter_names=NAMES, max_new_tokens=new, do_sample=True, top_k=top_k,
+        num_return_sequences=sequences, return_dict_in_generate=True, output_logits=True, **GENERATION,
     )
-    assert sampled.shape == (3 * len(ROWS), length + 6)
-    assert ((sampled >= 0) & (sampled < VOCAB_SIZE)).all()
-    # Sampling from the top token only is greedy: each row samples from its own adapter's distribution.
-    top_1 = model.generate(**inputs, adapter_names=NAMES, max_new_tokens=6, do_sample=True, top_k=1, **GENERATION)
-    greedy = model.generate(**inputs, adapter_names=NAMES, max_new_tokens=6, do_sample=False, **GENERATION)
+    sampled = output.sequences  # [B * sequences, T + new]: row r's samples are rows 2r and 2r + 1
+    step_logits = torch.stack(output.logits, dim=1)  # [B * sequences, new, V]
+    assert sampled.shape == (sequences * len(ROWS), length + new)
+    not_greedy = outside_base_top_k = 0
+    for index in range(sampled.shape[0]):
+        row = index // sequences
+        name, n = ROWS[row]
+        assert torch.equal(sampled[index, :length], batch["input_ids"][row])
+        new_ids = sampled[index, length:]
+        ids = torch.cat([alone(batch, row)[0], new_ids])[None]  # [1, n + new]
+        with torch.no_grad():
+            alone_logits = model(ids, adapter_names=[name]).logits[0, n - 1 : -1]  # [new, V]: predict the new ids
+            base_logits = model.base_model(input_ids=ids).logits[0, n - 1 : -1]
+        # A cached step against a full forward pass: summation order only (measured: <= 4e-6 on logits up to ~7,
+        # more than the 2e-7 above, since the cache splits the attention sums; TOLERANCE allows ~8e-5 there).
+        torch.testing.assert_close(step_logits[index], alone_logits, **TOLERANCE, msg=f"row {row} ({name})")
+        own_top_k = alone_logits.topk(top_k, dim=-1).indices  # [new, k]
+        assert (own_top_k == new_ids[:, None]).any(-1).all(), f"row {row} ({name}) sampled outside its top-{top_k}"
+        not_greedy += int((new_ids != own_top_k[:, 0]).sum())
+        if name is not None:
+            outside_base_top_k += int((base_logits.topk(top_k, dim=-1).indices != new_ids[:, None]).all(-1).sum())
+    # The checks above can fail: some draws are not the top token (sampling happened), and some are ids the base
+    # model without the row's adapter would never sample with this top_k.
+    assert not_greedy > 0 and outside_base_top_k > 0, (not_greedy, outside_base_top_k)
+    # Sampling from the top token only is greedy.
+    top_1 = model.generate(**inputs, adapter_names=NAMES, max_new_tokens=new, do_sample=True, top_k=1, **GENERATION)
+    greedy = model.generate(**inputs, adapter_names=NAMES, max_new_tokens=new, do_sample=False, **GENERATION)
     assert torch.equal(top_1, greedy)
 
 

@@ -76,7 +76,9 @@ def test_a_short_run_learns_and_writes_everything(tmp_path):
     assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 19))
     assert evaluations[-1]["loss"] < evaluations[0]["loss"] - 1.0
     assert result.final_eval["loss"] == evaluations[-1]["loss"]
-    assert 0.0 <= evaluations[-1]["accuracy"] <= 1.0
+    # A classification run scores label accuracy at every evaluation (a short run's is still 0 here; the value itself
+    # is checked against an independent computation in test_cli.py, on a run that gets some labels right).
+    assert all(isinstance(r["accuracy"], float) for r in evaluations), evaluations
     assert len(result.generations) == 2 and {"prompt", "output", "reference"} <= result.generations[0].keys()
     # The embedded base is saved beside the adapter, and the adapter points to it.
     recorded = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model"]["name_or_path"]
@@ -95,9 +97,17 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     big = train(short_config(tmp_path / "big", num_epochs=1, padding="max_length"))
     accumulated = train(short_config(tmp_path / "acc", num_epochs=1, padding="max_length", batch_size=4,
                                      gradient_accumulation_steps=2))
-    for name, tensor in adapter_tensors(big.adapter_directories["default"]).items():
-        other = adapter_tensors(accumulated.adapter_directories["default"])[name]
-        torch.testing.assert_close(other, tensor, rtol=1e-5, atol=1e-5)
+    big_tensors = adapter_tensors(big.adapter_directories["default"])
+    accumulated_tensors = adapter_tensors(accumulated.adapter_directories["default"])
+    assert big_tensors.keys() == accumulated_tensors.keys() and big_tensors
+    for name, tensor in big_tensors.items():
+        # The two sums differ by ~1e-7 relative per step, and AdamW's normalization carries that into the 6 steps'
+        # updates. Measured: max |difference| of each tensor at most 1.4e-6 of its largest entry (1.3e-5 with
+        # p-tuning's MLP); taking 4-row steps without accumulation gives 0.25. Entry by entry the relative error says
+        # little (p-tuning entries near 0 differ by up to 57%), so the bound is 1e-4 of the tensor's scale: 70x above
+        # the measured error, 2500x below the mistake.
+        scale = float(tensor.abs().max())
+        torch.testing.assert_close(accumulated_tensors[name], tensor, rtol=0, atol=1e-4 * scale, msg=name)
 
 
 def test_warmup_and_linear_decay(tmp_path):
@@ -107,7 +117,7 @@ def test_warmup_and_linear_decay(tmp_path):
     rates = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "train"]
     # Logged after step k: the rate of the next step, lr * (k / 4 during warmup, then (16 - k) / 12).
     expected = [0.04 * (k / 4 if k < 4 else (16 - k) / 12) for k in range(1, 17)]
-    assert rates == pytest.approx(expected)
+    assert rates == pytest.approx(expected, rel=1e-12)  # float64 products of the same factors: rounding only
 
 
 def test_held_out_split_and_epoch_order_are_seeded(tokenizer):
@@ -253,10 +263,11 @@ def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 240
+        # Only a hang guard, not a speed check: the first checkpoint takes a few seconds even on a loaded machine.
+        deadline = time.monotonic() + 900
         while not complete_checkpoint_directories(killed_dir):
             assert process.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            assert time.monotonic() < deadline, "no checkpoint after 900 s: the run hangs"
             time.sleep(0.01)
         assert process.poll() is None, "the run finished before it could be killed"
         os.kill(process.pid, signal.SIGKILL)
