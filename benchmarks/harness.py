@@ -11,9 +11,14 @@ API:
 - `wait_until_idle()`: on a shared machine, start timing when the other processes are quiet.
 - `PeakMemory`: a context manager measuring the peak memory a block of code adds (CUDA: allocator peak; CPU: peak
   resident set size, sampled; see its docstring for why that is honest).
-- `machine_info(device)` -> dict (CPU model, cores, threads, torch / transformers / peft / triton versions, GPU).
+- `machine_info(device)` -> dict (CPU model, cores, threads, torch / transformers / peft / triton versions, GPU, the
+  load average at the start; `write_results` adds the load average at the end).
 - `matmul_peak_gflops(device, dtype)`: the measured GEMM rate, the "peak" that step FLOPs are compared with.
 - `build_random_bloom(shape, num_layers, dtype, device, seed)`: a BLOOM of a published shape with random weights.
+- Training steps (``train_step.py``, ``profile_step.py``, ``scaling.py``): `STEP_CONFIGS`, `METHODS` (factories of
+  fresh softprompt configs), `prepare_batch`, `peft_config_for(config)` (a fresh PEFT config for a softprompt one),
+  `copy_prompt_weights(ours, theirs)`, `training_steps(...)` -> both libraries' step callables,
+  `default_implementation(device)`.
 - `write_results(name, rows, machine, markdown_table)` -> writes ``benchmarks/results/<name>.json`` and ``.md``.
 - `markdown_table(rows, columns)`, `line_chart(path, panels)` (matplotlib, Agg backend: no display needed).
 
@@ -33,18 +38,19 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+import softprompt
 
 # The BLOOM sizes' (C, L, H) and V come from the library's table: one source of truth.
 from softprompt.bloom_family import BLOOM_SHAPES, BLOOM_VOCAB_SIZE, bloom_config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Where `write_results` and the charts go."""
-
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -288,8 +294,20 @@ def _version(package: str) -> str | None:
         return None
 
 
+def load_average() -> tuple[float, float, float] | None:
+    """The system load average over 1, 5 and 15 minutes (None where the OS has none)."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What a benchmark ran on: CPU, cores, torch threads, memory, GPU, and library versions."""
+    """What a benchmark ran on: CPU, cores, torch threads, memory, GPU, library versions; call it when the run starts.
+
+    Records ``load_average_before`` (other processes' load as the run starts); `write_results` adds
+    ``load_average_after``.
+    """
     import psutil
 
     info: dict[str, Any] = {
@@ -313,6 +331,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         info["gpu"] = properties.name
         info["gpu_memory_gib"] = round(properties.total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
+    info["load_average_before"] = load_average()
     return info
 
 
@@ -430,6 +449,165 @@ def random_batch(
             {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}.items()}
 
 
+# -------------------------------------------------------------------------------------------------- training steps
+
+
+STEP_CONFIGS: dict[str, dict[str, Any]] = {
+    "cpu": dict(device="cpu", num_layers=4, dtype=torch.float32, batch_size=8, num_tokens=64, min_tokens=None),
+    "cpu-padded": dict(device="cpu", num_layers=4, dtype=torch.float32, batch_size=8, num_tokens=64, min_tokens=16,
+                       max_tokens=40),
+    "gpu-16x64": dict(device="cuda", num_layers=None, dtype=torch.bfloat16, batch_size=16, num_tokens=64,
+                      min_tokens=None),
+    "gpu-8x512": dict(device="cuda", num_layers=None, dtype=torch.bfloat16, batch_size=8, num_tokens=512,
+                      min_tokens=None),
+}
+"""The training-step configs of ``train_step.py`` and ``profile_step.py`` (its docstring describes them): the
+bloomz-560m shape cut to ``num_layers`` (None: all 24), the weights' dtype, batch ``batch_size`` x ``num_tokens``
+with rows of ``min_tokens``..``num_tokens`` real tokens (None: all full), or ``max_tokens`` at most."""
+
+NUM_LABEL_TOKENS = 3
+"""Labelled tokens at the end of each row in the training-step benchmarks."""
+
+METHODS: dict[str, Callable[[], Any]] = {
+    "prompt tuning (8)": lambda: softprompt.PromptTuningConfig(num_virtual_tokens=8),
+    "p-tuning MLP (20, h=128)": lambda: softprompt.PromptEncoderConfig(
+        num_virtual_tokens=20, encoder_hidden_size=128
+    ),
+    "prefix tuning (20)": lambda: softprompt.PrefixTuningConfig(num_virtual_tokens=20),
+}
+"""The benchmarked methods by label, each a factory of a fresh softprompt config (PEFT's: `peft_config_for`)."""
+
+
+def prepare_batch(setup: dict[str, Any], vocab_size: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A `STEP_CONFIGS` entry's batch: random ids, left-padded, the last NUM_LABEL_TOKENS real tokens labelled."""
+    batch = random_batch(
+        setup["batch_size"], setup["num_tokens"], vocab_size, NUM_LABEL_TOKENS,
+        min_tokens=setup["min_tokens"], device=device, seed=0,
+    )
+    if setup.get("max_tokens"):  # rows of min..max real tokens in a batch padded to num_tokens
+        keep = setup["num_tokens"] - setup["max_tokens"]
+        batch["attention_mask"][:, :keep] = 0
+        batch["input_ids"][:, :keep] = 3
+        batch["labels"][:, :keep] = -100
+    return batch
+
+
+def peft_config_for(config: Any) -> Any:
+    """A fresh PEFT configuration equal to a softprompt one (same field names, PEFT's classes, CAUSAL_LM).
+
+    Fresh on every call: ``get_peft_model`` fills a config's unset fields (``num_layers``, ``token_dim``,
+    ``base_model_name_or_path``, ...) in place from the first model it wraps, so a reused config would carry one
+    model's shape to the next.
+
+    Raises:
+        TypeError: not a softprompt config.
+    """
+    import peft
+
+    if isinstance(config, softprompt.PromptTuningConfig):
+        return peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+    if isinstance(config, softprompt.PromptEncoderConfig):
+        return peft.PromptEncoderConfig(
+            task_type=peft.TaskType.CAUSAL_LM,
+            num_virtual_tokens=config.num_virtual_tokens,
+            encoder_reparameterization_type=config.encoder_reparameterization_type.value,
+            encoder_hidden_size=config.encoder_hidden_size,
+            encoder_num_layers=config.encoder_num_layers,
+            encoder_dropout=config.encoder_dropout,
+        )
+    if isinstance(config, softprompt.PrefixTuningConfig):
+        return peft.PrefixTuningConfig(
+            task_type=peft.TaskType.CAUSAL_LM,
+            num_virtual_tokens=config.num_virtual_tokens,
+            encoder_hidden_size=config.encoder_hidden_size,
+            prefix_projection=config.prefix_projection,
+        )
+    raise TypeError(f"unknown config type {type(config).__name__}")
+
+
+def copy_prompt_weights(ours: Any, theirs: Any, adapter_name: str = "default") -> None:
+    """Gives PEFT's adapter softprompt's weights (PEFT's state-dict names are ours under ``prompt_encoder.<name>.``).
+
+    Raises:
+        RuntimeError: a softprompt tensor PEFT does not have, or a PEFT adapter tensor left without a value.
+    """
+    prefix = f"prompt_encoder.{adapter_name}."
+    state = {prefix + key: value for key, value in ours.prompts[adapter_name].state_dict().items()}
+    result = theirs.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if key.startswith(prefix)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"PEFT's adapter did not take softprompt's weights: missing {missing}, "
+                           f"unexpected {result.unexpected_keys}")
+
+
+def default_implementation(device: torch.device | str) -> str:
+    """`compute_loss`'s implementation by device: ``triton`` on CUDA, ``torch`` elsewhere."""
+    return "triton" if torch.device(device).type == "cuda" else "torch"
+
+
+def training_steps(
+    base: torch.nn.Module,
+    config: Any,
+    batch: dict[str, torch.Tensor],
+    implementation: str,
+    virtual_token_layout: str = "prefix",
+    compile_mode: str | None = None,
+    compile_peft: bool = False,
+    lr: float = 1e-3,
+) -> dict[str, Callable[[], float]]:
+    """One training step (zero_grad, forward, backward, AdamW step) of each library, on the same frozen `base`.
+
+    softprompt's step is ``SoftPromptModel(base, config).compute_loss(**batch, ...)``; PEFT's is
+    ``get_peft_model(base, peft_config_for(config))(**batch).loss``, its documented training call. Both adapters
+    start from the same weights (seed 0, `copy_prompt_weights`).
+
+    Args:
+        base: the frozen base model, shared (one copy of the weights).
+        config: a softprompt config.
+        batch: ``input_ids``, ``attention_mask``, ``labels``.
+        implementation: `compute_loss`'s (see `default_implementation`).
+        virtual_token_layout: `compute_loss`'s (prompt tuning, p-tuning).
+        compile_mode: torch.compile softprompt's decoder passes with this mode (None: eager).
+        compile_peft: with `compile_mode`, compile PEFT's forward too.
+        lr: AdamW's learning rate.
+
+    Returns:
+        ``{"softprompt": step, "PEFT": step}``, each step returning its loss; the models and optimizers live in them.
+    """
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    ours = softprompt.SoftPromptModel(base, config)
+    theirs = get_peft_model(base, peft_config_for(config))
+    copy_prompt_weights(ours, theirs)
+    if compile_mode:
+        ours.compile_decoder(mode=compile_mode, dynamic=False)
+        if compile_peft:
+            theirs.forward = torch.compile(theirs.forward, mode=compile_mode, dynamic=False)
+    our_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=lr)
+    their_optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=lr)
+
+    def our_step() -> float:
+        if compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs are dead
+        our_optimizer.zero_grad(set_to_none=True)
+        loss = ours.compute_loss(**batch, implementation=implementation, virtual_token_layout=virtual_token_layout)
+        loss.backward()
+        our_optimizer.step()
+        return loss.item()
+
+    def their_step() -> float:
+        if compile_mode and compile_peft:
+            torch.compiler.cudagraph_mark_step_begin()
+        their_optimizer.zero_grad(set_to_none=True)
+        loss = theirs(**batch).loss
+        loss.backward()
+        their_optimizer.step()
+        return loss.item()
+
+    return {"softprompt": our_step, "PEFT": their_step}
+
+
 # ---------------------------------------------------------------------------------------------------------- results
 
 
@@ -469,7 +647,7 @@ def write_results(
     Args:
         name: file stem, e.g. ``train_step_cpu``.
         rows: the result rows (JSON-serializable dicts).
-        machine: `machine_info`.
+        machine: `machine_info` (taken when the run started); ``load_average_after`` is added here.
         markdown_table: the table for humans (see the `markdown_table` function).
         extra: further JSON fields (configuration, notes).
         command: the command that produced the results, recorded in both files.
@@ -477,6 +655,7 @@ def write_results(
     Returns:
         The two paths written.
     """
+    machine = {**machine, "load_average_after": load_average()}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
     payload = {"name": name, "command": command, "machine": machine, **(extra or {}), "rows": list(rows)}
@@ -533,8 +712,3 @@ def line_chart(path: Path | str, panels: Sequence[Panel], suptitle: str | None =
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def as_dict(value: Any) -> dict[str, Any]:
-    """A dataclass as a dict (for JSON rows)."""
-    return asdict(value)

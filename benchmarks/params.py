@@ -9,58 +9,33 @@ Command (from the repository root):
 
     python benchmarks/params.py
 
-Writes ``benchmarks/results/params.json`` and ``benchmarks/results/params.md``.
+Writes ``benchmarks/results/params.json`` and ``benchmarks/results/params.md`` (``params_<sizes>`` with ``--sizes``
+naming only some sizes).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
-import peft
-from peft import TaskType, get_peft_model
+from peft import get_peft_model
 
 import harness
 from softprompt.bloom_family import BLOOM_SHAPES, SEED_CONFIGS, bloom_config, meta_base_model, parameter_counts
-from softprompt.p_tuning import PromptEncoderConfig
-from softprompt.prefix_tuning import PrefixTuningConfig
-from softprompt.prompt_tuning import PromptTuningConfig
-
-
-def peft_config(config):
-    """The PEFT configuration equal to a softprompt one (same field names, PEFT's classes)."""
-    if isinstance(config, PromptTuningConfig):
-        return peft.PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
-    if isinstance(config, PromptEncoderConfig):
-        return peft.PromptEncoderConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=config.num_virtual_tokens,
-            encoder_reparameterization_type=config.encoder_reparameterization_type.value,
-            encoder_hidden_size=config.encoder_hidden_size,
-            encoder_num_layers=config.encoder_num_layers,
-            encoder_dropout=config.encoder_dropout,
-        )
-    if isinstance(config, PrefixTuningConfig):
-        return peft.PrefixTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=config.num_virtual_tokens,
-            encoder_hidden_size=config.encoder_hidden_size,
-            prefix_projection=config.prefix_projection,
-        )
-    raise TypeError(f"unknown config type {type(config).__name__}")
-
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--sizes", nargs="*", default=list(BLOOM_SHAPES), help="BLOOM sizes (default: all)")
 args = parser.parse_args()
 
+machine = harness.machine_info("cpu")
 rows = []
 for size in args.sizes:
     base_config = bloom_config(*BLOOM_SHAPES[size])
     ours = parameter_counts(base_config, SEED_CONFIGS)
     for count, config in zip(ours, SEED_CONFIGS.values()):
         peft_trainable, peft_total = get_peft_model(
-            meta_base_model(base_config), peft_config(config)
+            meta_base_model(base_config), harness.peft_config_for(config)
         ).get_nb_trainable_parameters()
         rows.append(
             {
@@ -78,11 +53,11 @@ for size in args.sizes:
 table = harness.markdown_table(rows)
 print(table)
 harness.write_results(
-    "params",
+    "params" + ("" if args.sizes == list(BLOOM_SHAPES) else "_" + "_".join(args.sizes)),
     rows,
-    harness.machine_info("cpu"),
+    machine,
     table,
-    command="python benchmarks/params.py",
+    command="python " + shlex.join(sys.argv),
     extra={"note": "bloom-X and bloomz-X share a shape; counts are of the meta-device models (no weights)."},
 )
 unequal = [row for row in rows if not row["equal"]]

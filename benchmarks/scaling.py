@@ -2,13 +2,15 @@
 
 Command (from the repository root):
 
-    python benchmarks/scaling.py            # the "cpu" sweep on CPU, the "gpu" sweep when CUDA is available
+    python benchmarks/scaling.py --sweep cpu --repeats 2   # the committed scaling_cpu results
+    python benchmarks/scaling.py                           # the "cpu" sweep on CPU, "gpu" when CUDA is available
 
 Writes ``benchmarks/results/scaling_<sweep>.json`` / ``.md`` and ``scaling_<sweep>.png`` (three panels, log-log).
 
 One training step (forward, backward, AdamW) of prompt tuning, and of prefix tuning in the virtual-token sweep,
-timed like ``benchmarks/train_step.py`` (same base weights, same batch, the two libraries alternating; median of
-the repeats); 3 label tokens at the end of each row. Each sweep varies one quantity from a base point:
+timed like ``benchmarks/train_step.py`` (``harness.training_steps``: same base weights, same initial adapter
+weights, same batch, the two libraries alternating; median of the repeats after one warm-up step each); 3 label
+tokens at the end of each row. Each sweep varies one quantity from a base point:
 
 - ``gpu``: the full bloomz-560m shape (24 layers, bf16), base point B 8, T 64, P 8; P in 1..200, T in 64..1024,
   B in 1..64.
@@ -21,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
+import shlex
+import sys
 
-import peft
 import torch
-from peft import TaskType, get_peft_model
 from transformers import BloomConfig
 
 import harness
 import softprompt
-from softprompt import SoftPromptModel
 
 SWEEPS = {
     "cpu": dict(
@@ -52,108 +52,83 @@ SWEEPS = {
         batch=[1, 4, 16, 64],
     ),
 }
-NUM_LABEL_TOKENS = 3
+CONFIG_CLASSES = {"prompt tuning": softprompt.PromptTuningConfig, "prefix tuning": softprompt.PrefixTuningConfig}
 
 
-def configs(method: str, num_virtual: int):
-    """softprompt's and PEFT's configuration of a method."""
-    if method == "prompt tuning":
-        return (
-            softprompt.PromptTuningConfig(num_virtual_tokens=num_virtual),
-            peft.PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual),
-        )
-    return (
-        softprompt.PrefixTuningConfig(num_virtual_tokens=num_virtual),
-        peft.PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual),
-    )
-
-
-def time_point(base, method: str, batch_size: int, num_tokens: int, num_virtual: int) -> dict[str, float]:
+def time_point(base, method: str, batch_size: int, num_tokens: int, num_virtual: int, implementation: str,
+               repeats: int) -> dict[str, float]:
     """Median step seconds of both libraries at one point."""
-    our_config, peft_config = configs(method, num_virtual)
-    torch.manual_seed(0)
-    ours = SoftPromptModel(base, our_config)
-    theirs = get_peft_model(base, peft_config)
-    batch = harness.random_batch(batch_size, num_tokens, base.config.vocab_size, NUM_LABEL_TOKENS, device=device)
-    our_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad])
-    their_optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad])
-
-    def our_step() -> None:
-        our_optimizer.zero_grad(set_to_none=True)
-        ours.compute_loss(**batch, implementation=implementation).backward()
-        our_optimizer.step()
-
-    def their_step() -> None:
-        their_optimizer.zero_grad(set_to_none=True)
-        theirs(**batch).loss.backward()
-        their_optimizer.step()
-
-    timings = harness.time_alternating({"softprompt": our_step, "PEFT": their_step}, 1, args.repeats, sync)
-    del ours, theirs
+    device = base.device
+    batch = harness.random_batch(batch_size, num_tokens, base.config.vocab_size, harness.NUM_LABEL_TOKENS,
+                                 device=device)
+    steps = harness.training_steps(base, CONFIG_CLASSES[method](num_virtual_tokens=num_virtual), batch,
+                                   implementation)
+    timings = harness.time_alternating(steps, 1, repeats, harness.default_sync(device))
+    del steps
     gc.collect()
     return {name: timing.median for name, timing in timings.items()}
 
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--sweep", default=None, choices=sorted(SWEEPS), help="default: by device")
-parser.add_argument("--repeats", type=int, default=2, help="timed steps per library and point")
-args = parser.parse_args()
+def main() -> None:
+    """Runs the sweep on the command line and writes its table and chart."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default=None, choices=sorted(SWEEPS), help="default: by device")
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per library and point")
+    args = parser.parse_args()
 
-sweep_name = args.sweep or ("gpu" if torch.cuda.is_available() else "cpu")
-sweep = SWEEPS[sweep_name]
-device = torch.device(sweep["device"])
-sync = harness.default_sync(device)
-implementation = "triton" if device.type == "cuda" else "torch"
-machine = harness.machine_info(device)
-machine["load_average_before"] = os.getloadavg()
-if device.type == "cpu":
-    harness.wait_until_idle(max_wait_s=60)
-base = harness.build_random_bloom(sweep["model"], dtype=sweep["dtype"], device=device, seed=0)
-point = sweep["base"]
+    sweep_name = args.sweep or ("gpu" if torch.cuda.is_available() else "cpu")
+    sweep = SWEEPS[sweep_name]
+    device = torch.device(sweep["device"])
+    implementation = harness.default_implementation(device)
+    machine = harness.machine_info(device)
+    if device.type == "cpu":
+        harness.wait_until_idle(max_wait_s=60)
+    base = harness.build_random_bloom(sweep["model"], dtype=sweep["dtype"], device=device, seed=0)
+    point = sweep["base"]
+    lengths, length_batch = sweep["tokens"]
+    # (axis, value, method, B, T, P)
+    points = [("virtual tokens P", num_virtual, method, point["batch_size"], point["num_tokens"], num_virtual)
+              for num_virtual in sweep["virtual"] for method in ("prompt tuning", "prefix tuning")]
+    points += [("sequence length T", num_tokens, "prompt tuning", length_batch, num_tokens, point["num_virtual"])
+               for num_tokens in lengths]
+    points += [("batch B", batch_size, "prompt tuning", batch_size, point["num_tokens"], point["num_virtual"])
+               for batch_size in sweep["batch"]]
 
-rows = []
+    rows = []
+    for axis, value, method, batch_size, num_tokens, num_virtual in points:
+        seconds = time_point(base, method, batch_size, num_tokens, num_virtual, implementation, args.repeats)
+        row = {"sweep": axis, "value": value, "method": method, "B": batch_size, "T": num_tokens, "P": num_virtual,
+               "softprompt s": seconds["softprompt"], "PEFT s": seconds["PEFT"],
+               "speedup": seconds["PEFT"] / seconds["softprompt"]}
+        rows.append(row)
+        print(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+    panels = []
+    for axis, xlabel in (("virtual tokens P", "P"), ("sequence length T", "T"), ("batch B", "B")):
+        series = {}
+        for method in ("prompt tuning", "prefix tuning"):
+            method_rows = [row for row in rows if row["sweep"] == axis and row["method"] == method]
+            if method_rows:
+                for library in ("softprompt", "PEFT"):
+                    series[f"{library}, {method}"] = ([row["value"] for row in method_rows],
+                                                      [row[f"{library} s"] for row in method_rows])
+        panels.append(harness.Panel(f"step time vs {axis}", xlabel, "seconds per step", series, logx=True, logy=True))
+    model_text = (f"C {base.config.hidden_size}, {base.config.n_layer} layers, V {base.config.vocab_size}, "
+                  f"{str(sweep['dtype']).removeprefix('torch.')}")
+    chart = harness.line_chart(harness.RESULTS_DIR / f"scaling_{sweep_name}.png", panels,
+                               suptitle=f"training step, {model_text}, {machine['device']}")
+    table = harness.markdown_table(rows)
+    print(table)
+    harness.write_results(
+        f"scaling_{sweep_name}",
+        rows,
+        machine,
+        table + f"\n\nModel: {model_text}; base point {point}; median of {args.repeats} alternating steps per "
+        f"library. Chart: `{chart.name}`.",
+        extra={"model": model_text, "base_point": point, "chart": chart.name},
+        command="python " + shlex.join(sys.argv),
+    )
 
 
-def record(axis: str, value: int, method: str, batch_size: int, num_tokens: int, num_virtual: int) -> None:
-    seconds = time_point(base, method, batch_size, num_tokens, num_virtual)
-    row = {"sweep": axis, "value": value, "method": method, "B": batch_size, "T": num_tokens, "P": num_virtual,
-           "softprompt s": seconds["softprompt"], "PEFT s": seconds["PEFT"],
-           "speedup": seconds["PEFT"] / seconds["softprompt"]}
-    rows.append(row)
-    print(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-
-
-for num_virtual in sweep["virtual"]:
-    for method in ("prompt tuning", "prefix tuning"):
-        record("virtual tokens P", num_virtual, method, point["batch_size"], point["num_tokens"], num_virtual)
-lengths, length_batch = sweep["tokens"]
-for num_tokens in lengths:
-    record("sequence length T", num_tokens, "prompt tuning", length_batch, num_tokens, point["num_virtual"])
-for batch_size in sweep["batch"]:
-    record("batch B", batch_size, "prompt tuning", batch_size, point["num_tokens"], point["num_virtual"])
-machine["load_average_after"] = os.getloadavg()
-
-panels = []
-for axis, xlabel in (("virtual tokens P", "P"), ("sequence length T", "T"), ("batch B", "B")):
-    series = {}
-    for method in ("prompt tuning", "prefix tuning"):
-        points = [row for row in rows if row["sweep"] == axis and row["method"] == method]
-        if points:
-            for library in ("softprompt", "PEFT"):
-                series[f"{library}, {method}"] = ([p["value"] for p in points], [p[f"{library} s"] for p in points])
-    panels.append(harness.Panel(f"step time vs {axis}", xlabel, "seconds per step", series, logx=True, logy=True))
-model_text = (f"C {base.config.hidden_size}, {base.config.n_layer} layers, V {base.config.vocab_size}, "
-              f"{str(sweep['dtype']).removeprefix('torch.')}")
-chart = harness.line_chart(harness.RESULTS_DIR / f"scaling_{sweep_name}.png", panels,
-                           suptitle=f"training step, {model_text}, {machine['device']}")
-table = harness.markdown_table(rows)
-print(table)
-harness.write_results(
-    f"scaling_{sweep_name}",
-    rows,
-    machine,
-    table + f"\n\nModel: {model_text}; base point {point}; median of {args.repeats} alternating steps per library. "
-    f"Chart: `{chart.name}`.",
-    extra={"model": model_text, "base_point": point, "chart": chart.name},
-    command=f"python benchmarks/scaling.py --sweep {sweep_name} --repeats {args.repeats}",
-)
+if __name__ == "__main__":
+    main()

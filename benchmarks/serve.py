@@ -65,6 +65,7 @@ ADAPTERS = {
 }
 GREEDY = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=3)  # no EOS: all K tokens
 
+machine = harness.machine_info("cpu")
 torch.manual_seed(0)
 base = harness.build_random_bloom("560m", num_layers=NUM_LAYERS)
 names = list(ADAPTERS)
@@ -147,8 +148,7 @@ for num_adapters in ADAPTER_COUNTS:
     )
     print(harness.markdown_table(rows[-1:]), flush=True)
 
-machine = harness.machine_info("cpu")
-command = "python " + " ".join(shlex.quote(argument) for argument in sys.argv)
+command = "python " + shlex.join(sys.argv)
 columns = [
     "adapters", "methods", "prompts", "new_tokens", "softprompt_s", "softprompt_prefix_s", "peft_s",
     "softprompt_tokens_per_s", "peft_tokens_per_s", "speedup", "speedup_of_min", "same_ids",

@@ -1,11 +1,29 @@
-"""One full training step (forward, backward, AdamW step), softprompt vs PEFT, for each of the three methods.
+r"""One full training step (forward, backward, AdamW step), softprompt vs PEFT, for each of the three methods.
 
-Command (from the repository root):
+Commands (from the repository root); these produced the committed results (file stem after ``#``):
 
-    python benchmarks/train_step.py                      # CPU: the "cpu" config; CUDA: "gpu-16x64" and "gpu-8x512"
-    python benchmarks/train_step.py --configs cpu-padded  # the seed recipe's fixed-length padding (see below)
+    python benchmarks/train_step.py --configs cpu --repeats 5          # train_step_cpu
+    python benchmarks/train_step.py --configs gpu-16x64 --repeats 20   # train_step_gpu-16x64
+    python benchmarks/train_step.py --configs gpu-8x512 --repeats 20   # train_step_gpu-8x512
+    python benchmarks/train_step.py --configs gpu-16x64 --repeats 20 --compile reduce-overhead \
+        --methods 'prompt tuning (8)' 'p-tuning MLP (20, h=128)'
+        # train_step_gpu-16x64_compiled-reduce-overhead_prompt-tuning_p-tuning
+    python benchmarks/train_step.py --configs gpu-16x64 --repeats 20 --compile reduce-overhead \
+        --methods 'prefix tuning (20)'
+        # train_step_gpu-16x64_compiled-reduce-overhead_prefix-tuning
+    python benchmarks/train_step.py --configs gpu-16x64 --repeats 20 --virtual-token-layout sequence \
+        --methods 'prompt tuning (8)' 'p-tuning MLP (20, h=128)'
+        # train_step_gpu-16x64_sequence-layout_prompt-tuning_p-tuning
 
-Writes ``benchmarks/results/train_step_<config>.json`` / ``.md`` (one table per config, with the machine).
+Without ``--configs`` it runs ``cpu`` on CPU, ``gpu-16x64`` and ``gpu-8x512`` on CUDA; ``--configs cpu-padded``
+runs the seed recipe's fixed-length padding (see below; no committed result).
+
+Writes ``benchmarks/results/train_step_<config><suffix>.json`` / ``.md`` (one table per config, with the machine
+and the exact command line). The suffix names what differs from a default run, so runs do not overwrite each
+other: ``_compiled-<mode>`` (``-both`` with ``--compile-peft``), ``_<layout>-layout``, ``_<name>-implementation``
+(an ``--implementation`` other than the device's default), and the methods run (``_prompt-tuning``, ``_p-tuning``,
+``_prefix-tuning``) when ``--methods`` leaves one out. The GPU results above were measured on an H100 with torch
+2.11 (see each file's machine).
 
 Configs (random weights of the bloomz-560m shape: C 1024, H 16, V 250880; 3 label tokens at the end of each row):
 
@@ -47,78 +65,60 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
+import shlex
+import sys
 
-import peft
 import torch
-from peft import TaskType, get_peft_model
 
 import harness
-import softprompt
-from softprompt import SoftPromptModel
-
-CONFIGS = {
-    "cpu": dict(device="cpu", num_layers=4, dtype=torch.float32, batch_size=8, num_tokens=64, min_tokens=None),
-    "cpu-padded": dict(device="cpu", num_layers=4, dtype=torch.float32, batch_size=8, num_tokens=64, min_tokens=16,
-                       max_tokens=40),
-    "gpu-16x64": dict(device="cuda", num_layers=None, dtype=torch.bfloat16, batch_size=16, num_tokens=64,
-                      min_tokens=None),
-    "gpu-8x512": dict(device="cuda", num_layers=None, dtype=torch.bfloat16, batch_size=8, num_tokens=512,
-                      min_tokens=None),
-}
-NUM_LABEL_TOKENS = 3
-
-METHODS = {
-    "prompt tuning (8)": (
-        softprompt.PromptTuningConfig(num_virtual_tokens=8),
-        peft.PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8),
-    ),
-    "p-tuning MLP (20, h=128)": (
-        softprompt.PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=128),
-        peft.PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20, encoder_hidden_size=128),
-    ),
-    "prefix tuning (20)": (
-        softprompt.PrefixTuningConfig(num_virtual_tokens=20),
-        peft.PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20),
-    ),
-}
+from harness import METHODS, NUM_LABEL_TOKENS, STEP_CONFIGS
 
 
 def required_flops(config, batch: dict, num_virtual: int, method: str) -> float:
-    """The matrix-product FLOPs of one training step that no implementation can avoid (see the module docstring)."""
+    """The matrix-product FLOPs of one training step that no implementation can avoid (see the module docstring).
+
+    Args:
+        config: the base model's config.
+        batch: the step's batch.
+        num_virtual: P.
+        method: the softprompt config's ``method`` (prefix tuning adds no virtual positions to the layers).
+    """
     hidden, layers, vocab = config.hidden_size, config.n_layer, config.vocab_size
+    prefix_tuning = method == "prefix_tuning"
     lengths = batch["attention_mask"].sum(dim=1).tolist()  # real tokens per row
     linear_per_position = 2 * 12 * hidden * hidden * layers  # QKV 3C^2, dense C^2, MLP 8C^2
-    positions = sum(lengths) + (num_virtual if method != "prefix tuning (20)" else 0)
+    positions = sum(lengths) + (0 if prefix_tuning else num_virtual)
     # Attention, per query: scores and context, 2 * 2 * C FLOPs per visible key (keys = prefix + earlier tokens).
     attention = sum(4 * hidden * layers * sum(num_virtual + k + 1 for k in range(n)) for n in lengths)
-    attention += 4 * hidden * layers * sum(k + 1 for k in range(num_virtual)) if method != "prefix tuning (20)" else 0
+    attention += 0 if prefix_tuning else 4 * hidden * layers * sum(k + 1 for k in range(num_virtual))
     # Column 0's label is predicted only by a last virtual token (prompt tuning, p-tuning).
-    labels = batch["labels"] if method != "prefix tuning (20)" else batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:] if prefix_tuning else batch["labels"]
     num_labels = int((labels != -100).sum())
     head = 2 * num_labels * hidden * vocab
     return 2 * linear_per_position * positions + 3 * attention + 2 * head
 
 
-def prepare_batch(setup: dict, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The config's batch: random ids, left-padded, the last NUM_LABEL_TOKENS real tokens of each row labelled."""
-    batch = harness.random_batch(
-        setup["batch_size"], setup["num_tokens"], vocab_size, NUM_LABEL_TOKENS,
-        min_tokens=setup["min_tokens"], device=device, seed=0,
-    )
-    if setup.get("max_tokens"):  # rows of min..max real tokens in a batch padded to num_tokens
-        keep = setup["num_tokens"] - setup["max_tokens"]
-        batch["attention_mask"][:, :keep] = 0
-        batch["input_ids"][:, :keep] = 3
-        batch["labels"][:, :keep] = -100
-    return batch
+def results_suffix(args: argparse.Namespace, implementation: str, device: torch.device) -> str:
+    """What the run's file name adds to ``train_step_<config>`` (see the module docstring)."""
+    suffix = ""
+    if args.compile:
+        suffix += f"_compiled-{args.compile}" + ("-both" if args.compile_peft else "")
+    if args.virtual_token_layout != "prefix":
+        suffix += f"_{args.virtual_token_layout}-layout"
+    if implementation != harness.default_implementation(device):
+        suffix += f"_{implementation}-implementation"
+    if set(args.methods) != set(METHODS):
+        suffix += "".join("_" + METHODS[label]().method.replace("_", "-") for label in METHODS if label in args.methods)
+    return suffix
 
 
 def main() -> None:
     """Runs the benchmark for the configs and methods on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="*", default=None, help=f"of {sorted(CONFIGS)}; default: by device")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="default: all three")
+    parser.add_argument("--configs", nargs="*", default=None, choices=list(STEP_CONFIGS),
+                        help="default: cpu on CPU, gpu-16x64 and gpu-8x512 on CUDA")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="default: all three")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each library first")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps of each library")
     parser.add_argument("--implementation", default=None, help="compute_loss implementation (default: by device)")
@@ -131,72 +131,39 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=60.0,
                         help="CPU: wait up to this many seconds for other processes to go quiet before each method")
     args = parser.parse_args()
+    command = "python " + shlex.join(sys.argv)
 
-    cuda = torch.cuda.is_available()
-    config_names = args.configs or (["gpu-16x64", "gpu-8x512"] if cuda else ["cpu"])
-
+    config_names = args.configs or (["gpu-16x64", "gpu-8x512"] if torch.cuda.is_available() else ["cpu"])
     for config_name in config_names:
-        setup = CONFIGS[config_name]
+        setup = STEP_CONFIGS[config_name]
         device = torch.device(setup["device"])
         sync = harness.default_sync(device)
-        implementation = args.implementation or ("triton" if device.type == "cuda" else "torch")
+        implementation = args.implementation or harness.default_implementation(device)
         machine = harness.machine_info(device)
-        machine["load_average_before"] = os.getloadavg()
         peak_gflops = harness.matmul_peak_gflops(device, torch.float32 if device.type == "cpu" else setup["dtype"])
         print(f"== {config_name}: GEMM peak {peak_gflops:.0f} GFLOP/s; load {machine['load_average_before']}",
               flush=True)
 
         base = harness.build_random_bloom("560m", setup["num_layers"], setup["dtype"], device, seed=0)
-        batch = prepare_batch(setup, base.config.vocab_size, device)
+        batch = harness.prepare_batch(setup, base.config.vocab_size, device)
         num_token_slots = batch["input_ids"].numel()
 
         rows = []
         for method in args.methods:
-            our_config, peft_config = METHODS[method]
-            torch.manual_seed(0)
-            ours = SoftPromptModel(base, our_config)
-            theirs = get_peft_model(base, peft_config)
-            # The same initial adapter weights (PEFT's state-dict names are ours under prompt_encoder.default.).
-            state = {f"prompt_encoder.default.{k}": v for k, v in ours.prompts["default"].state_dict().items()}
-            theirs.load_state_dict(state, strict=False)
-            if args.compile:
-                ours.compile_decoder(mode=args.compile, dynamic=False)
-                if args.compile_peft:
-                    theirs.forward = torch.compile(theirs.forward, mode=args.compile, dynamic=False)
-            our_optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
-            their_optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-3)
-
-            def our_step() -> float:
-                if args.compile:
-                    torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs are dead
-                our_optimizer.zero_grad(set_to_none=True)
-                loss = ours.compute_loss(**batch, implementation=implementation,
-                                         virtual_token_layout=args.virtual_token_layout)
-                loss.backward()
-                our_optimizer.step()
-                return loss.item()
-
-            def their_step() -> float:
-                if args.compile_peft:
-                    torch.compiler.cudagraph_mark_step_begin()
-                their_optimizer.zero_grad(set_to_none=True)
-                loss = theirs(**batch).loss
-                loss.backward()
-                their_optimizer.step()
-                return loss.item()
-
+            our_config = METHODS[method]()
+            steps = harness.training_steps(base, our_config, batch, implementation, args.virtual_token_layout,
+                                           args.compile, args.compile_peft)
             if device.type == "cpu":
                 harness.wait_until_idle(max_wait_s=args.wait_idle)
-            first_losses = (our_step(), their_step())  # also the first warm-up step
-            timings = harness.time_alternating(
-                {"softprompt": our_step, "PEFT": their_step}, max(args.warmup - 1, 0), args.repeats, sync
-            )
+            first_losses = {name: step() for name, step in steps.items()}  # also the first warm-up step
+            timings = harness.time_alternating(steps, max(args.warmup - 1, 0), args.repeats, sync)
             memory = {}
-            for name, step in (("softprompt", our_step), ("PEFT", their_step)):
+            for name, step in steps.items():
                 gc.collect()
                 memory[name] = harness.measure_peak_memory(step, device)
-            flops = required_flops(base.config, batch, our_config.num_virtual_tokens, method)
-            print(f"{method}: first-step loss softprompt {first_losses[0]:.5f} PEFT {first_losses[1]:.5f}", flush=True)
+            flops = required_flops(base.config, batch, our_config.num_virtual_tokens, our_config.method)
+            print(f"{method}: first-step loss softprompt {first_losses['softprompt']:.5f} "
+                  f"PEFT {first_losses['PEFT']:.5f}", flush=True)
             for name in ("softprompt", "PEFT"):
                 timing = timings[name]
                 row = {
@@ -211,41 +178,34 @@ def main() -> None:
                     "required GFLOP": flops / 1e9,
                     "% of matmul peak": 100 * flops / timing.median / (peak_gflops * 1e9),
                     "samples s": [round(s, 4) for s in timing.samples],
-                    "first-step loss": first_losses[0 if name == "softprompt" else 1],
+                    "first-step loss": first_losses[name],
                 }
                 rows.append(row)
                 print("  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                        if k not in ("method",)), flush=True)
-            del ours, theirs, our_optimizer, their_optimizer
+            del steps
             gc.collect()
 
-        machine["load_average_after"] = os.getloadavg()
         columns = ["method", "library", "step s (median)", "spread s", "tokens/s", "speedup vs PEFT", "peak MiB",
                    "memory vs PEFT", "required GFLOP", "% of matmul peak"]
         table = harness.markdown_table(rows, columns)
         print(table)
-        command = f"python benchmarks/train_step.py --configs {config_name} --repeats {args.repeats}"
-        suffix = ""
-        if args.compile:
-            command += f" --compile {args.compile}" + (" --compile-peft" if args.compile_peft else "")
-            suffix = f"_compiled-{args.compile}" + ("-both" if args.compile_peft else "")
-        if args.virtual_token_layout != "prefix":
-            command += f" --virtual-token-layout {args.virtual_token_layout}"
-            suffix += f"_{args.virtual_token_layout}-layout"
         harness.write_results(
-            f"train_step_{config_name}{suffix}",
+            f"train_step_{config_name}{results_suffix(args, implementation, device)}",
             rows,
             machine,
             table + f"\n\nMeasured GEMM peak: {peak_gflops:.0f} GFLOP/s "
             f"({'fp32' if device.type == 'cpu' else 'bf16'}). "
             f"Batch {setup['batch_size']} x {setup['num_tokens']}, {NUM_LABEL_TOKENS} label tokens per row, "
             f"{base.config.n_layer} layers, {str(setup['dtype']).removeprefix('torch.')}, compute_loss implementation "
-            f"'{implementation}'."
+            f"'{implementation}', virtual-token layout '{args.virtual_token_layout}'; median of {args.repeats} "
+            f"alternating steps after {args.warmup} warm-up step(s) of each library."
             + (f" softprompt's decoder passes compiled: torch.compile mode '{args.compile}'"
                + (", PEFT's forward too." if args.compile_peft else "; PEFT eager.") if args.compile else ""),
             extra={"config": {k: str(v) for k, v in setup.items()}, "matmul_peak_gflops": peak_gflops,
-                   "implementation": implementation, "compile": args.compile,
-                   "compile_peft": args.compile_peft},
+                   "implementation": implementation, "virtual_token_layout": args.virtual_token_layout,
+                   "compile": args.compile, "compile_peft": args.compile_peft, "warmup": args.warmup,
+                   "repeats": args.repeats},
             command=command,
         )
         del base
