@@ -81,8 +81,8 @@ def linear_cross_entropy(
         if _one_pass_head_applies(rows, head_weight):
             return HeadAsAttentionCrossEntropy.apply(rows, targets, head_weight)
         # logits.T = W @ rows.T rather than rows @ W.T: the same product, but with the 250880-row weight as the
-        # left operand BLAS runs the skinny (N = 2-4 labels per row) product about twice as fast on CPU (MKL,
-        # measured in benchmarks/); the backward keeps the fast form too.
+        # left operand CPU BLAS runs the skinny (N = 2-4 labels per row) product faster (benchmarks/head_product.py);
+        # the backward keeps that form too.
         logits = torch.mm(head_weight, rows.t()).t()  # [N, V]
         return F.cross_entropy(logits.float(), targets)
     if implementation == "triton":

@@ -866,8 +866,9 @@ class _HeadWithWeightOnTheLeft(nn.Module):
     """An LM head computed as ``(W @ h.T).T``: the same product as ``h @ W.T``, a faster form on CPU.
 
     At each decoding step the head multiplies B rows by BLOOM's ``[250880, C]`` weight. CPU BLAS runs that skinny
-    product faster with the big weight as the left operand: 64 rows 0.45 s instead of 0.64 s, 8 rows 0.12 s instead
-    of 0.29 s (bloomz-560m's head, fp32, 2 cores). It shares the weight; nothing is copied.
+    product faster with the big weight as the left operand, by how much depends on the machine
+    (``benchmarks/head_product.py``: 1.1x for 64 rows and 1.15x for 8 on a quiet 2-core EPYC, bloomz-560m's head,
+    fp32). It shares the weight; nothing is copied.
     """
 
     def __init__(self, head: nn.Linear):
