@@ -16,7 +16,9 @@ Commands (from the repository root); these produced the committed results (file 
         # train_step_gpu-16x64_sequence-layout_prompt-tuning_p-tuning
 
 Without ``--configs`` it runs ``cpu`` on CPU, ``gpu-16x64`` and ``gpu-8x512`` on CUDA; ``--configs cpu-padded``
-runs the seed recipe's fixed-length padding (see below; no committed result).
+runs the seed recipe's fixed-length padding (see below):
+
+    python benchmarks/train_step.py --configs cpu-padded --repeats 5   # train_step_cpu-padded
 
 Writes ``benchmarks/results/train_step_<config><suffix>.json`` / ``.md`` (one table per config, with the machine
 and the exact command line). The suffix names what differs from a default run, so runs do not overwrite each
