@@ -249,7 +249,6 @@ def trained_on(name_or_path: str | None) -> str:
     return "Its base model's name was not recorded. Fix: load it onto a base model of the adapter's shape."
 
 
-
 def load_adapter_module(
     directory: str | Path, base_model: PreTrainedModel, materialized_only: bool = False
 ) -> tuple[SoftPromptConfig, nn.Module]:

@@ -151,7 +151,8 @@ def _softmax_weighted_head_rows(
     vocab, channels = head_weight.shape
     num_splits = max(1, min(num_splits, vocab))
     in_slices = vocab - vocab % num_splits
-    keys = head_weight[:in_slices].reshape(num_splits, 1, in_slices // num_splits, channels)  # [splits, 1, V / splits, C]
+    # keys [splits, 1, V / splits, C]: one batch entry per slice, one head, keys = values = that slice of the head.
+    keys = head_weight[:in_slices].reshape(num_splits, 1, in_slices // num_splits, channels)
     outputs, lses = flash_attention(rows.expand(num_splits, 1, -1, -1), keys, keys, scale=1.0)[:2]  # [splits, 1, N, C]
     outputs, lses = [outputs[:, 0]], [lses[:, 0]]  # [splits, N, C], [splits, N]
     if in_slices < vocab:  # the V % splits rows left over, as one more slice
