@@ -871,7 +871,7 @@ class _HeadWithWeightOnTheLeft(nn.Module):
     position's logits to fp32, keeping the strides, and takes the argmax along the strided axis). So the vocabulary
     is done in blocks of `block_rows` rows of W, each block's small ``[block_rows, B]`` result transposed into a
     contiguous ``[B, V]`` output while it is still in cache (2048 rows: on 2 cores, 64 rows, blocks of 1024 to 32768
-    rows took 0.224 to 0.261 s, 2048 within 2% of the best for 8 and for 64 rows). ``benchmarks/head_product.py``
+    rows took 0.224 to 0.261 s, 2048 within about 2% of the best for 8 and for 64 rows). ``benchmarks/head_product.py``
     measures the three forms with what greedy decoding does next. It shares the weight; nothing is copied.
     """
 
