@@ -19,6 +19,7 @@ from softprompt.p_tuning import PromptEncoderConfig, PromptEncoderReparameteriza
 from softprompt.peft_format import load_peft_adapter
 from softprompt.prefix_tuning import PrefixTuningConfig
 from softprompt.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from softprompt.seams import enable_activation_checkpointing
 
 __all__ = [
     "AdapterFormatError",
@@ -29,5 +30,6 @@ __all__ = [
     "PromptTuningInit",
     "SoftPromptModel",
     "load_peft_adapter",
+    "enable_activation_checkpointing",
     "__version__",
 ]

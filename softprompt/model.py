@@ -61,6 +61,7 @@ from softprompt.prefix_tuning import (
     split_key_values,
 )
 from softprompt.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit, cycle_to_length
+from softprompt.seams import NEW_CACHE_NAME, OLD_CACHE_NAME, cache_argument
 
 SoftPromptConfig = Union[PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig]
 """Any of the three methods' configurations."""
@@ -159,7 +160,8 @@ def _prompt_tuning_init_ids(config: PromptTuningConfig, tokenizer: Any | None) -
 
 
 _INPUTS_FORWARD_CANNOT_TAKE = frozenset(
-    {"inputs_embeds", "past_key_values", "position_ids", "cache_position", "output_attentions", "output_hidden_states"}
+    {"inputs_embeds", OLD_CACHE_NAME, NEW_CACHE_NAME, "position_ids", "cache_position", "output_attentions",
+     "output_hidden_states"}
 )
 """Keyword arguments of a transformers causal LM that `SoftPromptModel.forward` refuses rather than drop."""
 
@@ -349,7 +351,7 @@ class SoftPromptModel(nn.Module):
         inputs = {
             "inputs_embeds": torch.cat([virtual, token_embeddings], dim=1),  # [B, P_e + T, C]
             "attention_mask": torch.cat([prefix_mask, virtual_mask, attention_mask], dim=1),  # [B, P_k + P_e + T]
-            "past_key_values": past_key_values,
+            **cache_argument(self.base_model, past_key_values),
         }
         return inputs, num_virtual
 
@@ -628,19 +630,22 @@ class SoftPromptModel(nn.Module):
     ) -> torch.Tensor:
         """The frozen decoder over ``[B, T, C]`` embeddings after a key/value prefix; final hidden states
         ``[B, T, C]``. ``attention_mask`` is ``[B, P + T]``."""
-        return self.base_model.get_decoder()(
-            inputs_embeds=token_embeddings, attention_mask=attention_mask, past_key_values=prefix, use_cache=False
+        decoder = self.base_model.get_decoder()
+        return decoder(
+            inputs_embeds=token_embeddings, attention_mask=attention_mask, use_cache=False,
+            **cache_argument(decoder, prefix),
         ).last_hidden_state
 
     def _run_virtual_tokens(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The frozen decoder over ``[P, C]`` virtual-token embeddings as a batch of one: their keys and values
         ``[L, H, P, D]`` and the last one's final hidden state ``[C]``."""
         cache = DynamicCache(config=self.base_model.config)
-        output = self.base_model.get_decoder()(
+        decoder = self.base_model.get_decoder()
+        output = decoder(
             inputs_embeds=embeddings.unsqueeze(0),  # [1, P, C]
             attention_mask=torch.ones(1, embeddings.shape[0], dtype=torch.long, device=embeddings.device),
-            past_key_values=cache,
             use_cache=True,
+            **cache_argument(decoder, cache),
         )
         keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H, P, D]
         values = torch.stack([layer.values[0] for layer in cache.layers])
@@ -738,7 +743,7 @@ class SoftPromptModel(nn.Module):
             return self.base_model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1),  # [B, P+T]
-                past_key_values=cache,
+                **cache_argument(self.base_model, cache),
                 **generate_kwargs,
             )
 

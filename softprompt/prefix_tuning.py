@@ -171,15 +171,20 @@ class _ReadOnlyPrefixLayer(CacheLayerMixin):
         values = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
         return keys, values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
         # (key/value length the attention mask must cover, offset of the first key): prefix + current tokens.
+        # transformers passes the query length; releases before 5.2 passed the query's cache positions instead.
+        query_length = query if isinstance(query, int) else query.shape[-1]
         return self.keys.shape[-2] + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2]
 
     def get_max_length(self) -> int:
-        return -1
+        return -1  # no maximum: the cache never grows
+
+    def get_max_cache_shape(self) -> int:
+        return -1  # the name releases before 5.2 gave `get_max_length`
 
     def reset(self) -> None:
         raise RuntimeError("A PrefixCache is read-only: it holds a trainable prefix, not generated states.")

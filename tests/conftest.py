@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BLOOM, the quick-start tokenizer, and a left-padded batch of mixed lengths."""
+"""Shared fixtures (a tiny random BLOOM, the quick-start tokenizer, a left-padded batch of mixed lengths), and the
+rule that a deprecated call made by softprompt fails the test that makes it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,20 @@ import pytest  # noqa: E402
 
 from softprompt.quickstart import build_tiny_bloom, build_tokenizer  # noqa: E402
 
-from helpers import UNUSED_EMBEDDING_ROWS, left_padded_batch  # noqa: E402
+from helpers import UNUSED_EMBEDDING_ROWS, deprecations_from_softprompt_fail, left_padded_batch  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_setup(item):
+    # trylast: inside pytest's own warning capture, which would otherwise replace the hook below.
+    with deprecations_from_softprompt_fail():
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_call(item):
+    with deprecations_from_softprompt_fail():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import softprompt
-from softprompt import SoftPromptModel
+from softprompt import SoftPromptModel, enable_activation_checkpointing
 from softprompt.quickstart import build_tiny_bloom
 
 from helpers import count_attention_calls
@@ -235,10 +235,7 @@ def test_gradient_checkpointing_keeps_the_loss_and_gradients(method):
     _loss_and_grads(model, batch, "torch")
     plain_calls = list(calls)  # 1 per layer and decoder pass (prompt tuning: a virtual-token pass, then the batch)
     # transformers' default checkpointing (whichever reentrancy it picks) and training mode, as a trainer runs it.
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable()
-    else:
-        base.gradient_checkpointing_enable()
+    enable_activation_checkpointing(base)
     base.train()
     calls[:] = [0] * len(calls)
     loss, grads = _loss_and_grads(model, batch, "torch")

@@ -12,8 +12,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from softprompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SoftPromptModel
+from softprompt import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    SoftPromptModel,
+    enable_activation_checkpointing,
+)
 from softprompt.prefix_tuning import merge_key_values
+from softprompt.seams import cache_argument
 
 from helpers import count_attention_calls
 
@@ -47,7 +54,7 @@ def test_prefix_of_the_base_models_own_cache_equals_base_model_continuing(tiny_b
     context_ids, input_ids, attention_mask = context_and_batch(tokenizer, batch)
     cache = DynamicCache(config=tiny_bloom.config)
     with torch.no_grad():
-        tiny_bloom(input_ids=context_ids[None], past_key_values=cache, use_cache=True)
+        tiny_bloom(input_ids=context_ids[None], use_cache=True, **cache_argument(tiny_bloom, cache))
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H, P, D]
     values = torch.stack([layer.values[0] for layer in cache.layers])
     model = SoftPromptModel(tiny_bloom, PrefixTuningConfig(num_virtual_tokens=len(context_ids)))
@@ -95,7 +102,7 @@ def test_prefix_tuning_with_gradient_checkpointing_equals_without(tiny_bloom, ba
 
     plain_loss, plain_gradients = loss_and_gradients()
     assert calls == [1, 1]
-    tiny_bloom.activation_checkpointing_enable()  # transformers 5 default: non-reentrant
+    enable_activation_checkpointing(tiny_bloom)  # transformers 5 default: non-reentrant
     checkpointed_loss, checkpointed_gradients = loss_and_gradients()
     assert calls == [3, 3], "each layer ran again in the backward pass: checkpointing was active"
     # Recomputation repeats the same operations on the same inputs: bit-identical.
@@ -107,7 +114,7 @@ def test_prefix_tuning_with_gradient_checkpointing_equals_without(tiny_bloom, ba
 
 def test_checkpointing_switch_is_restored_after_the_forward_pass(tiny_bloom, batch):
     model = SoftPromptModel(tiny_bloom, PrefixTuningConfig(num_virtual_tokens=4))
-    tiny_bloom.activation_checkpointing_enable()
+    enable_activation_checkpointing(tiny_bloom)
     model.train()
     model(**batch).loss.backward()
     assert all(not block._can_checkpoint_with_cache for block in tiny_bloom.get_decoder().h)

@@ -3,6 +3,11 @@
 PEFT is the reference our users know. Both libraries run the same frozen tiny BLOOM on the same left-padded batch
 of mixed lengths; softprompt's weights are copied into PEFT's prompt encoder (PEFT's state-dict names are ours with
 the prefix ``prompt_encoder.default.``).
+
+PEFT 0.21's ``generate`` breaks on transformers 5.24 (it still passes the renamed ``past_key_values``), so the
+greedy reference is PEFT's forward run token by token (`greedy_by_forward`), and the references for beams and
+sampling come from the base model itself: transformers' ``generate`` on ``inputs_embeds`` that hold PEFT's virtual
+tokens, or continuing from a plain ``DynamicCache`` holding PEFT's prefix.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from peft import TaskType, get_peft_model
 import softprompt
 from softprompt import SoftPromptModel
 
-from helpers import UNUSED_EMBEDDING_ROWS, left_padded_batch
+from transformers import DynamicCache
+
+from helpers import UNUSED_EMBEDDING_ROWS, greedy_by_forward, left_padded_batch
+from softprompt.seams import cache_argument
 
 # fp32 on CPU: both libraries run the same kernels in the same order for the frozen model, so differences come
 # only from a different summation order in the loss or the cache concatenation, a few ulps of values of order 1-10.
@@ -115,8 +123,9 @@ def test_loss_logits_gradients_and_generation_equal_peft(variant, tiny_bloom, to
         torch.testing.assert_close(parameter.grad, their_gradient, **TOLERANCE, msg=f"gradient of {name}")
 
     prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
-    our_ids = ours.generate(**prompt, max_new_tokens=10, do_sample=False)
-    their_ids = theirs.generate(**prompt, max_new_tokens=10, do_sample=False)
+    # No EOS: every row runs all 10 new tokens.
+    our_ids = ours.generate(**prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    their_ids = greedy_by_forward(theirs, **prompt, max_new_tokens=10)
     assert our_ids.shape == (3, batch["input_ids"].shape[1] + 10)
     assert torch.equal(our_ids, their_ids)
 
@@ -139,31 +148,71 @@ def test_right_padding_equals_peft(variant, tiny_bloom, tokenizer):
     torch.testing.assert_close(our_output.logits[real], ours(**left).logits[left["attention_mask"].bool()], **TOLERANCE)
 
 
+def base_model_generate(theirs: peft.PeftModel, config, prompt: dict[str, torch.Tensor], **options) -> torch.Tensor:
+    """transformers' own ``generate`` on the frozen base with PEFT's prompt: its virtual tokens in front of the
+    input embeddings, or its prefix as a plain ``DynamicCache`` (repeated per beam / returned sequence, as
+    ``generate`` repeats the input rows). Returns the input ids followed by the new ids, like ``generate``."""
+    base = theirs.get_base_model()
+    input_ids, attention_mask = prompt["input_ids"], prompt["attention_mask"]
+    batch_size, num_virtual = input_ids.shape[0], config.num_virtual_tokens
+    mask = torch.cat([torch.ones(batch_size, num_virtual, dtype=attention_mask.dtype), attention_mask], dim=1)
+    repeats = max(options.get("num_beams", 1), options.get("num_return_sequences", 1))
+    with torch.no_grad():
+        if config.method == "prefix_tuning":
+            prefix = theirs.get_prompt(batch_size)  # PEFT's own cache of its prefix
+            cache = DynamicCache(config=base.config)
+            for layer, past in enumerate(prefix.layers):  # keys and values, each [B, H, P, D]
+                cache.update(past.keys.repeat_interleave(repeats, 0), past.values.repeat_interleave(repeats, 0), layer)
+            return base.generate(input_ids=input_ids, attention_mask=mask, **cache_argument(base, cache), **options)
+        virtual = theirs.get_prompt(batch_size)  # [B, P, C]
+        embeddings = torch.cat([virtual, base.get_input_embeddings()(input_ids)], dim=1)  # [B, P + T, C]
+        new_ids = base.generate(inputs_embeds=embeddings, attention_mask=mask, **options)  # only the new ids
+    return torch.cat([input_ids.repeat_interleave(options.get("num_return_sequences", 1), dim=0), new_ids], dim=1)
+
+
 @pytest.mark.parametrize(
     "options",
     [
         dict(num_beams=3),
-        dict(repetition_penalty=1.3),
         dict(num_beams=2, num_return_sequences=2),
         dict(do_sample=True, top_k=8),
-        dict(eos_token_id=5),
     ],
-    ids=["beams", "repetition-penalty", "return-sequences", "sampling", "eos"],
+    ids=["beams", "return-sequences", "sampling"],
 )
 @pytest.mark.parametrize("variant", ["p-tuning-mlp", "prefix"])
-def test_generation_options_pass_through_like_peft(variant, options, tiny_bloom, batch):
+def test_beams_and_sampling_equal_the_base_model_generating_from_pefts_prompt(variant, options, tiny_bloom, batch):
     config, make_peft_config = VARIANTS[variant]
     torch.manual_seed(0)
     ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config))
     theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
     prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    options = dict(options, max_new_tokens=10, eos_token_id=None, pad_token_id=tiny_bloom.config.pad_token_id)
     torch.manual_seed(1)
-    our_ids = ours.generate(**prompt, max_new_tokens=10, **options)
+    our_ids = ours.generate(**prompt, **options)
     torch.manual_seed(1)
-    their_ids = theirs.generate(**prompt, max_new_tokens=10, **options)
-    assert torch.equal(our_ids, their_ids)
+    reference_ids = base_model_generate(theirs, config, prompt, **options)
+    assert our_ids.shape == (3 * options.get("num_return_sequences", 1), prompt["input_ids"].shape[1] + 10)
+    assert torch.equal(our_ids, reference_ids)
     assert torch.equal(our_ids[:, : prompt["input_ids"].shape[1]], prompt["input_ids"].repeat_interleave(
         options.get("num_return_sequences", 1), dim=0))  # input first, then only new ids
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(repetition_penalty=1.3), dict(eos_token_id=5)],
+    ids=["repetition-penalty", "eos"],
+)
+@pytest.mark.parametrize("variant", ["p-tuning-mlp", "prefix"])
+def test_greedy_options_equal_pefts_forward_token_by_token(variant, options, tiny_bloom, batch):
+    config, make_peft_config = VARIANTS[variant]
+    torch.manual_seed(0)
+    ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config))
+    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    options = {"eos_token_id": None, **options, "pad_token_id": tiny_bloom.config.pad_token_id}
+    our_ids = ours.generate(**prompt, max_new_tokens=10, do_sample=False, **options)
+    their_ids = greedy_by_forward(theirs, **prompt, max_new_tokens=10, **options)
+    assert torch.equal(our_ids, their_ids)
 
 
 def test_text_init_equals_peft_init(tiny_bloom, tokenizer, text_peft_config):
