@@ -47,7 +47,7 @@ import torch
 import softprompt
 
 # The BLOOM sizes' (C, L, H) and V come from the library's table: one source of truth.
-from softprompt.bloom_family import BLOOM_SHAPES, BLOOM_VOCAB_SIZE, bloom_config
+from softprompt.families.bloom import BLOOM_SHAPES, BLOOM_VOCAB_SIZE, bloom_config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Where `write_results` and the charts go."""
@@ -500,29 +500,15 @@ def peft_config_for(config: Any) -> Any:
     model's shape to the next.
 
     Raises:
-        TypeError: not a softprompt config.
+        ValueError: not a softprompt config.
     """
     import peft
 
-    if isinstance(config, softprompt.PromptTuningConfig):
-        return peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
-    if isinstance(config, softprompt.PromptEncoderConfig):
-        return peft.PromptEncoderConfig(
-            task_type=peft.TaskType.CAUSAL_LM,
-            num_virtual_tokens=config.num_virtual_tokens,
-            encoder_reparameterization_type=config.encoder_reparameterization_type.value,
-            encoder_hidden_size=config.encoder_hidden_size,
-            encoder_num_layers=config.encoder_num_layers,
-            encoder_dropout=config.encoder_dropout,
-        )
-    if isinstance(config, softprompt.PrefixTuningConfig):
-        return peft.PrefixTuningConfig(
-            task_type=peft.TaskType.CAUSAL_LM,
-            num_virtual_tokens=config.num_virtual_tokens,
-            encoder_hidden_size=config.encoder_hidden_size,
-            prefix_projection=config.prefix_projection,
-        )
-    raise TypeError(f"unknown config type {type(config).__name__}")
+    from softprompt.methods import method_of
+
+    spec = method_of(config)  # PEFT's config classes carry the same names and fields as ours
+    fields = {name: getattr(getattr(config, name), "value", getattr(config, name)) for name in spec.peft_fields}
+    return getattr(peft, type(config).__name__)(task_type=peft.TaskType.CAUSAL_LM, **fields)
 
 
 def copy_prompt_weights(ours: Any, theirs: Any, adapter_name: str = "default") -> None:

@@ -12,7 +12,7 @@ V 250880: bloomz-560m's, fp32, random values). Three forms of the same product, 
 - ``h @ W.T``: ``torch.nn.functional.linear(h, W)``, what ``nn.Linear`` (transformers' ``lm_head``) computes.
 - ``(W @ h.T).T view``: ``torch.mm(W, h.t()).t()``, the weight as the left BLAS operand, returned as a transposed
   view (softprompt's ``generate`` did this until the blockwise form).
-- ``blockwise (W @ h.T).T``: ``softprompt.model._HeadWithWeightOnTheLeft``, what softprompt's ``generate`` uses on
+- ``blockwise (W @ h.T).T``: ``softprompt.generation.HeadWithWeightOnTheLeft``, what softprompt's ``generate`` uses on
   CPU: the weight on the left, block by block into contiguous ``[R, V]`` logits.
 
 Each is timed alone ("product") and followed by what transformers' greedy search does with the logits ("greedy
@@ -33,8 +33,8 @@ import sys
 import torch
 
 import harness
-from softprompt.bloom_family import BLOOM_SHAPES, BLOOM_VOCAB_SIZE
-from softprompt.model import _HeadWithWeightOnTheLeft
+from softprompt.families.bloom import BLOOM_SHAPES, BLOOM_VOCAB_SIZE
+from softprompt.generation import HeadWithWeightOnTheLeft
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rows", type=int, nargs="*", default=[8, 64], help="R, rows per product")
@@ -48,7 +48,7 @@ generator = torch.Generator().manual_seed(0)
 weight = torch.randn(vocab, hidden, generator=generator)  # W [V, C]
 lm_head = torch.nn.Linear(hidden, vocab, bias=False)
 lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)  # shares W
-blockwise_head = _HeadWithWeightOnTheLeft(lm_head)
+blockwise_head = HeadWithWeightOnTheLeft(lm_head)
 
 FORMS = {
     "h @ W.T": lambda h: torch.nn.functional.linear(h, weight),

@@ -2,7 +2,7 @@
 
 Both libraries build the base model on the ``meta`` device (shapes, no storage, nothing downloaded), so bloom-7b1 is
 counted in about a second. softprompt counts with `SoftPromptModel.num_parameters` (through
-``softprompt.bloom_family.parameter_counts``), PEFT with ``get_peft_model(...).get_nb_trainable_parameters()``; tied
+``softprompt.params.parameter_counts``), PEFT with ``get_peft_model(...).get_nb_trainable_parameters()``; tied
 weights count once in both. Exits with status 1 if any row differs.
 
 Command (from the repository root):
@@ -22,7 +22,8 @@ import sys
 from peft import get_peft_model
 
 import harness
-from softprompt.bloom_family import BLOOM_SHAPES, SEED_CONFIGS, bloom_config, meta_base_model, parameter_counts
+from softprompt.families.bloom import BLOOM_SHAPES, bloom_config
+from softprompt.params import SEED_CONFIGS, meta_base_model, parameter_counts
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--sizes", nargs="*", default=list(BLOOM_SHAPES), help="BLOOM sizes (default: all)")

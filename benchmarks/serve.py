@@ -40,6 +40,7 @@ from peft import PeftModel
 import harness
 import softprompt
 from softprompt import SoftPromptModel
+from softprompt.injection import prefix_for_rows
 
 NUM_LAYERS = 4
 NUM_PROMPTS = 64  # M
@@ -116,7 +117,8 @@ for num_adapters in ADAPTER_COUNTS:
     row_names = [names[row % num_adapters] for row in range(NUM_PROMPTS)]
     same_ids = (softprompt_generate(row_names) == peft_generate(row_names)).all(dim=1).float().mean().item()
     start = time.perf_counter()
-    model.generation_prefix(row_names)
+    with torch.no_grad():
+        prefix_for_rows(model, model.row_layout(NUM_PROMPTS, row_names).as_prefix, torch.float32)
     prefix_seconds = time.perf_counter() - start
     timings = harness.time_alternating(
         {"softprompt": lambda: softprompt_generate(row_names), "peft": lambda: peft_generate(row_names)},

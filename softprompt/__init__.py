@@ -1,25 +1,31 @@
 """softprompt: soft-prompt tuning of frozen causal language models, in plain PyTorch.
 
-Where each method lives:
-- prompt tuning: `softprompt.prompt_tuning` (Lester et al., 2021)
-- p-tuning: `softprompt.p_tuning` (Liu et al., 2021)
-- prefix tuning: `softprompt.prefix_tuning` (Li and Liang, 2021)
-- how they are injected into the frozen model: `softprompt.model`
-- saving and loading: `softprompt.adapter_format` (ours), `softprompt.peft_format` (PEFT's)
+Where things live (the README's "How the code is organised" draws it):
 
-Shape notation used throughout: B batch, T tokens, P virtual tokens, L layers, H heads, D head dim, C hidden,
-V vocab.
+- the methods, one file each, with the paper, the module and how it enters the model: ``softprompt/methods/``
+  (prompt tuning, Lester et al. 2021; p-tuning, Liu et al. 2021; prefix tuning, Li and Liang 2021);
+- what differs between model families, one file each: ``softprompt/families/``;
+- the frozen model with its adapters: `softprompt.model` (routes in `softprompt.injection`, the training loss in
+  `softprompt.training_loss`, generation in `softprompt.generation`);
+- saving and loading: `softprompt.adapter_format` (ours), `softprompt.peft_format` (PEFT's);
+- training runs: ``softprompt/training/``; the command line: `softprompt.cli`.
+
+Shape notation used throughout: B batch, T tokens, P virtual tokens, L layers, H heads, K key/value heads, D head
+dim, C embedding width (the hidden size in all but narrow-embedding OPT models), V vocab.
 """
 
-__version__ = "0.1.0"
-
-from softprompt.adapter_format import AdapterFormatError
-from softprompt.model import SoftPromptModel
-from softprompt.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
-from softprompt.peft_format import load_peft_adapter
-from softprompt.prefix_tuning import PrefixTuningConfig
-from softprompt.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from softprompt.families import UnsupportedModelError, supported_model_types
+from softprompt.files import AdapterFormatError
+from softprompt.methods import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
+from softprompt.model import SoftPromptModel, load_peft_adapter
 from softprompt.seams import enable_activation_checkpointing
+from softprompt.version import __version__
 
 __all__ = [
     "AdapterFormatError",
@@ -29,7 +35,9 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "SoftPromptModel",
-    "load_peft_adapter",
-    "enable_activation_checkpointing",
+    "UnsupportedModelError",
     "__version__",
+    "enable_activation_checkpointing",
+    "load_peft_adapter",
+    "supported_model_types",
 ]

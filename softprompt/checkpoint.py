@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from softprompt.adapter_format import atomic_write_bytes
+from softprompt.files import atomic_write_bytes
 
 CHECKPOINTS_DIR = "checkpoints"
 """Subdirectory of a run's output directory holding its checkpoints."""

@@ -16,10 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from softprompt.bloom_family import SEED_CONFIGS, base_model_config, parameter_counts
-from softprompt.p_tuning import PromptEncoderConfig
-from softprompt.prefix_tuning import PrefixTuningConfig
-from softprompt.prompt_tuning import PromptTuningConfig
+from softprompt.methods import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
 from softprompt.train_config import (
     BASE_DTYPE_CHOICES,
     COMPILE_CHOICES,

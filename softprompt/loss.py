@@ -1,18 +1,21 @@
 """The causal language-modelling loss, written so that only positions with a label pay for the LM head.
 
 A causal LM predicts token s + 1 from position s. With P virtual tokens in front of the T real tokens (prompt tuning
-and p-tuning), the hidden-state sequence has P + T positions and the labels are ``cat(-100 * P, labels)``, as in
-PEFT; the last virtual position therefore predicts the first real token. Prefix tuning adds no positions (P = 0
-here): its prefix lives in the attention cache, not in the sequence.
+and p-tuning in the sequence layout), the hidden-state sequence has P + T positions and the labels are
+``cat(-100 * P, labels)``, as in PEFT; the last virtual position therefore predicts the first real token. A prefix
+adds no positions (P = 0 here): it lives in the attention cache, not in the sequence.
 
 The head and the loss run only on the N labelled rows (`linear_cross_entropy`), by one of two implementations,
 chosen by the caller:
 
 - ``"torch"``: on CPU, with fp32 rows and a frozen head (the soft-prompt case), `HeadAsAttentionCrossEntropy`,
-  which reads the head once; anywhere else (GPU, fp16/bf16, a trainable head) plain ``[N, V]`` logits and
-  `torch.nn.functional.cross_entropy` in fp32. The two compute the same loss and gradients.
+  which reads the head once; anywhere else (GPU, fp16/bf16, a trainable head, soft-capped logits) plain ``[N, V]``
+  logits and `torch.nn.functional.cross_entropy` in fp32. The two compute the same loss and gradients.
 - ``"triton"``: the fused linear + cross-entropy kernel of ``softprompt.kernels`` (CUDA, or CPU under
   ``TRITON_INTERPRET=1``), which never holds ``[N, V]`` fp32 logits.
+
+A family whose model soft-caps its final logits (Gemma 2: ``logits = cap * tanh(logits / cap)``) has the same cap
+applied here, on the plain-logits path.
 
 Shapes: B batch, T tokens, P virtual positions in the sequence, C hidden, V vocab, N labelled positions.
 """
@@ -59,33 +62,39 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     head_weight: torch.Tensor,
     implementation: LossImplementation = "torch",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``rows @ head_weight.T`` against `targets`: the LM head and loss on selected rows.
 
     Args:
-        rows: ``[N, C]`` final hidden states (after the final LayerNorm) of the N labelled positions.
+        rows: ``[N, C]`` final hidden states (after the final norm) of the N labelled positions.
         targets: ``[N]`` their target ids (none is -100).
-        head_weight: ``[V, C]`` the LM head (BLOOM ties it to the input embeddings; it has no bias).
-        implementation: ``"torch"`` (on CPU with fp32 rows and a frozen head `HeadAsAttentionCrossEntropy`,
-            elsewhere plain ``[N, V]`` logits with an fp32 loss) or ``"triton"`` (the fused kernel in
-            ``softprompt.kernels``, which never holds ``[N, V]`` fp32 logits; CUDA, or CPU under
-            ``TRITON_INTERPRET=1``); see the module docstring.
+        head_weight: ``[V, C]`` the LM head (no bias in any supported family).
+        implementation: ``"torch"`` or ``"triton"``; see the module docstring.
+        softcap: the family's final logit soft-capping value, or None.
 
     Returns:
         The scalar mean loss (fp32). NaN when N = 0, like `torch.nn.functional.cross_entropy`.
 
     Raises:
-        ValueError: an implementation other than ``"torch"`` or ``"triton"``.
+        ValueError: an implementation other than ``"torch"`` or ``"triton"``, or ``"triton"`` with a soft-cap.
     """
     if implementation == "torch":
-        if _one_pass_head_applies(rows, head_weight):
+        if softcap is None and _one_pass_head_applies(rows, head_weight):
             return HeadAsAttentionCrossEntropy.apply(rows, targets, head_weight)
-        # logits.T = W @ rows.T rather than rows @ W.T: the same product, but with the 250880-row weight as the
-        # left operand CPU BLAS runs the skinny (N = 2-4 labels per row) product faster (benchmarks/head_product.py);
+        # logits.T = W @ rows.T rather than rows @ W.T: the same product, but with the large weight as the left
+        # operand CPU BLAS runs the skinny (N = 2-4 labels per row) product faster (benchmarks/head_product.py);
         # the backward keeps that form too.
         logits = torch.mm(head_weight, rows.t()).t()  # [N, V]
+        if softcap is not None:
+            logits = torch.tanh(logits.float() / softcap) * softcap
         return F.cross_entropy(logits.float(), targets)
     if implementation == "triton":
+        if softcap is not None:
+            raise ValueError(
+                f"implementation='triton' with final logit soft-capping ({softcap}): the fused kernel computes plain "
+                "logits. Fix: implementation='torch' for this model."
+            )
         from softprompt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         if targets.numel() == 0:

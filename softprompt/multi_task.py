@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from softprompt.loss import IGNORE_INDEX, LossImplementation
-from softprompt.model import VIRTUAL_TOKEN_METHODS, SoftPromptModel, VirtualTokenLayout
+from softprompt.model import SoftPromptModel
+from softprompt.training_loss import VirtualTokenLayout
 
 Reduction = Literal["adapter_mean", "sum", "mean"]
 REDUCTIONS: tuple[str, ...] = ("adapter_mean", "sum", "mean")
@@ -119,13 +120,9 @@ def labelled_positions(
             f"adapter_names={adapter_names!r} for a batch of {labels.shape[0]} rows: expected a list with one "
             "name per row (None for the base model alone)."
         )
-    model.check_adapter_names(adapter_names)
-    virtual = torch.tensor(
-        [name is not None and model.adapter_configs[name].method in VIRTUAL_TOKEN_METHODS for name in adapter_names],
-        device=labels.device,
-    )
+    first_token_scored = model.row_layout(labels.shape[0], adapter_names).first_token_scored
     scored = labels != IGNORE_INDEX  # [B, T]
-    return scored[:, 1:].sum(dim=1) + (scored[:, 0] & virtual)
+    return scored[:, 1:].sum(dim=1) + (scored[:, 0] & torch.tensor(first_token_scored, device=labels.device))
 
 
 def multi_adapter_loss(

@@ -37,7 +37,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
 
-from softprompt.adapter_format import atomic_write_bytes
+from softprompt.files import atomic_write_bytes
 
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softprompt.p_tuning import PromptEncoderConfig
-from softprompt.prefix_tuning import PrefixTuningConfig
-from softprompt.prompt_tuning import PromptTuningConfig
+from softprompt.methods import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 """The ``--method`` choices."""

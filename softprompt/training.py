@@ -51,7 +51,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from softprompt.adapter_format import CONFIG_FILE as ADAPTER_CONFIG_FILE
-from softprompt.adapter_format import atomic_write_bytes, load_adapter_module
+from softprompt.adapter_format import load_adapter_module
+from softprompt.files import atomic_write_bytes
 from softprompt.checkpoint import (
     Checkpoint,
     complete_checkpoint_directories,

@@ -11,7 +11,8 @@ from peft import PeftModel
 
 import softprompt
 from softprompt import AdapterFormatError, SoftPromptModel, load_peft_adapter
-from softprompt.adapter_format import MaterializedPrompt, load_adapter_module
+from softprompt.adapter_format import load_adapter_module
+from softprompt.methods import MaterializedPrompt
 from softprompt.quickstart import build_tiny_bloom
 
 from helpers import greedy_by_forward
@@ -50,7 +51,7 @@ def test_save_then_load_is_bit_exact(variant, tiny_bloom, tokenizer, batch, tmp_
     # stored table holds the encoder's output exactly, and the base model then runs the same operations on it.
     config, materialized = load_adapter_module(tmp_path / "adapter", tiny_bloom, materialized_only=True)
     assert isinstance(materialized, MaterializedPrompt)
-    only_output = SoftPromptModel._from_module(tiny_bloom, config, materialized, "default")
+    only_output = SoftPromptModel.from_module(tiny_bloom, config, materialized, "default")
     with torch.no_grad():
         torch.testing.assert_close(only_output(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 

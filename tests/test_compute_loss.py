@@ -17,6 +17,7 @@ import torch
 
 import softprompt
 from softprompt import SoftPromptModel, enable_activation_checkpointing
+from softprompt.rows import without_padding_columns
 from softprompt.quickstart import build_tiny_bloom
 
 from helpers import count_attention_calls
@@ -169,7 +170,7 @@ def test_unknown_implementation_is_refused_before_any_work(base_model, monkeypat
     model = SoftPromptModel(base_model, METHODS["prompt-tuning"])
     batch = _batch([3, 2], num_tokens=3, labels="all")
     decoder_calls = []
-    monkeypatch.setattr(model, "_run_decoder", lambda *args: decoder_calls.append(args))
+    monkeypatch.setattr(model, "decoder_pass", lambda *args: decoder_calls.append(args))
     with pytest.raises(ValueError, match="implementation='cuda': expected 'torch', 'triton' or 'full'"):
         model.compute_loss(**batch, implementation="cuda")
     assert decoder_calls == []
@@ -207,7 +208,7 @@ def test_padding_columns_are_dropped_without_changing_the_loss(base_model, metho
     left = _batch([6, 3, 5], num_tokens=12, labels="last2", seed=4)
     right = _batch([6, 3, 5], num_tokens=12, labels="all", seed=5, side="right")
     for batch in (left, right):
-        trimmed = SoftPromptModel._without_padding_columns(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        trimmed = without_padding_columns(batch["input_ids"], batch["attention_mask"], batch["labels"])
         assert trimmed[0].shape[1] < 12
         _assert_same(model, batch, "torch")
 
@@ -217,10 +218,10 @@ def test_padding_column_that_predicts_a_label_is_kept():
     input_ids = torch.tensor([[PAD_ID, 5, 6], [PAD_ID, PAD_ID, 7]])
     attention_mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
     labels = torch.tensor([[-100, 5, 6], [-100, -100, 7]])
-    kept = SoftPromptModel._without_padding_columns(input_ids, attention_mask, labels)
+    kept = without_padding_columns(input_ids, attention_mask, labels)
     assert kept[0].shape[1] == 3
     labels[0, 1] = -100
-    assert SoftPromptModel._without_padding_columns(input_ids, attention_mask, labels)[0].shape[1] == 2
+    assert without_padding_columns(input_ids, attention_mask, labels)[0].shape[1] == 2
 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix"])

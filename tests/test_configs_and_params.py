@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from softprompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SoftPromptModel
-from softprompt.bloom_family import BLOOM_SHAPES, SEED_CONFIGS, base_model_config, bloom_config, parameter_counts
+from softprompt.families.bloom import BLOOM_SHAPES, bloom_config
+from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
 from softprompt.cli import main
 
 

@@ -19,7 +19,7 @@ from softprompt import (
     SoftPromptModel,
     enable_activation_checkpointing,
 )
-from softprompt.prefix_tuning import merge_key_values
+from softprompt.methods.prefix_tuning import merge_key_values
 from softprompt.seams import cache_argument
 
 from helpers import count_attention_calls
@@ -169,7 +169,7 @@ def test_drops_into_transformers_trainer(tiny_bloom, tokenizer, tmp_path):
 
 def test_cpu_generation_head_equals_the_base_head_and_is_put_back(tiny_bloom, batch):
     """generate() on CPU computes the head as (W @ h.T).T (a faster BLAS form) and restores the original head."""
-    from softprompt.model import _HeadWithWeightOnTheLeft
+    from softprompt.generation import HeadWithWeightOnTheLeft
 
     head = tiny_bloom.get_output_embeddings()
     hidden = torch.randn(3, 5, tiny_bloom.config.hidden_size)
@@ -177,7 +177,7 @@ def test_cpu_generation_head_equals_the_base_head_and_is_put_back(tiny_bloom, ba
     # a ragged last block; the logits come back contiguous, as transformers' decoding wants them.
     assert head.weight.shape[0] % 100 != 0
     for block_rows in (100, 4096):
-        logits = _HeadWithWeightOnTheLeft(head, block_rows=block_rows)(hidden)
+        logits = HeadWithWeightOnTheLeft(head, block_rows=block_rows)(hidden)
         assert logits.is_contiguous() and logits.shape == (3, 5, head.weight.shape[0])
         torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-6)
     model = SoftPromptModel(tiny_bloom, PromptTuningConfig(num_virtual_tokens=3))

@@ -6,28 +6,35 @@ The method in one sentence: like prompt tuning, P virtual-token embeddings of wi
 token embeddings, but instead of training the ``[P, C]`` table directly, the table is fed through a
 reparameterization network (an MLP or a bidirectional LSTM) and the network's output is what goes in front of the
 input. The paper found this trains more stably than a free table. Only the table and the encoder are trained; once
-training is done the encoder's output is a fixed ``[P, C]`` tensor and the encoder can be dropped (our adapter
-format stores both, so that training can resume exactly).
+training is done the encoder's output is a fixed ``[P, C]`` tensor and the encoder can be dropped (softprompt's
+adapter format stores both, so that training can resume exactly; PEFT keeps only the output).
 
-This file holds the configuration (`PromptEncoderConfig`, PEFT's field names and defaults) and the two encoders as
-two small classes:
+How it enters the model: exactly as prompt tuning's table does, the encoder's output in its place
+(`reference_forward` is prompt tuning's, see ``softprompt/methods/prompt_tuning.py``).
+
+The encoders, as two small classes:
+
 - `MLPPromptEncoder`: table -> Linear(C, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, C). Like PEFT, always three
   Linear layers; ``encoder_num_layers`` and ``encoder_dropout`` do not apply to it.
 - `LSTMPromptEncoder`: table -> bidirectional LSTM(C, h, encoder_num_layers, dropout) -> Linear(2h, 2h) -> ReLU ->
   Linear(2h, C).
 
-Shapes: P virtual tokens, C hidden size, h ``encoder_hidden_size``.
+Shapes: P virtual tokens, C embedding width, h ``encoder_hidden_size``.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
 from torch import nn
+
+from softprompt.families.family import BaseModelShape
+from softprompt.methods.prompt_tuning import reference_forward
+from softprompt.methods.spec import MaterializedPrompt, MethodSpec, check_positive_int
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -50,7 +57,7 @@ class PromptEncoderConfig:
     """``MLP`` or ``LSTM``: the network that turns the table into virtual tokens."""
 
     encoder_hidden_size: int | None = None
-    """h, the encoder's width; None means the base model's hidden size C (PEFT's default)."""
+    """h, the encoder's width; None means C, the width of the base's input embeddings (PEFT's default)."""
 
     encoder_num_layers: int = 2
     """Layers of the LSTM (PEFT's default 2). Ignored by the MLP, which always has three Linear layers, as in PEFT."""
@@ -61,15 +68,7 @@ class PromptEncoderConfig:
     method: ClassVar[str] = "p_tuning"
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.num_virtual_tokens, int)
-            or isinstance(self.num_virtual_tokens, bool)
-            or self.num_virtual_tokens <= 0
-        ):
-            raise ValueError(
-                f"num_virtual_tokens={self.num_virtual_tokens!r}: expected a positive int. "
-                "Fix: pass e.g. PromptEncoderConfig(num_virtual_tokens=20)."
-            )
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens, "PromptEncoderConfig(num_virtual_tokens=20)")
         try:
             kind = self.encoder_reparameterization_type
             self.encoder_reparameterization_type = PromptEncoderReparameterizationType(
@@ -80,24 +79,11 @@ class PromptEncoderConfig:
                 f"encoder_reparameterization_type={self.encoder_reparameterization_type!r}: expected 'MLP' or "
                 "'LSTM'. Fix: pick one of those."
             ) from None
-        if self.encoder_hidden_size is not None and (
-            not isinstance(self.encoder_hidden_size, int)
-            or isinstance(self.encoder_hidden_size, bool)
-            or self.encoder_hidden_size <= 0
-        ):
-            raise ValueError(
-                f"encoder_hidden_size={self.encoder_hidden_size!r}: expected a positive int or None (None means the "
-                "model's hidden size). Fix: pass e.g. encoder_hidden_size=128."
-            )
-        if (
-            not isinstance(self.encoder_num_layers, int)
-            or isinstance(self.encoder_num_layers, bool)
-            or self.encoder_num_layers <= 0
-        ):
-            raise ValueError(
-                f"encoder_num_layers={self.encoder_num_layers!r}: expected a positive int. "
-                "Fix: pass e.g. encoder_num_layers=2."
-            )
+        check_positive_int(
+            "encoder_hidden_size", self.encoder_hidden_size, "encoder_hidden_size=128 (None means the model's width)",
+            allow_none=True,
+        )
+        check_positive_int("encoder_num_layers", self.encoder_num_layers, "encoder_num_layers=2")
         if (
             not isinstance(self.encoder_dropout, (int, float))
             or isinstance(self.encoder_dropout, bool)
@@ -113,21 +99,21 @@ class MLPPromptEncoder(nn.Module):
     """Virtual tokens = MLP(table): Linear(C, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, C).
 
     Args:
-        config: the p-tuning configuration (``encoder_reparameterization_type`` must be MLP).
-        hidden_size: C, the base model's hidden size.
+        config: the p-tuning configuration (``encoder_reparameterization_type`` MLP).
+        embedding_width: C, the width of the base model's input embeddings.
     """
 
-    def __init__(self, config: PromptEncoderConfig, hidden_size: int):
+    def __init__(self, config: PromptEncoderConfig, embedding_width: int):
         super().__init__()
         self.config = config
-        encoder_hidden_size = config.encoder_hidden_size or hidden_size
-        self.embedding = nn.Embedding(config.num_virtual_tokens, hidden_size)
+        encoder_hidden_size = config.encoder_hidden_size or embedding_width
+        self.embedding = nn.Embedding(config.num_virtual_tokens, embedding_width)
         self.mlp_head = nn.Sequential(
-            nn.Linear(hidden_size, encoder_hidden_size),
+            nn.Linear(embedding_width, encoder_hidden_size),
             nn.ReLU(),
             nn.Linear(encoder_hidden_size, encoder_hidden_size),
             nn.ReLU(),
-            nn.Linear(encoder_hidden_size, hidden_size),
+            nn.Linear(encoder_hidden_size, embedding_width),
         )
 
     def forward(self) -> torch.Tensor:
@@ -139,17 +125,17 @@ class LSTMPromptEncoder(nn.Module):
     """Virtual tokens = MLP(BiLSTM(table)): the LSTM lets each virtual token see all the others.
 
     Args:
-        config: the p-tuning configuration (``encoder_reparameterization_type`` must be LSTM).
-        hidden_size: C, the base model's hidden size.
+        config: the p-tuning configuration (``encoder_reparameterization_type`` LSTM).
+        embedding_width: C, the width of the base model's input embeddings.
     """
 
-    def __init__(self, config: PromptEncoderConfig, hidden_size: int):
+    def __init__(self, config: PromptEncoderConfig, embedding_width: int):
         super().__init__()
         self.config = config
-        encoder_hidden_size = config.encoder_hidden_size or hidden_size
-        self.embedding = nn.Embedding(config.num_virtual_tokens, hidden_size)
+        encoder_hidden_size = config.encoder_hidden_size or embedding_width
+        self.embedding = nn.Embedding(config.num_virtual_tokens, embedding_width)
         self.lstm_head = nn.LSTM(
-            input_size=hidden_size,
+            input_size=embedding_width,
             hidden_size=encoder_hidden_size,
             num_layers=config.encoder_num_layers,
             dropout=config.encoder_dropout,
@@ -159,7 +145,7 @@ class LSTMPromptEncoder(nn.Module):
         self.mlp_head = nn.Sequential(
             nn.Linear(2 * encoder_hidden_size, 2 * encoder_hidden_size),
             nn.ReLU(),
-            nn.Linear(2 * encoder_hidden_size, hidden_size),
+            nn.Linear(2 * encoder_hidden_size, embedding_width),
         )
 
     def forward(self) -> torch.Tensor:
@@ -169,8 +155,50 @@ class LSTMPromptEncoder(nn.Module):
         return self.mlp_head(rearrange(lstm_output, "1 p h -> p h"))  # [P, C]
 
 
-def build_prompt_encoder(config: PromptEncoderConfig, hidden_size: int) -> MLPPromptEncoder | LSTMPromptEncoder:
-    """The encoder class that `config.encoder_reparameterization_type` names."""
+def empty(config: PromptEncoderConfig, shape: BaseModelShape) -> MLPPromptEncoder | LSTMPromptEncoder:
+    """The encoder that ``config.encoder_reparameterization_type`` names (PyTorch's default initialization)."""
     if config.encoder_reparameterization_type is PromptEncoderReparameterizationType.LSTM:
-        return LSTMPromptEncoder(config, hidden_size)
-    return MLPPromptEncoder(config, hidden_size)
+        return LSTMPromptEncoder(config, shape.embedding_width)
+    return MLPPromptEncoder(config, shape.embedding_width)
+
+
+def build(
+    config: PromptEncoderConfig, shape: BaseModelShape, word_embeddings: nn.Module, tokenizer: Any | None = None
+) -> MLPPromptEncoder | LSTMPromptEncoder:
+    """The encoder, on the device of `word_embeddings`; it needs no other initialization."""
+    with torch.device(word_embeddings.weight.device):
+        return empty(config, shape)
+
+
+def from_table(config: PromptEncoderConfig, shape: BaseModelShape, table: torch.Tensor) -> MaterializedPrompt:
+    """An encoder's stored ``[P, C]`` output as a fixed table: usable as is, trainable only as a plain table."""
+    return MaterializedPrompt(table)
+
+
+METHOD = MethodSpec(
+    name="p_tuning",
+    cli_name="p-tuning",
+    config_class=PromptEncoderConfig,
+    enters_as="embeddings",
+    build=build,
+    empty=empty,
+    from_table=from_table,
+    peft_type="P_TUNING",
+    peft_fields=(
+        "num_virtual_tokens",
+        "encoder_reparameterization_type",
+        "encoder_hidden_size",
+        "encoder_num_layers",
+        "encoder_dropout",
+    ),
+    default_num_virtual_tokens=20,
+)
+
+__all__ = [
+    "LSTMPromptEncoder",
+    "METHOD",
+    "MLPPromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "reference_forward",
+]

@@ -1,0 +1,70 @@
+"""The soft-prompt methods: one file each, and this registry, which everything that must choose a method reads.
+
+Adding a method is one file in this folder ending with a `MethodSpec`, and one line in `METHODS` below: the model,
+both adapter formats, the training config and the command line find it here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from softprompt.methods import p_tuning, prefix_tuning, prompt_tuning
+from softprompt.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from softprompt.methods.prefix_tuning import PrefixTuningConfig
+from softprompt.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from softprompt.methods.spec import MaterializedPrompt, MethodSpec, materialize
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD)
+}
+"""Every method by its name (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``)."""
+
+SoftPromptConfig = Union[PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig]
+"""Any method's configuration."""
+
+
+def method_of(config: Any) -> MethodSpec:
+    """The method a configuration object belongs to.
+
+    Raises:
+        ValueError: `config` is not an instance of any method's configuration class.
+    """
+    for spec in METHODS.values():
+        if type(config) is spec.config_class:
+            return spec
+    names = ", ".join(spec.config_class.__name__ for spec in METHODS.values())
+    raise ValueError(
+        f"config of type {type(config).__name__}: expected {names}. "
+        "Fix: build one of those (from softprompt import PromptTuningConfig, ...)."
+    )
+
+
+def method_named(name: str) -> MethodSpec:
+    """The method of a name, in either spelling (``prompt_tuning`` or the ``--method`` value ``prompt-tuning``).
+
+    Raises:
+        ValueError: no method has that name.
+    """
+    for spec in METHODS.values():
+        if name in (spec.name, spec.cli_name):
+            return spec
+    raise ValueError(
+        f"method {name!r}: expected one of {', '.join(spec.cli_name for spec in METHODS.values())}. "
+        "Fix: pick one of those."
+    )
+
+
+__all__ = [
+    "METHODS",
+    "MaterializedPrompt",
+    "MethodSpec",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "SoftPromptConfig",
+    "materialize",
+    "method_named",
+    "method_of",
+]

@@ -1,0 +1,111 @@
+"""How a prefix reaches the frozen model: a read-only transformers `Cache`.
+
+transformers' attention layers ask their cache for "the past keys and values, and the current ones": each layer
+calls ``cache.update(current_keys, current_values, layer)`` and attends to what it returns. `PrefixCache` answers
+``cat(prefix, current)`` and stores nothing. Because it never grows, a layer recomputed by gradient checkpointing
+sees exactly what it saw the first time, which makes prefixes safe under checkpointing (PEFT's growing
+``DynamicCache`` is not), and the same cache object serves every micro-batch of a step.
+
+Every adapter reaches the model this way in softprompt's engine: prefix tuning's trainable keys and values, and, in
+the training loss and in generation, the keys and values that prompt tuning's and p-tuning's virtual tokens produce
+(see `softprompt.model`). Generation hands transformers an ordinary ``DynamicCache`` started from the same keys and
+values instead, since it must grow.
+
+Shapes: B batch, T tokens, P prefix slots, L layers, K key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _ReadOnlyPrefixLayer(CacheLayerMixin):
+    """One layer's prefix: `update` returns ``cat(prefix, current)`` along tokens and stores nothing."""
+
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values  # each [B, K, P, D]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Constructed initialized: there is nothing to create lazily.
+        return None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [B, K, T, D] -> returned [B, K, P + T, D]
+        keys = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)
+        values = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
+        return keys, values
+
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # (key/value length the attention mask must cover, offset of the first key): prefix + current tokens.
+        # transformers passes the query length; releases before 5.2 passed the query's cache positions instead.
+        query_length = query if isinstance(query, int) else query.shape[-1]
+        return self.keys.shape[-2] + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1  # no maximum: the cache never grows
+
+    def get_max_cache_shape(self) -> int:
+        return -1  # the name releases before 5.2 gave `get_max_length`
+
+    def reset(self) -> None:
+        raise RuntimeError("A PrefixCache is read-only: it holds a trainable prefix, not generated states.")
+
+
+class PrefixCache(Cache):
+    """A read-only transformers `Cache` holding one prefix per layer; used for the forward (training) pass.
+
+    Generation uses an ordinary `DynamicCache` started from the same keys and values instead, since it must grow.
+
+    Args:
+        keys: ``[L, B, K, P, D]`` (or ``[L, K, P, D]``, shared by the whole batch, with `batch_size`).
+        values: same shape as `keys`.
+        batch_size: B, to broadcast an unbatched prefix over the batch.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch_size: int | None = None):
+        if keys.dim() == 4:
+            if batch_size is None:
+                raise ValueError("An unbatched prefix [L, K, P, D] needs batch_size.")
+            # expand is a view: the [B, K, P, D] copies are made only by the concatenation inside each layer.
+            keys = keys.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # [L, B, K, P, D]
+            values = values.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        super().__init__(layers=[_ReadOnlyPrefixLayer(k, v) for k, v in zip(keys, values)])
+
+
+@contextmanager
+def checkpointed_layers_read_cache(model: nn.Module) -> Iterator[None]:
+    """Let gradient-checkpointed transformers layers keep a read-only cache while the forward pass runs.
+
+    transformers' `GradientCheckpointingLayer` drops the cache under checkpointing unless the layer sets
+    ``_can_checkpoint_with_cache``, the class attribute it provides for layers that only read the cache (private by
+    its name, explained by the comment beside it in transformers' ``modeling_layers.py``). A `PrefixCache`
+    is only read, so a recomputed layer sees the same prefix. The decision is taken when each layer's forward runs
+    (the recomputation reuses it), so the switch only needs to be on during the forward pass; it is restored after.
+    """
+    layers = [module for module in model.modules() if hasattr(module, "_can_checkpoint_with_cache")]
+    previous = [module.__dict__.get("_can_checkpoint_with_cache") for module in layers]
+    for module in layers:
+        module._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for module, value in zip(layers, previous):
+            if value is None:
+                del module._can_checkpoint_with_cache
+            else:
+                module._can_checkpoint_with_cache = value
