@@ -3,34 +3,138 @@
 Subcommands: ``train`` (train a soft prompt; with no flags, the embedded offline default), ``eval`` (loss,
 perplexity and accuracy of saved adapters), ``generate`` (text from saved adapters), ``params`` (parameter counts on
 the meta device). Run ``softprompt SUBCOMMAND --help``.
+
+The ``train`` flags are made from the fields of `TrainConfig` and its sections and of every method's config: a
+flag is its field's name with dashes, its help the field's docstring, its choices the field's ``Literal`` type.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import enum
+import inspect
 import json
 import os
 import sys
+import textwrap
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from softprompt.methods import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from softprompt.methods import METHODS, method_named
 from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
-from softprompt.train_config import (
-    BASE_DTYPE_CHOICES,
-    COMPILE_CHOICES,
-    DEFAULT_NUM_VIRTUAL_TOKENS,
-    DEVICE_CHOICES,
-    LOSS_IMPLEMENTATION_CHOICES,
-    METHODS,
-    MIXED_PRECISION_CHOICES,
-    PADDING_CHOICES,
-    VIRTUAL_TOKEN_LAYOUT_CHOICES,
+from softprompt.training.config import (
+    METHOD_NAMES,
+    SECTIONS,
+    Device,
     TrainConfig,
-    read_config_file,
+    flatten_settings,
+    merge_settings,
 )
+from softprompt.training.config_values import read_config_file
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The first sentence of each field's docstring (the string right after the field in the class body)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for statement, following in zip(body, body[1:]):
+        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
+            text = " ".join(str(following.value.value).split()).replace("``", "")
+            docs[statement.target.id] = text.split(". ")[0].rstrip(".").replace("%", "%%")
+    return docs
+
+
+def argparse_options(hint: Any) -> dict[str, Any] | None:
+    """``add_argument`` keywords for a field's type: choices from a ``Literal`` or an enum, ``append`` for lists,
+    ``--x/--no-x`` for bools; None for a type that has no flag (a section, a config object)."""
+    options = [arg for arg in (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None))
+                               else (hint,)) if arg is not type(None)]
+    for option in options:
+        if typing.get_origin(option) is typing.Literal:
+            return {"choices": list(typing.get_args(option))}
+        if isinstance(option, type) and issubclass(option, enum.Enum):
+            return {"choices": [member.value for member in option], "type": str.upper}
+    first = options[0]
+    if first is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(first) is list:
+        return {"action": "append"}
+    if first in (int, float, str):
+        return {"type": first}
+    return None
+
+
+def add_field_flags(
+    group: argparse._ArgumentGroup, cls: type, seen: set[str], owner: Callable[[str], str] = lambda name: ""
+) -> None:
+    """One flag per field of `cls` not in `seen`, its help prefixed by ``owner(field name)``. Flags default to
+    "not given" (SUPPRESS), so that only the flags actually typed override the config file."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for item in dataclasses.fields(cls):
+        options = argparse_options(hints[item.name])
+        if item.name in seen or options is None:
+            continue
+        seen.add(item.name)
+        default = item.default if item.default_factory is dataclasses.MISSING else item.default_factory()
+        if default is dataclasses.MISSING:
+            default = None
+        shown = "" if default in (None, [], "") else f" (default: {getattr(default, 'value', default)})"
+        group.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=argparse.SUPPRESS,
+                           help=f"{owner(item.name)}{docs.get(item.name, item.name)}{shown}", **options)
+
+
+def add_method_flags(group: argparse._ArgumentGroup, seen: set[str]) -> None:
+    """One flag per field of every method's config; a field two methods share gets one flag, labelled with the
+    methods it applies to (none when it applies to all)."""
+
+    def owners(name: str) -> str:
+        names = [spec.cli_name for spec in METHODS.values()
+                 if name in {item.name for item in dataclasses.fields(spec.config_class)}]
+        return "" if len(names) == len(METHODS) else f"{' / '.join(names)}: "
+
+    for spec in METHODS.values():
+        add_field_flags(group, spec.config_class, seen, owner=owners)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``softprompt train``: one flag per setting, grouped as in `TrainConfig`."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a soft prompt (no flags: the embedded offline default, about a minute on a laptop CPU)",
+        description="Train a soft-prompt adapter on a frozen base model. With no flags: a tiny random BLOOM built "
+        "locally, the shipped complaints dataset, prompt tuning; prints where the adapter, metrics and plot went. "
+        "Settings come from the defaults, then --config FILE, then the flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="seed recipe (hub access): softprompt train --model bigscience/bloomz-560m --dataset ought/raft "
+        "--dataset-config twitter_complaints --text-column 'Tweet text' --label-column text_label --method "
+        "prompt-tuning --num-epochs 50\n"
+        "several processes: torchrun --nproc_per_node 2 -m softprompt.cli train ...",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of settings (field names, flat "
+                        "or nested by section); flags override it")
+    seen: set[str] = set()
+    model = parser.add_argument_group("model and method")
+    model.add_argument("--model", dest="model", default=argparse.SUPPRESS,
+                       help="hub id or local directory of a supported family; omitted: the embedded tiny BLOOM")
+    model.add_argument("--method", dest="method", default=argparse.SUPPRESS, choices=METHOD_NAMES,
+                       help="soft-prompt method (default: prompt-tuning)")
+    seen |= {"model", "method"}
+    add_method_flags(model, seen)
+    for name, section in SECTIONS.items():
+        add_field_flags(parser.add_argument_group(name), section, seen)
+    parser.set_defaults(run=run_train)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < flags."""
+    flags = {name: value for name, value in vars(args).items() if name in TrainConfig.field_names()}
+    values = read_config_file(args.config) if args.config is not None else {}
+    return TrainConfig.from_dict(merge_settings(values, flags), str(args.config or "flags"))
 
 
 def add_params_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,14 +148,12 @@ def add_params_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="bigscience/bloomz-560m",
-        help="built-in BLOOM name (works offline), local model directory, or hub id (default: %(default)s)",
+        help="a real model known offline (BLOOM, Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B, Mistral-7B-v0.1, "
+        "gemma-2-2b, gemma-3-1b-pt, Phi-3-mini-4k-instruct, gpt2, opt-350m, pythia-410m), a local model directory, "
+        "or a hub id (default: %(default)s)",
     )
-    parser.add_argument("--method", choices=["prompt-tuning", "p-tuning", "prefix-tuning"], help="count one config")
-    parser.add_argument("--num-virtual-tokens", type=int, default=None,
-                        help="default: the seed guides' count for --method (8 for prompt tuning, 20 otherwise)")
-    parser.add_argument("--encoder-hidden-size", type=int, default=None)
-    parser.add_argument("--encoder-reparameterization-type", choices=["MLP", "LSTM"], default="MLP")
-    parser.add_argument("--prefix-projection", action="store_true")
+    parser.add_argument("--method", choices=METHOD_NAMES, help="count one config")
+    add_method_flags(parser, {"model", "method"})
     parser.set_defaults(run=run_params)
 
 
@@ -60,23 +162,10 @@ def run_params(args: argparse.Namespace) -> int:
     if args.method is None:
         configs = dict(SEED_CONFIGS)
     else:
-        num_virtual_tokens = args.num_virtual_tokens
-        if num_virtual_tokens is None:
-            num_virtual_tokens = DEFAULT_NUM_VIRTUAL_TOKENS[args.method]
-        config = {
-            "prompt-tuning": lambda: PromptTuningConfig(num_virtual_tokens=num_virtual_tokens),
-            "p-tuning": lambda: PromptEncoderConfig(
-                num_virtual_tokens=num_virtual_tokens,
-                encoder_hidden_size=args.encoder_hidden_size,
-                encoder_reparameterization_type=args.encoder_reparameterization_type,
-            ),
-            "prefix-tuning": lambda: PrefixTuningConfig(
-                num_virtual_tokens=num_virtual_tokens,
-                encoder_hidden_size=args.encoder_hidden_size,
-                prefix_projection=args.prefix_projection,
-            ),
-        }[args.method]()
-        configs = {args.method: config}
+        spec = method_named(args.method)
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec.config_class) if hasattr(args, f.name)}
+        fields.setdefault("num_virtual_tokens", spec.default_num_virtual_tokens)
+        configs = {args.method: spec.config_class(**fields)}
     rows = parameter_counts(base_model_config(args.model), configs)
     print(f"{args.model} (counted on the meta device)")
     width = max(len(row.label) for row in rows)
@@ -86,106 +175,6 @@ def run_params(args: argparse.Namespace) -> int:
             f"|| trainable%: {row.trainable_percent:.4f}"
         )
     return 0
-
-
-def _default(name: str) -> Any:
-    """TrainConfig's default for a field, for the help text."""
-    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory()  # type: ignore[misc]
-
-
-def _flag(group: argparse._ArgumentGroup, name: str, help: str, **kwargs: Any) -> None:
-    """Adds ``--field-name`` for a TrainConfig field. Flags default to "not given" (SUPPRESS), so that only the
-    flags actually typed override the config file."""
-    default = _default(name)
-    shown = "" if default in (None, [], "") else f" (default: {default})"
-    group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-                       help=help + shown, **kwargs)
-
-
-def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Registers ``softprompt train``: one flag per `TrainConfig` field, grouped as in the config."""
-    parser = subparsers.add_parser(
-        "train",
-        help="train a soft prompt (no flags: the embedded offline default, about a minute on a laptop CPU)",
-        description="Train a soft-prompt adapter on a frozen base model. With no flags: a tiny random BLOOM built "
-        "locally, the shipped complaints dataset, prompt tuning; prints where the adapter, metrics and plot went. "
-        "Settings come from the defaults, then --config FILE, then the flags.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="seed recipe (hub access): softprompt train --model bigscience/bloomz-560m --dataset ought/raft "
-        "--dataset-config twitter_complaints --text-column 'Tweet text' --label-column text_label --method "
-        "prompt-tuning --num-epochs 50\n"
-        "several processes: torchrun --nproc_per_node 2 -m softprompt.cli train ...",
-    )
-    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of settings (field names); "
-                        "flags override it")
-    model = parser.add_argument_group("model and method")
-    _flag(model, "model", "hub id or local directory; omitted: the embedded tiny BLOOM")
-    _flag(model, "method", "soft-prompt method", choices=METHODS)
-    _flag(model, "num_virtual_tokens", "virtual tokens; omitted: 8 for prompt tuning, 20 otherwise", type=int)
-    _flag(model, "prompt_tuning_init", "prompt-tuning init; omitted: TEXT on the default data or with "
-          "--prompt-tuning-init-text, else RANDOM", type=str.upper, choices=["RANDOM", "TEXT", "SAMPLE_VOCAB"])
-    _flag(model, "prompt_tuning_init_text", "text for TEXT init")
-    _flag(model, "encoder_reparameterization_type", "p-tuning encoder", type=str.upper, choices=["MLP", "LSTM"])
-    _flag(model, "encoder_hidden_size", "p-tuning / prefix-projection width; omitted: the base's hidden size",
-          type=int)
-    _flag(model, "encoder_num_layers", "p-tuning LSTM layers", type=int)
-    _flag(model, "encoder_dropout", "p-tuning LSTM dropout", type=float)
-    _flag(model, "prefix_projection", "prefix tuning through an MLP", action=argparse.BooleanOptionalAction)
-    _flag(model, "base_dtype", "dtype of the frozen base", choices=BASE_DTYPE_CHOICES)
-    data = parser.add_argument_group("data")
-    _flag(data, "dataset", "hub dataset or local .csv/.json/.jsonl/.parquet; repeat for one adapter per dataset; "
-          "omitted: the shipped complaints.csv", action="append")
-    _flag(data, "dataset_config", "hub dataset configuration, e.g. twitter_complaints")
-    _flag(data, "split", "training split (slicing works: 'train[:50]')")
-    _flag(data, "eval_split", "evaluation split; omitted: hold out --eval-fraction of the training rows")
-    _flag(data, "eval_fraction", "held-out fraction (0: no evaluation)", type=float)
-    _flag(data, "text_column", "text column (repeat once per --dataset to differ); omitted on the default data: "
-          "'Tweet text'", action="append")
-    _flag(data, "label_column", "label column: classification as generation; omitted: causal LM on the text "
-          "(on the default data: text_label)")
-    _flag(data, "task_column", "column naming each row's task: one adapter per task")
-    _flag(data, "max_length", "most tokens per example", type=int)
-    _flag(data, "padding", "batch padding", choices=PADDING_CHOICES)
-    optimization = parser.add_argument_group("optimization")
-    _flag(optimization, "learning_rate", "peak AdamW learning rate", type=float)
-    _flag(optimization, "weight_decay", "AdamW weight decay", type=float)
-    _flag(optimization, "num_epochs", "epochs", type=int)
-    _flag(optimization, "batch_size", "rows per micro-batch per process", type=int)
-    _flag(optimization, "eval_batch_size", "rows per evaluation batch", type=int)
-    _flag(optimization, "gradient_accumulation_steps", "micro-batches per optimizer step", type=int)
-    _flag(optimization, "warmup_steps", "linear warmup steps (then linear decay to 0)", type=int)
-    _flag(optimization, "max_grad_norm", "clip each adapter's gradient norm (0: off)", type=float)
-    _flag(optimization, "mixed_precision", "CUDA autocast", choices=MIXED_PRECISION_CHOICES)
-    _flag(optimization, "loss_implementation", "compute_loss implementation", choices=LOSS_IMPLEMENTATION_CHOICES)
-    _flag(optimization, "virtual_token_layout", "virtual tokens as a once-computed prefix or in every row",
-          choices=VIRTUAL_TOKEN_LAYOUT_CHOICES)
-    _flag(optimization, "compile", "torch.compile mode for the frozen decoder (omitted: eager)",
-          choices=COMPILE_CHOICES)
-    _flag(optimization, "device", "where to train", choices=DEVICE_CHOICES)
-    _flag(optimization, "num_threads", "torch CPU threads; omitted: 1 for tiny models, torch's default otherwise",
-          type=int)
-    _flag(optimization, "seed", "seed of init, held-out split and data order", type=int)
-    output = parser.add_argument_group("output and checkpoints")
-    _flag(output, "output_dir", "run directory; omitted: softprompt-runs/<method>")
-    _flag(output, "save_every", "checkpoint every N optimizer steps (0: epoch ends only)", type=int)
-    _flag(output, "keep_last", "complete checkpoints kept", type=int)
-    _flag(output, "resume", "continue from the newest complete checkpoint", action=argparse.BooleanOptionalAction)
-    _flag(output, "overwrite", "delete the previous run's checkpoints and start over",
-          action=argparse.BooleanOptionalAction)
-    _flag(output, "num_generations", "held-out examples generated and printed at the end", type=int)
-    _flag(output, "progress", "progress bars", action=argparse.BooleanOptionalAction)
-    parser.set_defaults(run=run_train)
-
-
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < --config file < flags."""
-    flags = {name: value for name, value in vars(args).items() if name in TrainConfig.field_names()}
-    values = read_config_file(args.config) if args.config is not None else {}
-    values.update(flags)
-    return TrainConfig(**values)
 
 
 def _is_main_process() -> bool:
@@ -309,7 +298,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--task-column", dest="task_column")
     parser.add_argument("--max-length", dest="max_length", type=int)
     parser.add_argument("--eval-batch-size", dest="eval_batch_size", type=int)
-    parser.add_argument("--device", choices=DEVICE_CHOICES)
+    parser.add_argument("--device", choices=typing.get_args(Device))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run_eval)
 
@@ -321,9 +310,9 @@ def run_eval(args: argparse.Namespace) -> int:
     _quiet_libraries()
     adapters = _parse_adapter_specs(args.adapter)
     run_config = run_config_for_adapter(next(iter(adapters.values())))
-    values = run_config.to_dict() if run_config is not None else {}
+    values = run_config.flat() if run_config is not None else {}
     if args.config is not None:
-        values.update(read_config_file(args.config))
+        values.update(flatten_settings(read_config_file(args.config)))
     overrides = {name: getattr(args, name) for name in ("dataset", "dataset_config", "text_column", "label_column",
                                                           "task_column", "max_length", "eval_batch_size", "device")
                  if getattr(args, name) is not None}
@@ -332,7 +321,7 @@ def run_eval(args: argparse.Namespace) -> int:
             values.pop(name, None)
     values.update(overrides)
     values.update(resume=False, overwrite=False)
-    config = TrainConfig(**values)
+    config = TrainConfig.from_dict(values, "eval settings")
     split = args.split if args.split is not None else ("train" if args.dataset else None)
     result = evaluate_adapters(adapters, config, model_name=args.model, split=split)
     if args.json:
@@ -368,7 +357,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--num-beams", type=int)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--device", choices=typing.get_args(Device), default="auto")
     parser.set_defaults(run=run_generate)
 
 
@@ -376,7 +365,8 @@ def run_generate(args: argparse.Namespace) -> int:
     """Prints each chosen adapter's continuation of each prompt; returns the exit status."""
     import torch
 
-    from softprompt.training import cpu_threads, default_threads, generate_texts, load_adapters
+    from softprompt.training.base_model import cpu_threads, default_threads
+    from softprompt.training import generate_texts, load_adapters
 
     _quiet_libraries()
     adapters = _parse_adapter_specs(args.adapter)

@@ -1,16 +1,10 @@
-"""Data recipes: load rows, turn them into token ids and labels, pad them into batches.
-
-Each recipe is one readable function:
+"""Data in and batches out: load rows, read their columns, pad examples into batches.
 
 - `load_rows`: a local ``.csv``/``.json``/``.jsonl``/``.parquet`` file or a Hugging Face Hub dataset name, loaded
   with ``datasets.load_dataset``.
-- `classification_examples`: classification as generation, the seed recipe (RAFT twitter_complaints): the model
-  reads ``"{text_column} : {text} Label : "`` and learns to write the label text followed by EOS.
-  `classification_eval_examples` gives the same prompts without the answer, for greedy-generation accuracy
-  (`label_accuracy`).
-- `causal_lm_examples`: plain next-token prediction over every real token of a text column.
 - `collate`: pads a list of examples into ``[B, T]`` tensors, dynamically (longest in the batch) or to a fixed
   length, on the left (the default, as the seed recipes and generation want) or on the right.
+- the column readers the recipes use (`softprompt.recipes`), with errors that name the column and the flag.
 
 Every example is a dict of plain lists (``input_ids``, ``attention_mask`` and, for training, ``labels``) plus
 optional non-tensor fields such as ``task`` (a string naming the adapter in multi-adapter training), which
@@ -141,13 +135,13 @@ def _empty_dataset_error(source: str | os.PathLike[str], split: str) -> DataErro
 # --- Shared helpers ---------------------------------------------------------------------------------------------
 
 
-def _column_names(rows: Rows) -> list[str]:
+def column_names(rows: Rows) -> list[str]:
     if isinstance(rows, datasets.Dataset):
         return list(rows.column_names)
     return list(rows[0].keys()) if len(rows) > 0 else []
 
 
-def _check_rows(rows: Rows) -> None:
+def check_rows(rows: Rows) -> None:
     if isinstance(rows, (str, bytes)) or not isinstance(rows, (datasets.Dataset, Sequence)):
         raise DataError(
             f"rows of type {type(rows).__name__}: expected a datasets.Dataset or a list of row dicts. "
@@ -157,9 +151,9 @@ def _check_rows(rows: Rows) -> None:
         raise DataError("rows is empty: expected at least one row. Fix: pass a dataset with data.")
 
 
-def _column_values(rows: Rows, column: str, flag: str) -> list[Any]:
+def column_values(rows: Rows, column: str, flag: str) -> list[Any]:
     """The values of ``column``, one per row; ``flag`` is the command-line option that names the column."""
-    available = _column_names(rows)
+    available = column_names(rows)
     if column not in available:
         raise DataError(
             f"Column {column!r} is not in the data; available columns: {available}. "
@@ -178,8 +172,8 @@ def _column_values(rows: Rows, column: str, flag: str) -> list[Any]:
     return values
 
 
-def _text_values(rows: Rows, column: str, flag: str, *, allow_empty: bool) -> list[str]:
-    values = _column_values(rows, column, flag)
+def text_values(rows: Rows, column: str, flag: str, *, allow_empty: bool) -> list[str]:
+    values = column_values(rows, column, flag)
     for index, value in enumerate(values):
         if not isinstance(value, str):
             raise DataError(
@@ -193,12 +187,12 @@ def _text_values(rows: Rows, column: str, flag: str, *, allow_empty: bool) -> li
     return values
 
 
-def _check_max_length(max_length: int) -> None:
+def check_max_length(max_length: int) -> None:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
         raise DataError(f"max_length={max_length!r}: expected a positive int. Fix: pass e.g. max_length=64.")
 
 
-def _eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def tokenizer_eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise DataError(
             f"The tokenizer {type(tokenizer).__name__} has no EOS token: the recipes end every target with EOS. "
@@ -207,279 +201,14 @@ def _eos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _task_values(rows: Rows, task_column: str | None) -> list[Any] | None:
+def task_values(rows: Rows, task_column: str | None) -> list[Any] | None:
     if task_column is None:
         return None
-    return _column_values(rows, task_column, "--task-column")
-
-
-# --- Classification as generation -------------------------------------------------------------------------------
-
-
-def classification_prompt(text_column: str, text: str) -> str:
-    """The prompt the classification recipe shows the model: ``"{text_column} : {text} Label : "``.
-
-    Args:
-        text_column: Name of the text column (part of the prompt, as in the seed recipe).
-        text: The row's text.
-
-    Returns:
-        The prompt string; the label text follows it directly.
-    """
-    return f"{text_column} : {text} Label : "
-
-
-def _prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, text_column: str, text: str, full_ids: list[int], budget: int
-) -> list[int]:
-    """The prompt's ids, dropping text from its start until at most ``budget`` tokens remain.
-
-    The prompt is always re-tokenized whole, so the ids are exactly those of
-    ``classification_prompt(text_column, kept_text)``; the search is over the character where the kept text starts.
-    """
-    if len(full_ids) <= budget:
-        return full_ids
-
-    def ids_from(start: int) -> list[int]:
-        return _encode(tokenizer, [classification_prompt(text_column, text[start:].lstrip())])[0]
-
-    # Invariant: keeping text[fits_from:] fits (the empty text fits, checked by the caller), text[too_long_from:]
-    # does not. Token counts shrink (almost) monotonically as the start moves right, so bisection finds a cut
-    # within a few characters of the longest text that fits, in ~log2(len(text)) tokenizer calls.
-    too_long_from, fits_from = 0, len(text)
-    fitting_ids = ids_from(fits_from)
-    while fits_from - too_long_from > 1:
-        middle = (too_long_from + fits_from) // 2
-        candidate = ids_from(middle)
-        if len(candidate) <= budget:
-            fits_from, fitting_ids = middle, candidate
-        else:
-            too_long_from = middle
-    return fitting_ids
-
-
-def _classification_parts(
-    rows: Rows,
-    tokenizer: PreTrainedTokenizerBase,
-    text_column: str,
-    label_column: str,
-    max_length: int,
-) -> tuple[list[list[int]], list[str], list[list[int]]]:
-    """Prompt ids, label texts and target ids (label ids + EOS) of every row, truncated to fit ``max_length``."""
-    _check_rows(rows)
-    _check_max_length(max_length)
-    eos_token_id = _eos_token_id(tokenizer)
-    texts = _text_values(rows, text_column, "--text-column", allow_empty=True)
-    labels = _text_values(rows, label_column, "--label-column", allow_empty=False)
-
-    target_ids = [ids + [eos_token_id] for ids in _encode(tokenizer, labels)]
-    empty_prompt_length = len(_encode(tokenizer, [classification_prompt(text_column, "")])[0])
-    # One budget for all rows, set by the longest target: a per-row budget would cut the text of rows with longer
-    # labels more, and the prompt length would then leak the label.
-    longest_target_index = max(range(len(target_ids)), key=lambda index: len(target_ids[index]))
-    longest_target = len(target_ids[longest_target_index])
-    if empty_prompt_length + longest_target > max_length:
-        raise DataError(
-            f"Row {longest_target_index}: the label {labels[longest_target_index]!r} takes "
-            f"{longest_target - 1} tokens + 1 EOS and the prompt {classification_prompt(text_column, '')!r} takes "
-            f"{empty_prompt_length} tokens even with no text, which exceeds max_length={max_length}. "
-            f"Fix: raise max_length to at least {empty_prompt_length + longest_target} (more to keep some text)."
-        )
-    budget = max_length - longest_target
-    full_prompts = _encode(tokenizer, [classification_prompt(text_column, text) for text in texts])
-    prompt_ids = [
-        _prompt_ids(tokenizer, text_column, text, full, budget) for text, full in zip(texts, full_prompts)
-    ]
-    return prompt_ids, labels, target_ids
-
-
-def classification_examples(
-    rows: Rows,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    text_column: str,
-    label_column: str,
-    max_length: int,
-    task_column: str | None = None,
-) -> list[dict[str, Any]]:
-    """Training examples for classification as generation (the seed recipe, RAFT twitter_complaints).
-
-    Per row, with ``prompt = f"{text_column} : {text} Label : "`` and the label text as target::
-
-        input_ids      = prompt_ids + label_ids + [eos]
-        labels         = [-100] * len(prompt_ids) + label_ids + [eos]
-        attention_mask = [1] * len(input_ids)
-
-    so the loss is taken only on the label and the EOS that ends it. PEFT's documentation version of this recipe
-    forgets to append the label ids to the input ids and puts them at the first text positions instead; here the
-    model sees the prompt and learns to continue it with the label, which is what generation does at test time.
-
-    Prompt and label are tokenized separately with ``add_special_tokens=False`` (BLOOM's tokenizer adds none).
-    Texts too long for ``max_length`` lose tokens from the start of the text: the ``"{text_column} : "`` head,
-    the ``" Label : "`` cue, the label and EOS are always kept. The room left for the prompt is the same for every
-    row (``max_length`` minus the longest label + EOS among ``rows``), so the prompts match
-    `classification_eval_examples` and their length says nothing about the label.
-
-    Args:
-        rows: The data, e.g. from `load_rows`.
-        tokenizer: The model's tokenizer; must have an EOS token.
-        text_column: Column holding the text (also written into the prompt).
-        label_column: Column holding the label text, e.g. ``"complaint"``.
-        max_length: Most tokens per example (prompt + label + EOS).
-        task_column: Optional column naming each row's task; copied to ``example["task"]``.
-
-    Returns:
-        One dict per row with ``input_ids``, ``attention_mask``, ``labels`` (lists of ints, at most
-        ``max_length`` long) and, with ``task_column``, ``task``.
-
-    Raises:
-        DataError: ``rows`` is empty; a column is missing (the message lists the available ones); a text or label
-            is not a string or a label is empty; the tokenizer has no EOS; or the longest label + EOS + the
-            prompt with no text exceeds ``max_length`` (the message names the row, the label's length and
-            ``max_length``).
-    """
-    prompt_ids, _, target_ids = _classification_parts(rows, tokenizer, text_column, label_column, max_length)
-    tasks = _task_values(rows, task_column)
-    examples = []
-    for index, (prompt, target) in enumerate(zip(prompt_ids, target_ids)):
-        input_ids = prompt + target
-        example: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": [1] * len(input_ids),
-            "labels": [IGNORE_INDEX] * len(prompt) + target,
-        }
-        if tasks is not None:
-            example["task"] = tasks[index]
-        examples.append(example)
-    return examples
-
-
-def classification_eval_examples(
-    rows: Rows,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    text_column: str,
-    label_column: str,
-    max_length: int,
-    task_column: str | None = None,
-) -> list[dict[str, Any]]:
-    """Evaluation examples for classification as generation: the prompt alone and the gold answer.
-
-    The prompt ids equal the prompt part of `classification_examples` for the same rows (same truncation), and
-    there is room after them for the longest label + EOS within ``max_length``. Generate greedily from the
-    left-padded prompts with ``max_new_tokens = max(len(example["label_ids"]) for example in examples)``, decode
-    the new tokens with ``skip_special_tokens=True`` and score with `label_accuracy` against ``label_text``.
-
-    Args:
-        rows: The data, e.g. from `load_rows`.
-        tokenizer: The model's tokenizer; must have an EOS token.
-        text_column: Column holding the text.
-        label_column: Column holding the gold label text.
-        max_length: Most tokens of prompt + label + EOS, as for `classification_examples`.
-        task_column: Optional column naming each row's task; copied to ``example["task"]``.
-
-    Returns:
-        One dict per row with ``input_ids`` and ``attention_mask`` (the prompt), ``label_text`` (the gold label
-        string), ``label_ids`` (its token ids followed by EOS) and, with ``task_column``, ``task``. There is no
-        ``labels`` field, so `collate` returns no ``labels`` tensor for these.
-
-    Raises:
-        DataError: As `classification_examples`.
-    """
-    prompt_ids, label_texts, target_ids = _classification_parts(
-        rows, tokenizer, text_column, label_column, max_length
-    )
-    tasks = _task_values(rows, task_column)
-    examples = []
-    for index, (prompt, label_text, target) in enumerate(zip(prompt_ids, label_texts, target_ids)):
-        example: dict[str, Any] = {
-            "input_ids": prompt,
-            "attention_mask": [1] * len(prompt),
-            "label_text": label_text,
-            "label_ids": target,
-        }
-        if tasks is not None:
-            example["task"] = tasks[index]
-        examples.append(example)
-    return examples
-
-
-def label_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction of generated labels equal to the gold labels, ignoring surrounding whitespace.
-
-    Args:
-        predictions: Decoded generations (special tokens skipped), one per example.
-        references: Gold label texts (``example["label_text"]``), in the same order.
-
-    Returns:
-        Accuracy in [0, 1].
-
-    Raises:
-        DataError: The two sequences differ in length or are empty.
-    """
-    if len(predictions) != len(references):
-        raise DataError(
-            f"{len(predictions)} predictions for {len(references)} references: expected one prediction per "
-            "reference. Fix: decode one generation per evaluation example."
-        )
-    if not references:
-        raise DataError("No references: expected at least one example. Fix: evaluate on a non-empty dataset.")
-    correct = sum(prediction.strip() == reference.strip() for prediction, reference in zip(predictions, references))
-    return correct / len(references)
-
-
-# --- Causal language modelling ----------------------------------------------------------------------------------
-
-
-def causal_lm_examples(
-    rows: Rows,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    text_column: str,
-    max_length: int,
-    task_column: str | None = None,
-) -> list[dict[str, Any]]:
-    """Training examples for plain next-token prediction over a text column (the quotes/prompts recipe).
-
-    Per row: ``input_ids = text_ids + [eos]`` cut to the first ``max_length`` tokens (a cut text loses its end
-    and its EOS), ``labels = input_ids`` (the loss covers every real token; the model shifts labels itself) and
-    ``attention_mask`` all ones.
-
-    Args:
-        rows: The data, e.g. from `load_rows`.
-        tokenizer: The model's tokenizer; must have an EOS token.
-        text_column: Column holding the text.
-        max_length: Most tokens per example.
-        task_column: Optional column naming each row's task; copied to ``example["task"]``.
-
-    Returns:
-        One dict per row with ``input_ids``, ``attention_mask``, ``labels`` and, with ``task_column``, ``task``.
-
-    Raises:
-        DataError: ``rows`` is empty, a column is missing (the message lists the available ones), a text is not a
-            string, the tokenizer has no EOS, or ``max_length`` is not a positive int.
-    """
-    _check_rows(rows)
-    _check_max_length(max_length)
-    eos_token_id = _eos_token_id(tokenizer)
-    texts = _text_values(rows, text_column, "--text-column", allow_empty=True)
-    tasks = _task_values(rows, task_column)
-    examples = []
-    for index, text_ids in enumerate(_encode(tokenizer, texts)):
-        input_ids = (text_ids + [eos_token_id])[:max_length]
-        example: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": [1] * len(input_ids),
-            "labels": list(input_ids),
-        }
-        if tasks is not None:
-            example["task"] = tasks[index]
-        examples.append(example)
-    return examples
+    return column_values(rows, task_column, "--task-column")
 
 
 # --- Padding ----------------------------------------------------------------------------------------------------
@@ -529,7 +258,7 @@ def collate(
             "(set tokenizer.pad_token first if it is None)."
         )
     if max_length is not None:
-        _check_max_length(max_length)
+        check_max_length(max_length)
     elif padding == "max_length":
         raise DataError("padding='max_length' needs max_length. Fix: pass max_length=... or padding='longest'.")
 

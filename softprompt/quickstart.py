@@ -1,20 +1,21 @@
-"""Offline assets for the embedded default run: a tiny tokenizer, a tiny random BLOOM and small datasets.
+"""Offline assets for the embedded default run and for tests: a tiny tokenizer, tiny random models, the shipped
+datasets.
 
-Everything here is built in memory and deterministically, without the network, so that the default run, the
+Everything here is built locally and deterministically, without the network, so that the default run, the
 examples and the tests work on a machine that cannot reach the Hugging Face Hub:
 
 - `build_tokenizer`: a byte-level BPE tokenizer (so any text encodes, nothing maps to ``<unk>``) trained on the
   text of the shipped datasets, with BLOOM's special-token layout (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2,
   ``<pad>`` 3) and, like BLOOM's tokenizer, no special tokens added by ``tokenizer(text)``.
-- `build_tiny_bloom`: a `BloomForCausalLM` with random, seeded weights, about 12 C^2 parameters per layer (50k
-  at the default C = 64).
-- `save_tiny_bloom`: writes both with ``save_pretrained`` so ``AutoModelForCausalLM.from_pretrained(path)`` and
-  ``AutoTokenizer.from_pretrained(path)`` load them like any checkpoint.
-- Three synthetic datasets shipped under ``softprompt/data/`` (`SHIPPED_DATASETS`, `shipped_dataset_path`):
+- `build_tiny_bloom` (the embedded default base) and `build_tiny_model` (any supported family, from its
+  `Family.tiny_config`): random, seeded weights.
+- `save_tiny_bloom` / `save_tiny_model`: write model and tokenizer with ``save_pretrained`` so that
+  ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load them like any
+  checkpoint.
+- The three synthetic datasets shipped under ``softprompt/data/`` (`SHIPPED_DATASETS`, `shipped_dataset_path`):
   ``complaints`` (classification in the spirit of RAFT twitter_complaints), ``quotes`` and ``prompts`` (plain
-  text for the causal-LM recipe, in the spirit of english_quotes and awesome-chatgpt-prompts). Each file is the
-  exact output of its ``generate_*`` function with the default row count and seed; `render_shipped_dataset`
-  gives the file's text and `write_shipped_datasets` rewrites the files after a generator changes.
+  text for the causal-LM recipe, in the spirit of english_quotes and awesome-chatgpt-prompts). Their generators
+  live outside the library, in ``scripts/shipped_data.py``.
 
 Shapes: V vocabulary size, C hidden size, L layers, H heads.
 """
@@ -22,22 +23,20 @@ Shapes: V vocabulary size, C hidden size, L layers, H heads.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import pathlib
-import random
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from softprompt.files import atomic_write_bytes
+from softprompt.families import family_named
+
 
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
@@ -131,229 +130,12 @@ SHIPPED_DATASETS: dict[str, ShippedDataset] = {
 }
 
 
-# --- Synthetic datasets -----------------------------------------------------------------------------------------
-
-_BRANDS = (
-    "SkyJet", "AeroLink", "BlueWing", "RailOne", "MetroBus", "FastFiber", "CellCo", "NetWave", "PowerGrid",
-    "BankNorth", "ShopMart", "QuickCart", "PizzaPlace", "CoffeeCorner", "StreamBox", "GameHub",
-)
-_ITEMS = (
-    "order", "package", "flight", "bag", "phone", "laptop", "router", "bill", "ticket", "delivery", "account",
-    "card", "subscription", "pizza", "headphones",
-)
-_PROBLEMS = (
-    "arrived broken", "never arrived", "was cancelled", "is still missing", "got lost", "was delayed",
-    "stopped working", "was charged twice", "showed up damaged", "is stuck in processing",
-)
-_FRUSTRATIONS = (
-    "This is ridiculous.", "So frustrated.", "Worst service ever.", "Never again.", "Fix this now.",
-    "Unacceptable.", "I want a refund.", "Really disappointed.", "Absolutely terrible.", "Why is this so hard?",
-)
-_WAITS = ("two hours", "three days", "a week", "45 minutes", "two weeks", "a month", "all morning")
-_SERVICES = ("app", "website", "internet", "wifi", "checkout", "login page", "customer line", "signal")
-_PRAISES = (
-    "you made my day", "great job", "much appreciated", "keep it up", "you guys rock", "so helpful",
-    "love it", "thank you so much", "brilliant work", "what a team",
-)
-_GOOD_THINGS = (
-    "quick reply", "upgrade", "smooth flight", "fast delivery", "friendly staff", "free coffee", "new menu",
-    "great playlist", "kind help", "birthday discount",
-)
-_DAYS = ("today", "tomorrow", "on Sunday", "this weekend", "tonight", "on Friday", "next week")
-_PLACES = ("store", "lounge", "branch", "cafe", "station", "help desk")
-_HASHTAGS = ("weekend", "travel", "coffee", "music", "goodvibes", "friday", "sunday", "news")
-_TOPICS = ("new album", "big game", "season finale", "street festival", "movie night", "book club")
-
-_COMPLAINT_TEMPLATES: tuple[Callable[[random.Random], str], ...] = (
-    lambda rng: f"@{rng.choice(_BRANDS)} my {rng.choice(_ITEMS)} {rng.choice(_PROBLEMS)}. {rng.choice(_FRUSTRATIONS)}",
-    lambda rng: f"@{rng.choice(_BRANDS)} {rng.choice(_WAITS)} on hold and still no answer. {rng.choice(_FRUSTRATIONS)}",
-    lambda rng: f"Still waiting on a refund from @{rng.choice(_BRANDS)} after {rng.choice(_WAITS)}. "
-    f"{rng.choice(_FRUSTRATIONS)}",
-    lambda rng: f"@{rng.choice(_BRANDS)} why is your {rng.choice(_SERVICES)} down again? {rng.choice(_FRUSTRATIONS)}",
-    lambda rng: f"Worst experience ever with @{rng.choice(_BRANDS)}, my {rng.choice(_ITEMS)} "
-    f"{rng.choice(_PROBLEMS)}.",
-    lambda rng: f"@{rng.choice(_BRANDS)} you charged me twice for my {rng.choice(_ITEMS)} and nobody replies. "
-    f"{rng.choice(_FRUSTRATIONS)}",
-)
-_NO_COMPLAINT_TEMPLATES: tuple[Callable[[random.Random], str], ...] = (
-    lambda rng: f"@{rng.choice(_BRANDS)} thanks for the {rng.choice(_GOOD_THINGS)}, {rng.choice(_PRAISES)}!",
-    lambda rng: f"Loving my new {rng.choice(_ITEMS)} from @{rng.choice(_BRANDS)}, {rng.choice(_PRAISES)}",
-    lambda rng: f"@{rng.choice(_BRANDS)} what time does the {rng.choice(_PLACES)} open {rng.choice(_DAYS)}?",
-    lambda rng: f"Just got my {rng.choice(_ITEMS)} from @{rng.choice(_BRANDS)} {rng.choice(_DAYS)}, "
-    f"{rng.choice(_PRAISES)}.",
-    lambda rng: f"Anyone going to the {rng.choice(_TOPICS)} {rng.choice(_DAYS)}? #{rng.choice(_HASHTAGS)}",
-    lambda rng: f"@{rng.choice(_BRANDS)} great service {rng.choice(_DAYS)}, {rng.choice(_PRAISES)}",
-)
-
-_VIRTUES = (
-    "Patience", "Courage", "Kindness", "Curiosity", "Honesty", "Discipline", "Gratitude", "Humility", "Hope",
-    "Silence", "Laughter", "Friendship", "Practice", "Wisdom", "Love", "Change",
-)
-_QUOTE_OBJECTS = (
-    "the quiet engine of every long journey", "a door that only opens from the inside",
-    "the bridge between who you are and who you could be", "a light you carry for others",
-    "the root of every good harvest", "a habit before it is a gift", "the compass of an honest heart",
-    "a song the tired world still remembers", "the first step of every great story",
-    "the soil in which courage grows", "a promise you keep to yourself", "the map drawn by those who got lost",
-)
-_QUOTE_VERBS = ("begins", "grows", "lives", "ends", "shines", "waits", "starts")
-_QUOTE_PLACES = (
-    "where fear stops talking", "in the smallest choices", "when nobody is watching", "at the edge of comfort",
-    "in the space between two breaths", "after the storm has passed", "in the hands of the patient",
-)
-_QUOTE_ACTIONS = (
-    "Be kind", "Keep walking", "Stay curious", "Speak softly", "Dream boldly", "Listen first", "Start small",
-    "Forgive quickly", "Work quietly", "Laugh often",
-)
-_QUOTE_REASONS = (
-    "the road remembers every step", "tomorrow is built from today", "small things become large things",
-    "every storm runs out of rain", "the world is wider than your worries", "nobody else can be you",
-)
-_QUOTE_TEMPLATES: tuple[Callable[[random.Random], str], ...] = (
-    lambda rng: f"{rng.choice(_VIRTUES)} is {rng.choice(_QUOTE_OBJECTS)}.",
-    lambda rng: f"{rng.choice(_VIRTUES)} {rng.choice(_QUOTE_VERBS)} {rng.choice(_QUOTE_PLACES)}.",
-    lambda rng: f"{rng.choice(_QUOTE_ACTIONS)}, because {rng.choice(_QUOTE_REASONS)}.",
-    lambda rng: f"Without {rng.choice(_VIRTUES).lower()}, {rng.choice(_VIRTUES).lower()} is only a word.",
-)
-
-_ROLES = (
-    "travel guide", "math teacher", "storyteller", "poet", "career coach", "chef", "personal trainer",
-    "translator", "historian", "librarian", "gardener", "tour guide", "debate coach", "film critic",
-    "motivational speaker", "plant doctor", "chess tutor", "music teacher",
-)
-_ROLE_TASKS = (
-    "answer my questions in simple words", "give me three practical suggestions", "explain things step by step",
-    "keep every answer under five sentences", "ask me one question before you answer",
-    "use friendly and encouraging language", "give one short example for every idea",
-)
-_REQUESTS = (
-    "I am visiting a new city this weekend.", "I want to learn something new every day.",
-    "I have a small garden and very little time.", "I need to prepare for an interview.",
-    "I would like to write a short poem about the sea.", "I want to cook dinner for four friends.",
-    "I am learning to play the piano.", "I need a plan for a calm morning routine.",
-    "I want to understand why the sky is blue.", "I am reading my first history book.",
-)
-_PROMPT_TEMPLATES: tuple[Callable[[random.Random], str], ...] = (
-    lambda rng: f"I want you to act as a {rng.choice(_ROLES)}. Please {rng.choice(_ROLE_TASKS)}. "
-    f"My first request is: {rng.choice(_REQUESTS)}",
-    lambda rng: f"Act as a {rng.choice(_ROLES)} and {rng.choice(_ROLE_TASKS)}. {rng.choice(_REQUESTS)}",
-    lambda rng: f"You are a {rng.choice(_ROLES)}. {rng.choice(_REQUESTS)} Please {rng.choice(_ROLE_TASKS)}.",
-)
-
-
-_MAX_CONSECUTIVE_DUPLICATES = 10_000
-"""Draws in a row that only repeat earlier texts before a generator concludes its templates are exhausted."""
-
-
-def _check_generator_arguments(num_rows: int, seed: int) -> None:
-    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows <= 0:
-        raise ValueError(f"num_rows={num_rows!r}: expected a positive int. Fix: pass e.g. num_rows=300.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r}: expected an int. Fix: pass e.g. seed=0.")
-
-
-def _distinct_texts(
-    rng: random.Random, templates: tuple[Callable[[random.Random], str], ...], count: int, seen: set[str]
-) -> Iterator[str]:
-    """Yields ``count`` texts from ``templates`` that are not in ``seen`` (and adds them to it)."""
-    produced = 0
-    duplicates_in_a_row = 0
-    while produced < count:
-        text = rng.choice(templates)(rng)
-        if text in seen:
-            duplicates_in_a_row += 1
-            if duplicates_in_a_row >= _MAX_CONSECUTIVE_DUPLICATES:
-                raise ValueError(
-                    f"Asked for {count} distinct texts but the templates ran out after {produced}. "
-                    "Fix: ask for fewer rows."
-                )
-            continue
-        duplicates_in_a_row = 0
-        seen.add(text)
-        produced += 1
-        yield text
-
-
-def generate_complaints(num_rows: int = COMPLAINTS_NUM_ROWS, seed: int = DEFAULT_SEED) -> list[dict[str, str]]:
-    """Generates the synthetic tweet-complaint classification dataset.
-
-    Complaints name a failure (a broken order, a refund, hours on hold) and end in frustration; the other tweets
-    thank, praise or ask a neutral question, so a model can learn the split from a handful of cue words. About
-    half the rows are complaints; no tweet text repeats.
-
-    Args:
-        num_rows: Number of rows to generate.
-        seed: Seed of the private random generator (the global ``random`` state is not touched).
-
-    Returns:
-        Rows ``{"Tweet text": str, "text_label": "complaint" | "no complaint"}`` in a shuffled order.
+def shipped_dataset(name: str) -> ShippedDataset:
+    """A shipped dataset by its name or file name.
 
     Raises:
-        ValueError: ``num_rows`` is not a positive int or is more than the templates can make distinct, or
-            ``seed`` is not an int.
+        ValueError: no shipped dataset has that name; the message lists them.
     """
-    _check_generator_arguments(num_rows, seed)
-    rng = random.Random(seed)
-    num_complaints = num_rows // 2
-    seen: set[str] = set()
-    rows = [
-        {_COMPLAINTS_TEXT_COLUMN: text, _COMPLAINTS_LABEL_COLUMN: COMPLAINT_LABEL}
-        for text in _distinct_texts(rng, _COMPLAINT_TEMPLATES, num_complaints, seen)
-    ]
-    rows += [
-        {_COMPLAINTS_TEXT_COLUMN: text, _COMPLAINTS_LABEL_COLUMN: NO_COMPLAINT_LABEL}
-        for text in _distinct_texts(rng, _NO_COMPLAINT_TEMPLATES, num_rows - num_complaints, seen)
-    ]
-    rng.shuffle(rows)
-    return rows
-
-
-def generate_quotes(num_rows: int = QUOTES_NUM_ROWS, seed: int = DEFAULT_SEED) -> list[dict[str, str]]:
-    """Generates short synthetic quotes, one sentence each, no two alike.
-
-    Args:
-        num_rows: Number of rows to generate.
-        seed: Seed of the private random generator.
-
-    Returns:
-        Rows ``{"quote": str}``.
-
-    Raises:
-        ValueError: ``num_rows`` is not a positive int or is more than the templates can make distinct, or
-            ``seed`` is not an int.
-    """
-    _check_generator_arguments(num_rows, seed)
-    rng = random.Random(seed)
-    return [{"quote": text} for text in _distinct_texts(rng, _QUOTE_TEMPLATES, num_rows, set())]
-
-
-def generate_prompts(num_rows: int = PROMPTS_NUM_ROWS, seed: int = DEFAULT_SEED) -> list[dict[str, str]]:
-    """Generates synthetic "act as a ..." instructions, no two alike.
-
-    Args:
-        num_rows: Number of rows to generate.
-        seed: Seed of the private random generator.
-
-    Returns:
-        Rows ``{"prompt": str}``.
-
-    Raises:
-        ValueError: ``num_rows`` is not a positive int or is more than the templates can make distinct, or
-            ``seed`` is not an int.
-    """
-    _check_generator_arguments(num_rows, seed)
-    rng = random.Random(seed)
-    return [{"prompt": text} for text in _distinct_texts(rng, _PROMPT_TEMPLATES, num_rows, set())]
-
-
-_GENERATORS: dict[str, Callable[[int, int], list[dict[str, str]]]] = {
-    "complaints": generate_complaints,
-    "quotes": generate_quotes,
-    "prompts": generate_prompts,
-}
-
-
-def _shipped_dataset(name: str) -> ShippedDataset:
     if name in SHIPPED_DATASETS:
         return SHIPPED_DATASETS[name]
     # Accept the file name too ("complaints.csv"), which is what a user sees in the folder.
@@ -362,72 +144,6 @@ def _shipped_dataset(name: str) -> ShippedDataset:
             return dataset
     available = ", ".join(f"{key!r} ({dataset.file_name})" for key, dataset in SHIPPED_DATASETS.items())
     raise ValueError(f"Unknown shipped dataset {name!r}: expected one of {available}. Fix: pass one of those names.")
-
-
-def generate_shipped_rows(name: str) -> list[dict[str, str]]:
-    """Regenerates the rows of a shipped dataset with the row count and seed its file was written with.
-
-    Args:
-        name: A key of `SHIPPED_DATASETS` (``"complaints"``, ``"quotes"``, ``"prompts"``) or its file name.
-
-    Returns:
-        The rows, equal to the rows of the committed file.
-
-    Raises:
-        ValueError: ``name`` is not a shipped dataset.
-    """
-    dataset = _shipped_dataset(name)
-    key = next(key for key, value in SHIPPED_DATASETS.items() if value is dataset)
-    return _GENERATORS[key](dataset.num_rows, dataset.seed)
-
-
-def render_shipped_dataset(name: str) -> str:
-    """The exact text of a shipped dataset file, rendered from its generator.
-
-    CSV files are written by `csv.DictWriter` with ``\\n`` line endings; JSONL files hold one compact JSON
-    object per line.
-
-    Args:
-        name: A key of `SHIPPED_DATASETS` or its file name.
-
-    Returns:
-        The file's text.
-
-    Raises:
-        ValueError: ``name`` is not a shipped dataset.
-    """
-    dataset = _shipped_dataset(name)
-    rows = generate_shipped_rows(name)
-    if dataset.file_name.endswith(".csv"):
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_shipped_datasets(directory: str | os.PathLike[str]) -> list[pathlib.Path]:
-    """Writes every shipped dataset file into ``directory`` (``softprompt/data`` to refresh the committed ones).
-
-    Args:
-        directory: An existing folder.
-
-    Returns:
-        The paths written.
-
-    Raises:
-        NotADirectoryError: ``directory`` is not an existing folder.
-    """
-    folder = pathlib.Path(directory)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"directory={str(folder)!r} is not an existing folder. Fix: create it first.")
-    written = []
-    for name, dataset in SHIPPED_DATASETS.items():
-        path = folder / dataset.file_name
-        atomic_write_bytes(path, render_shipped_dataset(name).encode("utf-8"))
-        written.append(path)
-    return written
 
 
 def shipped_dataset_path(name: str) -> pathlib.Path:
@@ -444,7 +160,7 @@ def shipped_dataset_path(name: str) -> pathlib.Path:
         ValueError: ``name`` is not a shipped dataset; the message lists the available names.
         FileNotFoundError: The package was installed without its data files (or zipped).
     """
-    dataset = _shipped_dataset(name)
+    dataset = shipped_dataset(name)
     resource = resources.files("softprompt").joinpath("data", dataset.file_name)
     path = pathlib.Path(str(resource))
     if not path.is_file():
@@ -468,10 +184,19 @@ _RECIPE_STRINGS = (
 )
 
 
+def shipped_rows(name: str) -> list[dict[str, str]]:
+    """The rows of a shipped dataset file, read with the standard library (the files are CSV and JSON lines)."""
+    path = shipped_dataset_path(name)
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def _tokenizer_training_corpus() -> list[str]:
     corpus = list(_RECIPE_STRINGS)
     for name, dataset in SHIPPED_DATASETS.items():
-        for row in generate_shipped_rows(name):
+        for row in shipped_rows(name):
             if dataset.label_column is None:
                 corpus.append(row[dataset.text_column])
             else:
@@ -487,7 +212,7 @@ def build_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Builds a small byte-level BPE tokenizer with BLOOM's special-token layout, in memory.
 
-    The BPE merges are learned from the shipped datasets' text (regenerated, not read from disk) and the recipes'
+    The BPE merges are learned from the shipped datasets' text (read from the package's files) and the recipes'
     fixed strings; the 256 byte symbols are always in the vocabulary, so any text encodes and decodes back
     exactly. Special tokens take ids 0..3 (``<unk>``, ``<s>``, ``</s>``, ``<pad>``), and like BLOOM's tokenizer
     ``tokenizer(text)`` adds no special tokens. The result is the same on every call.
@@ -602,19 +327,45 @@ def build_tiny_bloom(
     return model.eval()
 
 
-def save_tiny_bloom(
+def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0) -> PreTrainedModel:
+    """A tiny random model of a supported family (its `Family.tiny_config`), weights drawn from a fixed seed.
+
+    The global torch random state is left as it was.
+
+    Args:
+        model_type: a supported transformers ``model_type`` (``llama``, ``gpt2``, ...; see
+            `softprompt.supported_model_types`).
+        vocab_size: V, at least ``len(tokenizer)``.
+        seed: seed of the weight initialization.
+
+    Returns:
+        The model, in eval mode, on CPU, in float32.
+
+    Raises:
+        UnsupportedModelError: `model_type` is not supported.
+    """
+    config = family_named(model_type).tiny_config(vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def save_tiny_model(
     directory: str | os.PathLike[str],
     *,
+    model_type: str = "bloom",
     tokenizer: PreTrainedTokenizerFast | None = None,
-    model: BloomForCausalLM | None = None,
+    model: PreTrainedModel | None = None,
     seed: int = 0,
 ) -> pathlib.Path:
-    """Writes a tiny BLOOM checkpoint (model + tokenizer) loadable by the ``from_pretrained`` code paths.
+    """Writes a tiny checkpoint (model + tokenizer) loadable by the ``from_pretrained`` code paths.
 
     Args:
         directory: Folder to write into; created if missing.
+        model_type: the family of the model to build when `model` is None (`build_tiny_model`).
         tokenizer: The tokenizer to save; `build_tokenizer()` when None.
-        model: The model to save; ``build_tiny_bloom(len(tokenizer), seed=seed)`` when None.
+        model: The model to save; `build_tiny_model` of `model_type` with ``len(tokenizer)`` rows when None.
         seed: Seed of the weights when ``model`` is None.
 
     Returns:
@@ -624,7 +375,7 @@ def save_tiny_bloom(
         ValueError: The model's vocabulary is smaller than the tokenizer's.
     """
     tokenizer = build_tokenizer() if tokenizer is None else tokenizer
-    model = build_tiny_bloom(len(tokenizer), seed=seed) if model is None else model
+    model = build_tiny_model(model_type, len(tokenizer), seed=seed) if model is None else model
     if model.config.vocab_size < len(tokenizer):
         raise ValueError(
             f"model.config.vocab_size={model.config.vocab_size} is smaller than len(tokenizer)={len(tokenizer)}: "
@@ -639,3 +390,16 @@ def save_tiny_bloom(
         for written in sorted(pathlib.Path(staging).iterdir()):
             os.replace(written, folder / written.name)
     return folder
+
+
+def save_tiny_bloom(
+    directory: str | os.PathLike[str],
+    *,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    model: BloomForCausalLM | None = None,
+    seed: int = 0,
+) -> pathlib.Path:
+    """`save_tiny_model` of a tiny BLOOM, by default `build_tiny_bloom`'s (the embedded default base's shape)."""
+    tokenizer = build_tokenizer() if tokenizer is None else tokenizer
+    model = build_tiny_bloom(len(tokenizer), seed=seed) if model is None else model
+    return save_tiny_model(directory, model_type="bloom", tokenizer=tokenizer, model=model)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from softprompt.cli import build_parser, main, train_config_from_args
-from softprompt.train_config import TrainConfig
+from softprompt.training import TrainConfig
 from softprompt.training import read_metrics
 
 SHORT = ["--split", "train[:60]", "--num-generations", "0", "--no-progress"]
@@ -84,12 +84,12 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(suffix, tmp
         path.write_text(yaml.safe_dump(values))
     args = build_parser().parse_args(["train", "--config", str(path), "--learning-rate", "0.01", "--resume"])
     config = train_config_from_args(args)
-    assert config.learning_rate == 0.01  # flag
-    assert (config.method, config.num_epochs, config.text_column) == ("p-tuning", 3, ["quote"])  # file
-    assert (config.batch_size, config.max_length) == (8, 64)  # defaults
-    assert config.resume is True
+    assert config.optimization.learning_rate == 0.01  # flag
+    assert (config.method, config.optimization.num_epochs, config.data.text_column) == ("p-tuning", 3, ["quote"])
+    assert (config.optimization.batch_size, config.data.max_length) == (8, 64)  # defaults
+    assert config.output.resume is True
     args = build_parser().parse_args(["train", "--config", str(path), "--no-resume", "--dataset", "other.csv"])
-    assert train_config_from_args(args).dataset == ["other.csv"]
+    assert train_config_from_args(args).data.dataset == ["other.csv"]
 
 
 def test_a_bad_config_file_is_explained(tmp_path, capsys):
@@ -250,7 +250,9 @@ def test_the_seed_recipe_command_uses_the_hub_code_path(tmp_path, monkeypatch, c
     import datasets
     import transformers
 
-    from softprompt.quickstart import generate_complaints, save_tiny_bloom
+    from shipped_data import generate_complaints
+
+    from softprompt.quickstart import save_tiny_bloom
 
     local_model = save_tiny_bloom(tmp_path / "stand-in-bloomz")
     hub_calls = []

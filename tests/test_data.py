@@ -1,4 +1,5 @@
-"""Tests of the data recipes (softprompt/data.py) and the offline quickstart assets (softprompt/quickstart.py)."""
+"""Tests of data loading and batching (softprompt/data.py), the recipes (softprompt/recipes.py), the offline
+quickstart assets (softprompt/quickstart.py) and the generators of the shipped data (scripts/shipped_data.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from softprompt import data, quickstart
+import shipped_data
+
+from softprompt import data, quickstart, recipes
 
 TEXT_COLUMN = "Tweet text"
 LABEL_COLUMN = "text_label"
@@ -32,7 +35,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def test_classification_layout_is_prompt_then_label_then_eos(tokenizer):
     rows = [{TEXT_COLUMN: "I hate this airline", LABEL_COLUMN: "complaint"}]
-    (example,) = data.classification_examples(
+    (example,) = recipes.classification_examples(
         rows, tokenizer, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, max_length=64
     )
     prompt_ids = encode(tokenizer, "Tweet text : I hate this airline Label : ")
@@ -50,8 +53,8 @@ def test_classification_on_a_loaded_dataset_keeps_task_and_matches_eval_prompts(
     rows = data.load_rows(quickstart.shipped_dataset_path("complaints"), split="train[:40]")
     rows = rows.add_column("task", ["complaints"] * len(rows))
     kwargs = dict(text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, max_length=64, task_column="task")
-    train = data.classification_examples(rows, tokenizer, **kwargs)
-    evaluation = data.classification_eval_examples(rows, tokenizer, **kwargs)
+    train = recipes.classification_examples(rows, tokenizer, **kwargs)
+    evaluation = recipes.classification_eval_examples(rows, tokenizer, **kwargs)
 
     assert len(train) == len(evaluation) == 40
     for row, train_example, eval_example in zip(rows, train, evaluation):
@@ -70,7 +73,7 @@ def test_long_text_loses_its_start_and_label_always_fits(tokenizer):
         {TEXT_COLUMN: "short one", LABEL_COLUMN: "no complaint"},
     ]
     max_length = 24
-    examples = data.classification_examples(
+    examples = recipes.classification_examples(
         rows, tokenizer, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, max_length=max_length
     )
     long_example = examples[0]
@@ -95,7 +98,7 @@ def test_label_that_cannot_fit_names_row_and_max_length(tokenizer):
         {TEXT_COLUMN: "fine", LABEL_COLUMN: "a very long label that takes many many tokens indeed"},
     ]
     with pytest.raises(data.DataError, match=r"Row 1: the label .* exceeds max_length=12\. Fix: raise max_length"):
-        data.classification_examples(
+        recipes.classification_examples(
             rows, tokenizer, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, max_length=12
         )
 
@@ -104,27 +107,27 @@ def test_missing_column_lists_available_columns(tokenizer):
     rows = [{TEXT_COLUMN: "hello", LABEL_COLUMN: "complaint"}]
     with pytest.raises(data.DataError, match=r"Column 'text' is not in the data; available columns: \['Tweet text', "
                        r"'text_label'\].*--text-column"):
-        data.classification_examples(rows, tokenizer, text_column="text", label_column=LABEL_COLUMN, max_length=32)
+        recipes.classification_examples(rows, tokenizer, text_column="text", label_column=LABEL_COLUMN, max_length=32)
     with pytest.raises(data.DataError, match=r"Column 'Label' is not in the data.*--label-column"):
-        data.classification_examples(rows, tokenizer, text_column=TEXT_COLUMN, label_column="Label", max_length=32)
+        recipes.classification_examples(rows, tokenizer, text_column=TEXT_COLUMN, label_column="Label", max_length=32)
     with pytest.raises(data.DataError, match=r"Column 'task' is not in the data.*--task-column"):
-        data.causal_lm_examples(rows, tokenizer, text_column=TEXT_COLUMN, max_length=32, task_column="task")
+        recipes.causal_lm_examples(rows, tokenizer, text_column=TEXT_COLUMN, max_length=32, task_column="task")
 
 
 def test_missing_values_and_empty_rows_are_reported(tokenizer):
     with pytest.raises(data.DataError, match=r"Row 1, column 'text_label': expected text, got None"):
-        data.classification_examples(
+        recipes.classification_examples(
             [{TEXT_COLUMN: "a", LABEL_COLUMN: "complaint"}, {TEXT_COLUMN: "b", LABEL_COLUMN: None}],
             tokenizer, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, max_length=32,
         )
     with pytest.raises(data.DataError, match="rows is empty"):
-        data.causal_lm_examples([], tokenizer, text_column="quote", max_length=32)
+        recipes.causal_lm_examples([], tokenizer, text_column="quote", max_length=32)
 
 
 def test_label_accuracy():
-    assert data.label_accuracy(["complaint ", "no complaint"], ["complaint", "complaint"]) == 0.5
+    assert recipes.label_accuracy(["complaint ", "no complaint"], ["complaint", "complaint"]) == 0.5
     with pytest.raises(data.DataError, match="2 predictions for 1 references"):
-        data.label_accuracy(["a", "b"], ["a"])
+        recipes.label_accuracy(["a", "b"], ["a"])
 
 
 # --- Causal-LM recipe -------------------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ def test_label_accuracy():
 
 def test_causal_lm_examples_score_every_token_and_truncate(tokenizer):
     rows = [{"quote": "Be kind, because small things become large things."}, {"quote": "Hope."}]
-    examples = data.causal_lm_examples(rows, tokenizer, text_column="quote", max_length=6)
+    examples = recipes.causal_lm_examples(rows, tokenizer, text_column="quote", max_length=6)
     full_ids = encode(tokenizer, rows[0]["quote"]) + [tokenizer.eos_token_id]
     assert examples[0]["input_ids"] == full_ids[:6]
     assert examples[1]["input_ids"] == encode(tokenizer, "Hope.") + [tokenizer.eos_token_id]
@@ -145,7 +148,7 @@ def test_causal_lm_examples_score_every_token_and_truncate(tokenizer):
 
 
 def test_csv_json_jsonl_parquet_load_the_same_rows(tmp_path):
-    rows = quickstart.generate_complaints(12, seed=3)
+    rows = shipped_data.generate_complaints(12, seed=3)
     rows[0][TEXT_COLUMN] = 'Quotes "inside", commas, and ünïcode 🙂'
     frame = pd.DataFrame(rows)
     frame.to_csv(tmp_path / "rows.csv", index=False)
@@ -234,7 +237,7 @@ def test_collate_eval_examples_have_no_labels_tensor(tokenizer):
         {TEXT_COLUMN: "thanks a lot", LABEL_COLUMN: "no complaint"},
         {TEXT_COLUMN: "broken", LABEL_COLUMN: "complaint"},
     ]
-    examples = data.classification_eval_examples(
+    examples = recipes.classification_eval_examples(
         rows, tokenizer, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, max_length=32
     )
     batch = data.collate(examples, pad_token_id=tokenizer.pad_token_id)
@@ -268,7 +271,7 @@ def test_tokenizer_layout_and_round_trip(tokenizer):
     assert tokenizer.padding_side == "left"
     assert quickstart.build_tokenizer(padding_side="right").padding_side == "right"
     assert 300 <= len(tokenizer) <= 2048
-    sentence = quickstart.generate_complaints()[0][TEXT_COLUMN]
+    sentence = shipped_data.generate_complaints()[0][TEXT_COLUMN]
     ids = tokenizer(sentence)["input_ids"]
     assert tokenizer.decode(ids) == sentence
     assert 0 not in ids and tokenizer.eos_token_id not in ids  # no <unk>, no special tokens added
@@ -283,8 +286,8 @@ def test_committed_dataset_files_equal_their_generators(name):
     path = quickstart.shipped_dataset_path(name)
     assert path.name == dataset.file_name
     assert path.stat().st_size < 100_000
-    assert path.read_text(encoding="utf-8") == quickstart.render_shipped_dataset(name)
-    expected = quickstart.generate_shipped_rows(name)
+    assert path.read_text(encoding="utf-8") == shipped_data.render_shipped_dataset(name)
+    expected = shipped_data.generate_shipped_rows(name)
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             assert list(csv.DictReader(handle)) == expected
@@ -296,13 +299,13 @@ def test_committed_dataset_files_equal_their_generators(name):
 
 
 def test_complaints_are_balanced_and_cued():
-    rows = quickstart.generate_complaints()
+    rows = shipped_data.generate_complaints()
     labels = [row[LABEL_COLUMN] for row in rows]
     assert set(labels) == {"complaint", "no complaint"}
     assert abs(labels.count("complaint") - labels.count("no complaint")) <= 1
     assert len({row[TEXT_COLUMN] for row in rows}) == len(rows)
-    assert quickstart.generate_complaints(50, seed=7) == quickstart.generate_complaints(50, seed=7)
-    assert quickstart.generate_complaints(50, seed=7) != quickstart.generate_complaints(50, seed=8)
+    assert shipped_data.generate_complaints(50, seed=7) == shipped_data.generate_complaints(50, seed=7)
+    assert shipped_data.generate_complaints(50, seed=7) != shipped_data.generate_complaints(50, seed=8)
 
 
 def test_shipped_dataset_path_unknown_name_lists_available():
@@ -333,7 +336,7 @@ def test_tiny_bloom_save_and_from_pretrained_round_trip(tmp_path, tokenizer):
     loaded_tokenizer = AutoTokenizer.from_pretrained(folder)
     loaded_model = AutoModelForCausalLM.from_pretrained(folder).eval()
 
-    sentence = quickstart.generate_quotes()[0]["quote"]
+    sentence = shipped_data.generate_quotes()[0]["quote"]
     assert loaded_tokenizer(sentence)["input_ids"] == tokenizer(sentence)["input_ids"]
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert (loaded_tokenizer.pad_token_id, loaded_tokenizer.eos_token_id) == (3, 2)
@@ -349,5 +352,5 @@ def test_tiny_bloom_save_and_from_pretrained_round_trip(tmp_path, tokenizer):
 
 def test_generators_do_not_touch_global_random_state():
     state = random.getstate()
-    quickstart.generate_prompts(10, seed=2)
+    shipped_data.generate_prompts(10, seed=2)
     assert random.getstate() == state

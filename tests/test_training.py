@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softprompt.checkpoint import (
+from softprompt.training.checkpoint import (
     CheckpointError,
     complete_checkpoint_directories,
     flatten_optimizer_state,
@@ -30,8 +30,9 @@ from softprompt.checkpoint import (
 )
 from softprompt.cli import main
 from softprompt.model import SoftPromptModel
-from softprompt.train_config import ConfigError, TrainConfig
 from softprompt.training import (
+    ConfigError,
+    TrainConfig,
     TrainingDivergedError,
     epoch_order,
     prepare_data,
@@ -47,7 +48,7 @@ def short_config(tmp_path: Path, **overrides) -> TrainConfig:
     values = dict(split="train[:60]", num_generations=0, progress=False, num_epochs=2,
                   output_dir=str(tmp_path / "run"))
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -121,9 +122,9 @@ def test_warmup_and_linear_decay(tmp_path):
 
 
 def test_held_out_split_and_epoch_order_are_seeded(tokenizer):
-    first = prepare_data(TrainConfig(split="train[:60]"), tokenizer)
-    again = prepare_data(TrainConfig(split="train[:60]"), tokenizer)
-    other = prepare_data(TrainConfig(split="train[:60]", seed=1), tokenizer)
+    first = prepare_data(TrainConfig.from_dict({"split": "train[:60]"}), tokenizer)
+    again = prepare_data(TrainConfig.from_dict({"split": "train[:60]"}), tokenizer)
+    other = prepare_data(TrainConfig.from_dict({"split": "train[:60]", "seed": 1}), tokenizer)
     assert (len(first.train), len(first.eval), len(first.eval_prompts)) == (48, 12, 12)
     assert first.eval == again.eval and first.eval != other.eval
     # The accuracy prompts are the held-out rows' prompts: the loss examples minus the answer.
@@ -135,11 +136,11 @@ def test_held_out_split_and_epoch_order_are_seeded(tokenizer):
 def test_several_datasets_train_one_adapter_each(tmp_path):
     from softprompt.quickstart import shipped_dataset_path
 
-    result = train(TrainConfig(
+    result = train(TrainConfig.from_dict(dict(
         dataset=[str(shipped_dataset_path("quotes")), str(shipped_dataset_path("prompts"))],
         text_column=["quote", "prompt"], split="train[:40]", num_epochs=2, num_virtual_tokens=4,
         num_generations=2, progress=False, output_dir=str(tmp_path / "run"),
-    ))
+    )))
     assert set(result.adapter_directories) == {"quotes", "prompts"}
     for name, directory in result.adapter_directories.items():
         assert directory == tmp_path / "run" / "adapters" / name and (directory / "adapter.safetensors").is_file()
@@ -153,9 +154,9 @@ def test_task_column_trains_one_adapter_per_task(tmp_path):
             for i in range(24)]
     data = tmp_path / "tasks.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    result = train(TrainConfig(dataset=[str(data)], text_column=["text"], task_column="task", num_epochs=1,
-                               method="prefix-tuning", num_generations=0, progress=False,
-                               output_dir=str(tmp_path / "run")))
+    result = train(TrainConfig.from_dict(dict(dataset=[str(data)], text_column=["text"], task_column="task",
+                                              num_epochs=1, method="prefix-tuning", num_generations=0,
+                                              progress=False, output_dir=str(tmp_path / "run"))))
     assert set(result.adapter_directories) == {"cats", "dogs"}
     assert set(result.final_eval["loss_by_adapter"]) == {"cats", "dogs"}
     dogs = adapter_tensors(result.adapter_directories["dogs"])
@@ -180,8 +181,7 @@ def test_checkpoints_are_complete_rotated_and_never_pickled(tmp_path):
     assert checkpoint.tensors["rng.torch"].dtype == torch.uint8
     assert {"exp_avg", "exp_avg_sq", "step"} == {k.split(".", 2)[2] for k in checkpoint.tensors if k.startswith("optimizer.")}
     assert isinstance(checkpoint.state["rng"]["python"][1], list)
-    sources = "".join((Path(__file__).parents[1] / "softprompt" / f).read_text()
-                      for f in ("checkpoint.py", "training.py", "train_config.py"))
+    sources = "".join(path.read_text() for path in (Path(__file__).parents[1] / "softprompt").rglob("*.py"))
     assert "torch.load(" not in sources and "import pickle" not in sources and "pickle.load" not in sources
 
 
@@ -341,17 +341,17 @@ def test_an_absurd_learning_rate_stops_with_a_clear_message(tmp_path, capsys):
 )
 def test_config_errors_name_the_value_and_the_fix(values, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        TrainConfig(**values)
+        TrainConfig.from_dict(values)
 
 
 def test_config_defaults_follow_the_seed_guides():
-    prompt = TrainConfig().adapter_config()
+    prompt = TrainConfig().adapter
     assert (prompt.num_virtual_tokens, prompt.prompt_tuning_init.value) == (8, "TEXT")
     assert prompt.prompt_tuning_init_text == "Classify if the tweet is a complaint or not:"
-    assert TrainConfig(method="p-tuning").adapter_config().num_virtual_tokens == 20
-    assert TrainConfig(method="prefix-tuning").adapter_config().num_virtual_tokens == 20
-    other_data = TrainConfig(dataset=["q.jsonl"], text_column=["quote"]).adapter_config()
+    assert TrainConfig(method="p-tuning").adapter.num_virtual_tokens == 20
+    assert TrainConfig(method="prefix-tuning").adapter.num_virtual_tokens == 20
+    other_data = TrainConfig.from_dict({"dataset": ["q.jsonl"], "text_column": ["quote"]}).adapter
     assert other_data.prompt_tuning_init.value == "RANDOM"
     config = TrainConfig()
-    assert (config.learning_rate, config.batch_size, config.max_length) == (3e-2, 8, 64)
-    assert (config.resolved_text_columns, config.resolved_label_column) == (["Tweet text"], "text_label")
+    assert (config.optimization.learning_rate, config.optimization.batch_size, config.data.max_length) == (3e-2, 8, 64)
+    assert (config.data.resolved_text_columns, config.data.resolved_label_column) == (["Tweet text"], "text_label")

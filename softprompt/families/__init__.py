@@ -43,7 +43,15 @@ def family_of(config: PretrainedConfig) -> Family:
     Raises:
         UnsupportedModelError: the config's ``model_type`` is not one softprompt supports.
     """
-    model_type = getattr(config, "model_type", None)
+    return family_named(getattr(config, "model_type", None))
+
+
+def family_named(model_type: str | None) -> Family:
+    """The family of a transformers ``model_type``.
+
+    Raises:
+        UnsupportedModelError: `model_type` is not one softprompt supports (the message lists them).
+    """
     family = _BY_MODEL_TYPE.get(model_type)
     if family is None:
         raise UnsupportedModelError(
@@ -73,6 +81,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "UnsupportedModelError",
+    "family_named",
     "family_of",
     "known_config",
     "known_model_names",

@@ -1,0 +1,489 @@
+"""`TrainConfig`: every setting of a training run, typed, documented and validated where it is declared.
+
+A run's settings are nested by what they are about: the base ``model``, the ``method`` and its own configuration
+(``adapter``: a `PromptTuningConfig`, `PromptEncoderConfig` or `PrefixTuningConfig`, PEFT's field names), then
+``data``, ``optimization``, ``execution`` (where and how a step runs) and ``output``. Precedence: the defaults below,
+then a config file, then the command-line flags.
+
+A config file (YAML or JSON) holds the same nesting::
+
+    method: p-tuning
+    adapter: {num_virtual_tokens: 20, encoder_hidden_size: 128}
+    optimization: {learning_rate: 0.03, num_epochs: 20}
+
+or the flat keys of the flags (``learning_rate: 0.03``, ``num_virtual_tokens: 20``), as earlier config files and
+``train_config.json`` files held them; every field name is unique across sections, dashes or underscores. Allowed
+values come from each field's ``Literal`` type, the methods from the method registry.
+
+The defaults reproduce the seed guides (PEFT's prompt-based-methods guide on twitter_complaints: learning rate
+3e-2, batch 8, max_length 64, 8 virtual tokens for prompt tuning and 20 for p-tuning and prefix tuning) on the data
+and model that ship with the package, so ``softprompt train`` with no flags runs offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from softprompt.loss import LossImplementation
+from softprompt.methods import METHODS, SoftPromptConfig, method_named
+from softprompt.training.config_values import (
+    ConfigError,
+    as_list,
+    check_float,
+    check_int,
+    check_literals,
+    read_config_file,
+)
+from softprompt.training_loss import VirtualTokenLayout
+
+DEFAULT_TEXT_COLUMN = "Tweet text"
+"""Text column of the shipped complaints dataset (the default data)."""
+
+DEFAULT_LABEL_COLUMN = "text_label"
+"""Label column of the shipped complaints dataset (the default data)."""
+
+SEED_PROMPT_TUNING_INIT_TEXT = "Classify if the tweet is a complaint or not:"
+"""The seed guide's TEXT init for prompt tuning on twitter complaints."""
+
+Padding = Literal["longest", "max_length"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+BaseDtype = Literal["float32", "bfloat16", "float16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+METHOD_NAMES: tuple[str, ...] = tuple(spec.cli_name for spec in METHODS.values())
+"""The ``--method`` choices, from the method registry."""
+
+
+@dataclass
+class DataConfig:
+    """What to train and evaluate on, and how examples are built."""
+
+    dataset: list[str] = field(default_factory=list)
+    """Data sources: hub dataset names or local ``.csv/.json/.jsonl/.parquet`` files. Empty: the shipped
+    complaints.csv. Two or more: one adapter per dataset, named after it (the file stem or the hub name's last
+    part), trained together in mixed batches."""
+
+    dataset_config: str | None = None
+    """Hub dataset configuration, e.g. ``twitter_complaints`` for ``ought/raft``."""
+
+    split: str = "train"
+    """Split to train on (``datasets`` slicing works: ``train[:50]``)."""
+
+    eval_split: str | None = None
+    """Split to evaluate on. None: hold out ``eval_fraction`` of the training rows (seeded by ``seed``)."""
+
+    eval_fraction: float = 0.2
+    """Fraction of the training rows held out for evaluation when ``eval_split`` is None; 0 turns evaluation off."""
+
+    text_column: list[str] = field(default_factory=list)
+    """Text column; one name for all datasets or one per dataset. Empty: ``Tweet text`` for the shipped default
+    data; required otherwise."""
+
+    label_column: str | None = None
+    """Label column: given, the classification-as-generation recipe; None, the causal-LM recipe on the text. With
+    the shipped default data and no text column given: ``text_label``."""
+
+    task_column: str | None = None
+    """Column naming each row's task: one adapter per distinct value, saved as ``output_dir/adapters/<task>``."""
+
+    max_length: int = 64
+    """Most tokens per example (prompt + label + EOS for classification)."""
+
+    padding: Padding = "longest"
+    """``longest`` (pad each batch to its longest row) or ``max_length`` (the seed's fixed shape)."""
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        self.dataset = as_list(self.dataset, "dataset")
+        self.text_column = as_list(self.text_column, "text_column")
+        check_int("max_length", self.max_length, minimum=1)
+        check_float("eval_fraction", self.eval_fraction, positive=False)
+        if not self.eval_fraction < 1:
+            raise ConfigError(
+                f"eval_fraction={self.eval_fraction!r}: expected a fraction in [0, 1) of the rows to hold out. "
+                "Fix: pass e.g. --eval-fraction 0.2 (or 0 to skip evaluation)."
+            )
+        if self.text_column and len(self.text_column) not in (1, max(1, len(self.dataset))):
+            raise ConfigError(
+                f"text_column={self.text_column!r} for {len(self.dataset)} datasets: expected one column for all "
+                "datasets or one per dataset, in the same order. Fix: repeat --text-column once per --dataset."
+            )
+        if self.dataset and not self.text_column:
+            raise ConfigError(
+                f"dataset={self.dataset!r} without text_column: expected the name of the column holding the text. "
+                "Fix: pass --text-column (e.g. --text-column quote for Abirate/english_quotes)."
+            )
+        adapter_names = [adapter_name_for_source(source) for source in self.dataset]
+        if len(set(adapter_names)) < len(adapter_names):
+            raise ConfigError(
+                f"dataset={self.dataset!r}: each dataset trains an adapter named after it ({adapter_names}), and two "
+                "names collide. Fix: rename or copy a file so that the names differ."
+            )
+        if len(self.dataset) > 1 and self.task_column is not None:
+            raise ConfigError(
+                f"task_column={self.task_column!r} with {len(self.dataset)} datasets: several datasets already mean "
+                "one task (adapter) per dataset. Fix: pass either one --dataset with --task-column, or several "
+                "datasets without it."
+            )
+        if self.dataset_config is not None and len(self.dataset) > 1:
+            raise ConfigError(
+                f"dataset_config={self.dataset_config!r} with {len(self.dataset)} datasets: a configuration names a "
+                "part of one hub dataset. Fix: train one hub dataset with a configuration at a time."
+            )
+
+    @property
+    def uses_default_data(self) -> bool:
+        """True when the data is the shipped complaints.csv (no ``dataset`` given)."""
+        return not self.dataset
+
+    @property
+    def resolved_text_columns(self) -> list[str]:
+        """One text column per data source."""
+        sources = max(1, len(self.dataset))
+        columns = self.text_column or [DEFAULT_TEXT_COLUMN]
+        return columns * sources if len(columns) == 1 else list(columns)
+
+    @property
+    def resolved_label_column(self) -> str | None:
+        """The label column, with the shipped default data's ``text_label`` when nothing was said."""
+        if self.label_column is None and self.uses_default_data and not self.text_column:
+            return DEFAULT_LABEL_COLUMN
+        return self.label_column
+
+
+@dataclass
+class OptimizationConfig:
+    """How the adapters' parameters are updated."""
+
+    learning_rate: float = 3e-2
+    """Peak AdamW learning rate."""
+
+    weight_decay: float = 0.01
+    """AdamW weight decay (torch's default, which the seed guide uses)."""
+
+    num_epochs: int = 20
+    """Passes over the training rows."""
+
+    batch_size: int = 8
+    """Rows per micro-batch per process. Global batch = batch_size x gradient_accumulation_steps x processes."""
+
+    eval_batch_size: int = 32
+    """Rows per evaluation batch."""
+
+    gradient_accumulation_steps: int = 1
+    """Micro-batches summed into one optimizer step."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to ``learning_rate``; then linear decay to 0 at the last step."""
+
+    max_grad_norm: float = 1.0
+    """Clip each adapter's gradient to this L2 norm; 0 turns clipping off (the seed guides do not clip)."""
+
+    seed: int = 0
+    """Seeds the prompt initialization, the held-out split and the data order: a run is reproducible on CPU."""
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
+            check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "seed"):
+            check_int(name, getattr(self, name), minimum=0)
+        check_float("learning_rate", self.learning_rate, positive=True)
+        check_float("weight_decay", self.weight_decay, positive=False)
+        check_float("max_grad_norm", self.max_grad_norm, positive=False)
+
+
+@dataclass
+class ExecutionConfig:
+    """Where and how a step runs. These fields may change at ``--resume`` (a run may move to another machine), but
+    they can change floating-point rounding: bit-for-bit equality with an uninterrupted run holds while they stay."""
+
+    base_dtype: BaseDtype = "float32"
+    """dtype the frozen base is loaded in. The prompts stay fp32."""
+
+    mixed_precision: MixedPrecision = "auto"
+    """CUDA autocast: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16`` or ``no``. Always ``no`` on
+    CPU."""
+
+    loss_implementation: LossImplementation = "torch"
+    """`SoftPromptModel.compute_loss` implementation: ``torch``, ``triton`` or ``full``."""
+
+    virtual_token_layout: VirtualTokenLayout = "prefix"
+    """How the training loss feeds virtual tokens: ``prefix`` (computed once per adapter, fewer FLOPs) or
+    ``sequence`` (in front of every row, one decoder pass; for GPU steps bound by kernel launches)."""
+
+    compile: CompileMode | None = None
+    """``torch.compile`` mode for the frozen decoder's passes in the training loss
+    (`SoftPromptModel.compile_decoder`); None: eager. Each new batch shape compiles first."""
+
+    device: Device = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``."""
+
+    num_threads: int | None = None
+    """CPU threads for torch during the run. None: 1 for tiny models (their matrices are too small to gain from
+    threads, and idle threads spinning on a busy machine slow every step), torch's default otherwise."""
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        if self.num_threads is not None:
+            check_int("num_threads", self.num_threads, minimum=1)
+
+
+@dataclass
+class OutputConfig:
+    """Where the run writes, how often it checkpoints, and what it reports."""
+
+    output_dir: str | None = None
+    """Where adapter, metrics, plot and checkpoints go. None: ``softprompt-runs/<method>``."""
+
+    save_every: int = 100
+    """Write a checkpoint every this many optimizer steps (0: only at epoch ends, which always get one)."""
+
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``output_dir`` (starts fresh when there is none)."""
+
+    overwrite: bool = False
+    """Start over even if ``output_dir`` holds a previous run's checkpoints (they are deleted)."""
+
+    num_generations: int = 4
+    """Held-out examples generated at the end and reported (0: none)."""
+
+    progress: bool = True
+    """Show tqdm progress bars."""
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_int("keep_last", self.keep_last, minimum=1)
+        for name in ("save_every", "num_generations"):
+            check_int(name, getattr(self, name), minimum=0)
+        for name in ("resume", "overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected true or false.")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume=True and overwrite=True: one continues the run in output_dir, the other deletes it. "
+                "Fix: pass only one of --resume / --overwrite."
+            )
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "optimization": OptimizationConfig,
+    "execution": ExecutionConfig,
+    "output": OutputConfig,
+}
+"""The nested sections of `TrainConfig`, by field name."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run; build it from a dict or file with `from_dict` / `from_file` (flat or nested keys)."""
+
+    model: str | None = None
+    """Base model: a hub id or a local directory, loaded with ``AutoModelForCausalLM.from_pretrained``. None: the
+    embedded tiny BLOOM (random weights, built locally, saved into ``output_dir/base-model`` so that ``softprompt
+    eval/generate`` can reload it)."""
+
+    method: str = "prompt-tuning"
+    """The soft-prompt method, by its ``--method`` name (``prompt-tuning``, ``p-tuning``, ``prefix-tuning``)."""
+
+    adapter: SoftPromptConfig | dict[str, Any] | None = None
+    """The method's own configuration. None, or a dict of some of its fields: the seed guides' configuration for
+    the method (8 virtual tokens for prompt tuning, 20 otherwise; on the shipped default data, prompt tuning starts
+    from the seed guide's TEXT init) with those fields set; resolved to the config object on construction."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(f"method={self.method!r}: expected one of {', '.join(METHOD_NAMES)}. Fix: pick one of those.")
+        for name, section in SECTIONS.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, section(**getattr(self, name)))
+        self.adapter = self._resolved_adapter()
+
+    def _resolved_adapter(self) -> SoftPromptConfig:
+        spec = method_named(self.method)
+        if isinstance(self.adapter, spec.config_class):
+            return self.adapter
+        if self.adapter is not None and not isinstance(self.adapter, dict):
+            raise ConfigError(
+                f"adapter={type(self.adapter).__name__}(...) with method={self.method!r}: expected a "
+                f"{spec.config_class.__name__}. Fix: pass --method for that config, or its own config class."
+            )
+        given = dict(self.adapter or {})
+        known = {f.name for f in dataclasses.fields(spec.config_class)}
+        for key in sorted(set(given) - known):
+            if _says_nothing(key, given[key]):  # e.g. an old flat file's `prefix_projection: false` for p-tuning
+                del given[key]
+                continue
+            owners = [s.cli_name.replace("-", " ") for s in METHODS.values() if key in _field_names(s.config_class)]
+            where = f"applies to {' / '.join(owners)} only" if owners else "is no method's setting"
+            raise ConfigError(
+                f"{key}={given[key]!r} with method={self.method!r}: the setting {where}. Fix: drop "
+                f"--{key.replace('_', '-')} or use --method {' / '.join(o.replace(' ', '-') for o in owners) or '...'}."
+            )
+        fields: dict[str, Any] = {"num_virtual_tokens": spec.default_num_virtual_tokens}
+        if given.get("num_virtual_tokens") is None:
+            given.pop("num_virtual_tokens", None)
+        if "prompt_tuning_init" in known and given.get("prompt_tuning_init") is None:
+            given.pop("prompt_tuning_init", None)
+            # PEFT's default is RANDOM; the seed guide starts from its text on its data, and a given text means TEXT.
+            seed_guide = self.data.uses_default_data and self.data.resolved_label_column is not None
+            if seed_guide or given.get("prompt_tuning_init_text"):
+                fields["prompt_tuning_init"] = "TEXT"
+                if given.get("prompt_tuning_init_text") is None:
+                    fields["prompt_tuning_init_text"] = SEED_PROMPT_TUNING_INIT_TEXT
+        fields.update(given)
+        if "num_virtual_tokens" in given:
+            check_int("num_virtual_tokens", given["num_virtual_tokens"], minimum=1)
+        try:
+            return spec.config_class(**fields)
+        except ValueError as error:  # the method config's own message
+            raise ConfigError(str(error)) from None
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        """True when the base is the embedded tiny BLOOM (no ``model`` given)."""
+        return self.model is None
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        """``output.output_dir``, or ``softprompt-runs/<method>`` when None."""
+        return Path(self.output.output_dir) if self.output.output_dir is not None else Path("softprompt-runs") / self.method
+
+    # ------------------------------------------------------------------ dicts and files
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as nested JSON values (what ``train_config.json`` holds)."""
+        values = dataclasses.asdict(self)
+        values["adapter"] = {key: getattr(value, "value", value) for key, value in dataclasses.asdict(self.adapter).items()}
+        return values
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf setting by its (unique) field name: ``{"learning_rate": 0.03, "num_virtual_tokens": 8, ...}``."""
+        nested = self.to_dict()
+        flat = {key: value for key, value in nested.items() if key not in SECTIONS and key != "adapter"}
+        for name in (*SECTIONS, "adapter"):
+            flat.update(nested[name])
+        return flat
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Every flat key a config file or the flags may set: top-level, section and method fields."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS and f.name != "adapter"]
+        for section in SECTIONS.values():
+            names += _field_names(section)
+        for spec in METHODS.values():
+            names += [name for name in _field_names(spec.config_class) if name not in names]
+        return names
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Builds a config from nested sections, flat keys, or both; keys may use dashes or underscores.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones), or an invalid value.
+        """
+        nested: dict[str, Any] = {name: {} for name in SECTIONS}
+        nested["adapter"] = {}
+        for key, value in normalize_keys(values, source).items():
+            if key in SECTIONS or key == "adapter":
+                if isinstance(value, dict):
+                    nested[key].update(normalize_keys(value, f"{source}: {key}"))
+                elif value is not None:
+                    raise ConfigError(f"{source}: {key}={value!r}: expected a mapping of {key} settings.")
+            else:
+                section = _section_of(key)
+                (nested[section] if section else nested)[key] = value
+        try:
+            return cls(**nested)
+        except TypeError as error:  # a value of the wrong kind reaching a section's constructor
+            raise ConfigError(f"{source}: {error}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """Reads a YAML or JSON config file; ``overrides`` (e.g. command-line flags, flat keys) win over its values.
+
+        Raises:
+            ConfigError: the file is missing or unreadable, not a mapping, or has unknown keys or invalid values.
+        """
+        values = normalize_keys(read_config_file(path), str(path))
+        return cls.from_dict(merge_settings(values, overrides or {}), str(path))
+
+
+def merge_settings(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` settings with `overrides` on top, both flat or nested (normalized to flat keys first)."""
+    merged = flatten_settings(base)
+    merged.update(flatten_settings(overrides))
+    return merged
+
+
+def flatten_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Nested sections and an ``adapter`` mapping lifted to flat keys (field names are unique)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if (name in SECTIONS or name == "adapter") and isinstance(value, dict):
+            flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def normalize_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Maps ``learning-rate`` / ``learning_rate`` keys to field names; unknown keys raise a ConfigError."""
+    known = set(TrainConfig.field_names()) | set(SECTIONS) | {"adapter"}
+    normalized = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{source}: unknown setting {key!r}. Expected one of: {', '.join(sorted(known))}.")
+        normalized[name] = value
+    return normalized
+
+
+def adapter_name_for_source(source: str) -> str:
+    """The adapter name a data source gets in multi-dataset training: file stem or the hub name's last part."""
+    path = Path(source)
+    stem = path.stem if path.suffix else source.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "dataset"
+
+
+def _section_of(name: str) -> str | None:
+    for section_name, section in SECTIONS.items():
+        if name in _field_names(section):
+            return section_name
+    if any(name in _field_names(spec.config_class) for spec in METHODS.values()):
+        return "adapter"
+    return None
+
+
+def _says_nothing(name: str, value: Any) -> bool:
+    """Whether a method setting is None or its method's default: old flat config files hold every method's fields."""
+    if value is None:
+        return True
+    for spec in METHODS.values():
+        for item in dataclasses.fields(spec.config_class):
+            if item.name == name and item.default is not dataclasses.MISSING:
+                return getattr(item.default, "value", item.default) == getattr(value, "value", value)
+    return False
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+

@@ -1,0 +1,98 @@
+"""How setting values are read and checked: config files, ``Literal`` choices, lists, numbers.
+
+Every check names the value, what was expected and the fix (the flag to pass), as every `ConfigError` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value (or config file) cannot be used; the message names it, what was expected and the fix."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a ``.yaml``/``.yml``/``.json`` file, as written.
+
+    Raises:
+        ConfigError: missing file, unsupported extension, parse error, or not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist. Fix: check the path passed to --config.")
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(
+            f"Config file {str(path)!r} has the extension {suffix!r}: expected .yaml, .yml or .json. "
+            "Fix: rename it or convert it."
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as error:  # yaml and json raise different types; both mean "cannot parse"
+        raise ConfigError(f"Config file {str(path)!r} cannot be parsed: {error}. Fix: correct its syntax.") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"Config file {str(path)!r} holds a {type(values).__name__}: expected a mapping of field names to "
+            "values, e.g. `learning_rate: 0.03`."
+        )
+    return values
+
+
+def choices_of(section: type, name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a field, read from its ``Literal`` type (None when it has none)."""
+    hint = typing.get_type_hints(section)[name]
+    literals = [arg for arg in (typing.get_args(hint) or (hint,)) if typing.get_origin(arg) is Literal]
+    if typing.get_origin(hint) is Literal:
+        literals = [hint]
+    return tuple(value for literal in literals for value in typing.get_args(literal)) or None
+
+
+def check_literals(section: Any) -> None:
+    """Checks every field of a dataclass instance whose type is a ``Literal`` against its allowed values."""
+    for item in dataclasses.fields(section):
+        choices = choices_of(type(section), item.name)
+        value = getattr(section, item.name)
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(
+                f"{item.name}={value!r}: expected one of {', '.join(map(str, choices))}. Fix: pick one of those."
+            )
+
+
+def as_list(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ConfigError(f"{name}={value!r}: expected a string or a list of strings.")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"{name}={value!r}: expected an integer >= {minimum}. Fix: pass e.g. --{name.replace('_', '-')} "
+            f"{max(minimum, 1)}."
+        )
+
+
+def check_float(name: str, value: Any, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+        positive and value == 0
+    ):
+        kind = "a positive" if positive else "a non-negative"
+        raise ConfigError(f"{name}={value!r}: expected {kind} finite number. Fix: pass e.g. --{name.replace('_', '-')} 0.03.")

@@ -1,0 +1,133 @@
+"""A run's examples: the configured data, built by the recipes into token ids, split into training and held-out
+rows, and the shuffled order of each epoch.
+
+Every example carries ``task``: the name of the adapter that trains on it (one adapter per dataset, or per value of
+the task column, or ``default``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from softprompt.data import DataError, load_rows
+from softprompt.quickstart import shipped_dataset_path
+from softprompt.recipes import causal_lm_examples, classification_eval_examples, classification_examples
+from softprompt.training.config import TrainConfig, adapter_name_for_source
+
+DEFAULT_ADAPTER_NAME = "default"
+"""The adapter of a run with one task."""
+
+
+@dataclass
+class PreparedData:
+    """Token ids ready for `collate`; every example carries ``task``, the name of the adapter that trains on it."""
+
+    kind: str
+    """``classification`` or ``causal_lm``."""
+    adapter_names: list[str]
+    """One adapter per task, sorted."""
+    train: list[dict[str, Any]]
+    """Training examples."""
+    eval: list[dict[str, Any]]
+    """Held-out examples with labels (loss, perplexity)."""
+    eval_prompts: list[dict[str, Any]]
+    """Classification only: the held-out prompts with ``label_text`` / ``label_ids`` (accuracy)."""
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = None) -> PreparedData:
+    """Loads the configured data and builds training and evaluation examples.
+
+    Args:
+        config: data fields: dataset(s), config, split, eval split or fraction, columns, max_length, seed.
+        tokenizer: the base model's tokenizer.
+        whole_split: evaluate on every row of this split instead (``softprompt eval --split``); no training rows.
+
+    Raises:
+        DataError: a source, column or row cannot be used (see `softprompt.data`).
+    """
+    sources = config.data.dataset or [str(shipped_dataset_path("complaints"))]
+    text_columns = config.data.resolved_text_columns
+    label_column = config.data.resolved_label_column
+    several = len(sources) > 1
+    kind = "classification" if label_column is not None else "causal_lm"
+    train: list[dict[str, Any]] = []
+    evaluation: list[dict[str, Any]] = []
+    prompts: list[dict[str, Any]] = []
+    for index, (source, text_column) in enumerate(zip(sources, text_columns)):
+        task = adapter_name_for_source(source) if several else None
+
+        def examples_of(split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            rows = load_rows(source, config_name=config.data.dataset_config, split=split)
+            return _examples(rows, tokenizer, config, text_column, label_column, task)
+
+        if whole_split is not None:  # `softprompt eval --split`: every row is an evaluation row
+            source_eval, source_prompts = examples_of(whole_split)
+        elif config.data.eval_split is not None:
+            train += examples_of(config.data.split)[0]
+            source_eval, source_prompts = examples_of(config.data.eval_split)
+        else:
+            # Examples are built over all rows before the split so that the classification recipe's prompt budget
+            # (set by the longest label) is the same for training and evaluation rows.
+            examples, all_prompts = examples_of(config.data.split)
+            held_out = _held_out_indices(len(examples), config.data.eval_fraction, config.optimization.seed + index, source)
+            train += [example for i, example in enumerate(examples) if i not in held_out]
+            source_eval = [examples[i] for i in sorted(held_out)]
+            source_prompts = [all_prompts[i] for i in sorted(held_out)] if all_prompts else []
+        evaluation += source_eval
+        prompts += source_prompts
+    names = sorted({example["task"] for example in train + evaluation})
+    for name in names:
+        if not isinstance(name, str) or not name or "." in name:
+            raise DataError(
+                f"Task value {name!r} (column {config.data.task_column!r}) cannot name an adapter: expected a non-empty "
+                "string without '.'. Fix: clean the task column."
+            )
+    if whole_split is None and not train:
+        raise DataError(
+            f"No training rows are left after holding out eval_fraction={config.data.eval_fraction} of {sources}. "
+            "Fix: lower --eval-fraction or use more rows."
+        )
+    return PreparedData(kind=kind, adapter_names=names, train=train, eval=evaluation, eval_prompts=prompts)
+
+
+def _examples(
+    rows: Any, tokenizer: Any, config: TrainConfig, text_column: str, label_column: str | None, task: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(loss examples, classification prompts) for one source; every example gets its ``task``."""
+    if label_column is None:
+        examples = causal_lm_examples(
+            rows, tokenizer, text_column=text_column, max_length=config.data.max_length, task_column=config.data.task_column
+        )
+        prompts: list[dict[str, Any]] = []
+    else:
+        common = dict(text_column=text_column, label_column=label_column, max_length=config.data.max_length,
+                      task_column=config.data.task_column)
+        examples = classification_examples(rows, tokenizer, **common)
+        prompts = classification_eval_examples(rows, tokenizer, **common)
+    if config.data.task_column is None:  # otherwise the recipes copied each row's task already
+        for example in examples + prompts:
+            example["task"] = task or DEFAULT_ADAPTER_NAME
+    return examples, prompts
+
+
+def _held_out_indices(count: int, fraction: float, seed: int, source: str) -> set[int]:
+    if fraction == 0:
+        return set()
+    size = max(1, round(count * fraction))
+    if size >= count:
+        raise DataError(
+            f"{source}: holding out eval_fraction={fraction} of {count} rows leaves no training rows. "
+            "Fix: lower --eval-fraction, pass --eval-split, or use more rows."
+        )
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return set(order[:size])
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of the training examples in ``epoch``: a function of (seed, epoch) alone, so every
+    process computes the same order and a resumed run continues with the same one."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()

@@ -1,0 +1,396 @@
+"""The training loop: `train(config)` runs one `TrainConfig` end to end.
+
+1. `setup` checks the run directory, seeds everything, loads the frozen base (a hub id or local directory, or the
+   embedded tiny BLOOM), prepares the data (`softprompt.training.examples`), builds one adapter per task, and the
+   optimizer (AdamW over the adapters only), the linear warmup + decay schedule and, for fp16, a grad scaler: a
+   `RunState`.
+2. `train` evaluates before training, then for every epoch walks the seeded order of the training rows in
+   micro-batches, takes optimizer steps (`softprompt.training.optimizer_step`), logs every step, evaluates and
+   checkpoints at every epoch end and every ``save_every`` steps (`softprompt.training.checkpoint`, resumable bit
+   for bit on CPU), and finally saves the adapters, the plot and a few generations.
+
+Several processes (``torchrun``): every process holds the frozen base and the adapters and takes its share of each
+micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files. Nothing here prints:
+progress goes to tqdm bars and to the ``on_event`` callback, which the CLI prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from softprompt.adapter_format import load_adapter_module
+from softprompt.data import collate
+from softprompt.model import SoftPromptModel
+from softprompt.multi_task import make_trainable
+from softprompt.quickstart import save_tiny_bloom
+from softprompt.training.base_model import cpu_threads, default_threads, load_base_model, resolve_device
+from softprompt.training.checkpoint import (
+    Checkpoint,
+    complete_checkpoint_directories,
+    restore_training_state,
+    save_checkpoint,
+)
+from softprompt.training.config import ConfigError, TrainConfig
+from softprompt.training.evaluation import autocast, evaluate, resolve_autocast, sample_generations, to_device
+from softprompt.training.examples import PreparedData, epoch_order, prepare_data
+from softprompt.training.metrics import MetricsLog, plot_metrics, read_metrics
+from softprompt.training.optimizer_step import NonFiniteStep, linear_schedule, optimizer_step
+from softprompt.training.run_directory import (
+    METRICS_FILE,
+    PLOT_FILE,
+    embedded_base_directory,
+    final_adapter_directories,
+    prepare_output_dir,
+    resume_checkpoint,
+    write_run_config,
+)
+
+Event = dict[str, Any]
+"""What the loop reports to ``on_event``: a dict with an ``"event"`` key (start, resumed, eval, checkpoint, done)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite; training stopped before touching the adapters."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    """The run's directory."""
+    adapter_directories: dict[str, Path]
+    """Final adapter directory of each adapter, by adapter name."""
+    metrics_path: Path
+    """The JSONL metrics file."""
+    plot_path: Path | None
+    """The loss/accuracy PNG (None where matplotlib could not draw it)."""
+    base_model: str
+    """What ``--model`` to pass to reload the base: a hub id or a directory."""
+    initial_eval: dict[str, Any] | None
+    """The metrics record of the evaluation before training (None when evaluation is off; on rank 0 only)."""
+    final_eval: dict[str, Any] | None
+    """The metrics record of the evaluation after the last epoch (None when evaluation is off; rank 0 only)."""
+    generations: list[dict[str, Any]] = field(default_factory=list)
+    """A few held-out examples: ``prompt``, ``output`` (generated), ``reference`` and ``adapter``."""
+    global_step: int = 0
+    """Optimizer steps done in total."""
+    elapsed_seconds: float = 0.0
+    """Wall time of this process's call."""
+    resumed_from: Path | None = None
+    """The checkpoint the run continued from, if any."""
+
+
+@dataclass
+class RunState:
+    """Everything the loop shares between its steps, built once by `setup`."""
+
+    config: TrainConfig
+    output_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: Any
+    base_name: str
+    data: PreparedData
+    model: SoftPromptModel
+    trainable: dict[str, list[torch.nn.Parameter]]
+    """Each adapter's trainable parameters, in the optimizer's order."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    metrics: MetricsLog
+    steps_per_epoch: int
+    total_steps: int
+    on_event: Callable[[Event], None] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that evaluates and writes files."""
+        return self.rank == 0
+
+    def emit(self, event: str, **values: Any) -> None:
+        """Reports an event to ``on_event`` (rank 0 only)."""
+        if self.is_main and self.on_event is not None:
+            self.on_event({"event": event, **values})
+
+    def barrier(self) -> None:
+        """Waits for every process (a no-op alone)."""
+        if self.world_size > 1:
+            dist.barrier()
+
+    def autocast(self) -> Any:
+        """CUDA autocast for the forward passes (nothing on CPU)."""
+        return autocast(self.device, self.autocast_dtype)
+
+
+def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
+    """Runs one training run end to end (see the module docstring).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it joins the process group (gloo on CPU, NCCL on
+    CUDA) unless one is already initialized, and leaves it at the end if it joined it.
+
+    Args:
+        config: the run's settings.
+        on_event: called with progress events (dicts with an ``"event"`` key); rank 0 only.
+
+    Returns:
+        The `TrainResult` (on every rank; only rank 0's paths hold files).
+
+    Raises:
+        ConfigError: the output directory holds another run (without --resume / --overwrite), or a checkpoint
+            to resume from was made with other settings.
+        DataError: the data cannot be used.
+        TrainingDivergedError: the loss became NaN or infinite (the last checkpoint is left as it was).
+        ValueError: the base model cannot be loaded.
+    """
+    joined = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if config.execution.device != "cpu" and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        joined = True
+    try:
+        started = time.perf_counter()
+        base, tokenizer, device = load_run_base(config)
+        threads = config.execution.num_threads
+        threads = threads if threads is not None else default_threads(base)
+        with cpu_threads(threads if device.type == "cpu" else config.execution.num_threads):
+            run = setup(config, base, tokenizer, device, on_event)
+            return run_loop(run, started)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def load_run_base(config: TrainConfig) -> tuple[torch.nn.Module, Any, torch.device]:
+    """Checks the run directory, seeds every generator, loads the base; returns (base, tokenizer, device)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    prepare_output_dir(config.resolved_output_dir, config, is_main=rank == 0)
+    if dist.is_initialized():
+        dist.barrier()
+    device = resolve_device(config.execution.device)
+    torch.manual_seed(config.optimization.seed)
+    random.seed(config.optimization.seed)
+    np.random.seed(config.optimization.seed)
+    base, tokenizer = load_base_model(config.model, getattr(torch, config.execution.base_dtype))
+    return base, tokenizer, device
+
+
+def setup(
+    config: TrainConfig, base: torch.nn.Module, tokenizer: Any, device: torch.device,
+    on_event: Callable[[Event], None] | None = None,
+) -> RunState:
+    """The run's state: settings written, data prepared, one adapter per task, optimizer, schedule, grad scaler."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    output_dir = config.resolved_output_dir
+    if rank == 0:
+        write_run_config(output_dir, config)
+    if config.uses_embedded_model:
+        base_directory = embedded_base_directory(output_dir)
+        if rank == 0:
+            save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
+        base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
+    data = prepare_data(config, tokenizer)
+    base.to(device)
+    names = data.adapter_names
+    model = SoftPromptModel(base, config.adapter, tokenizer=tokenizer, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config.adapter, tokenizer=tokenizer)
+    make_trainable(model, names)
+    if config.execution.compile is not None:
+        model.compile_decoder(mode=config.execution.compile)
+    trainable = {name: [p for p in model.prompts[name].parameters() if p.requires_grad] for name in names}
+    if world_size > 1:  # every process starts from rank 0's adapters (they are seeded alike; this makes it certain)
+        for group in trainable.values():
+            for parameter in group:
+                dist.broadcast(parameter.data, src=0)
+
+    optimization = config.optimization
+    micro_batches = math.ceil(len(data.train) / (optimization.batch_size * world_size))
+    steps_per_epoch = math.ceil(micro_batches / optimization.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * optimization.num_epochs
+    optimizer = torch.optim.AdamW([p for group in trainable.values() for p in group],
+                                  lr=optimization.learning_rate, weight_decay=optimization.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(optimization.warmup_steps, total_steps))
+    autocast_dtype = resolve_autocast(config.execution.mixed_precision, device)
+    run = RunState(
+        config=config, output_dir=output_dir, rank=rank, world_size=world_size, device=device,
+        autocast_dtype=autocast_dtype, tokenizer=tokenizer, base_name=base.config._name_or_path, data=data,
+        model=model, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda") if autocast_dtype is torch.float16 else None,
+        metrics=MetricsLog(output_dir / METRICS_FILE, enabled=rank == 0),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, on_event=on_event,
+    )
+    trainable_count, total_count = model.num_parameters()
+    run.emit("start", output_dir=str(output_dir), base_model=run.base_name, device=str(device),
+             processes=world_size, method=config.method, adapters=names, recipe=data.kind,
+             train_examples=len(data.train), eval_examples=len(data.eval), steps=total_steps,
+             trainable_parameters=trainable_count, total_parameters=total_count)
+    return run
+
+
+def run_loop(run: RunState, started: float) -> TrainResult:
+    """The loop itself, from the first batch to the final adapters (see the module docstring)."""
+    config, data, model = run.config, run.data, run.model
+    optimization = config.optimization
+    start_epoch = start_step = global_step = 0
+    checkpoint = resume_checkpoint(run.output_dir, config, run.emit) if config.output.resume else None
+    if checkpoint is not None:
+        start_epoch, start_step, global_step = restore(run, checkpoint)
+        run.metrics.truncate(int(checkpoint.state["metrics_bytes"]))  # drop what was logged after it
+        run.emit("resumed", checkpoint=str(checkpoint.directory), step=global_step, epoch=start_epoch)
+    else:
+        run.metrics.truncate(0)
+        evaluate_and_log(run, epoch=0, step=0)
+
+    bar = tqdm(total=run.total_steps, initial=global_step, desc=f"train {config.method}", unit="step",
+               disable=not (config.output.progress and run.is_main), dynamic_ncols=True)
+    rows_per_micro_batch = optimization.batch_size * run.world_size
+    accumulation = optimization.gradient_accumulation_steps
+    loss_options = {"implementation": config.execution.loss_implementation,
+                    "virtual_token_layout": config.execution.virtual_token_layout}
+    model.train()
+    for epoch in range(start_epoch, optimization.num_epochs):
+        order = epoch_order(len(data.train), optimization.seed, epoch)
+        if checkpoint is not None and epoch == start_epoch and checkpoint.state["position"]["order"] != order:
+            raise ConfigError(
+                f"{checkpoint.directory}: the training data's order differs from the checkpoint's: the data changed "
+                "since it was written. Fix: resume with the same data, or start over with --overwrite."
+            )
+        # Global micro-batches; process r takes rows [r * batch_size, (r + 1) * batch_size) of each.
+        micro_batches = [order[i : i + rows_per_micro_batch] for i in range(0, len(order), rows_per_micro_batch)]
+        for step_in_epoch in range(start_step if epoch == start_epoch else 0, run.steps_per_epoch):
+            step_started = time.perf_counter()
+            group = micro_batches[step_in_epoch * accumulation : (step_in_epoch + 1) * accumulation]
+            batches = [own_batch(run, rows) for rows in group]
+            try:
+                step = optimizer_step(model, run.trainable, run.optimizer, run.scheduler,
+                                      [batch for batch in batches if batch is not None], loss_options,
+                                      optimization.max_grad_norm, run.autocast, run.scaler, run.world_size)
+            except NonFiniteStep as error:
+                raise diverged(run, error, global_step + 1, epoch) from None
+            global_step += 1
+            throughput = step.tokens / (time.perf_counter() - step_started)
+            learning_rate = run.scheduler.get_last_lr()[0]
+            run.metrics.append({"event": "train", "epoch": epoch + (step_in_epoch + 1) / run.steps_per_epoch,
+                                "step": global_step, "loss": step.loss, "lr": learning_rate,
+                                "grad_norm": step.grad_norm, "tokens_per_second": throughput})
+            bar.update(1)
+            bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{throughput:,.0f}")
+            if step_in_epoch + 1 == run.steps_per_epoch:
+                evaluate_and_log(run, epoch=epoch + 1, step=global_step)
+                model.train()
+                # The position is the start of the next epoch, so it carries that epoch's order: the one a
+                # resumed run checks against.
+                next_order = epoch_order(len(data.train), optimization.seed, epoch + 1)
+                save(run, global_step, {"epoch": epoch + 1, "step_in_epoch": 0, "order": next_order})
+            elif config.output.save_every and global_step % config.output.save_every == 0:
+                save(run, global_step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "order": order})
+    bar.close()
+    return finish(run, global_step, started, checkpoint)
+
+
+def own_batch(run: RunState, global_rows: list[int]) -> dict[str, Any] | None:
+    """This process's share of a global micro-batch, collated on the run's device (None when it has no rows: the
+    epoch's last micro-batch can leave a process without any)."""
+    batch_size = run.config.optimization.batch_size
+    rows = global_rows[run.rank * batch_size : (run.rank + 1) * batch_size]
+    if not rows:
+        return None
+    data = run.config.data
+    batch = collate([run.data.train[i] for i in rows], pad_token_id=run.tokenizer.pad_token_id,
+                    padding=data.padding, max_length=data.max_length)
+    return to_device(batch, run.device)
+
+
+def evaluate_and_log(run: RunState, epoch: int, step: int) -> dict[str, Any] | None:
+    """Evaluates on the held-out rows (rank 0, when there are any) and logs the record."""
+    result = None
+    if run.is_main and run.data.eval:
+        result = evaluate(run.model, run.tokenizer, run.data, run.config.optimization.eval_batch_size,
+                          run.config.data.padding, run.config.data.max_length, run.autocast_dtype)
+        record = {"event": "eval", "epoch": epoch, "step": step,
+                  **{key: value for key, value in result.items() if key != "examples"}}
+        run.metrics.append(record)
+        run.emit("eval", **{key: value for key, value in record.items() if key != "event"})
+    run.barrier()
+    return result
+
+
+def save(run: RunState, step: int, position: dict[str, Any]) -> None:
+    """Writes a checkpoint (rank 0): the adapters, optimizer, schedule, scaler, random states, data position."""
+    if run.is_main:
+        directory = save_checkpoint(
+            run.output_dir, step,
+            save_adapters=lambda target: [run.model.save_adapter(target / name, name) for name in run.trainable],
+            optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
+            position={**position, "global_step": step},
+            extra={"metrics_bytes": run.metrics.size, "config": run.config.to_dict()},
+            keep_last=run.config.output.keep_last,
+        )
+        run.emit("checkpoint", path=str(directory), step=step)
+    run.barrier()
+
+
+def restore(run: RunState, checkpoint: Checkpoint) -> tuple[int, int, int]:
+    """Loads a checkpoint into the run; returns (epoch, step in that epoch, optimizer steps done)."""
+    for name in run.trainable:
+        _, module = load_adapter_module(checkpoint.adapter_directory(name), run.model.base_model)
+        run.model.prompts[name].load_state_dict(module.state_dict())
+    restore_training_state(checkpoint, run.optimizer, run.scheduler, run.scaler)
+    position = checkpoint.state["position"]
+    return int(position["epoch"]), int(position["step_in_epoch"]), checkpoint.step
+
+
+def diverged(run: RunState, error: NonFiniteStep, step: int, epoch: int) -> TrainingDivergedError:
+    """The error for a non-finite step, naming the last good checkpoint and the fixes."""
+    checkpoints = complete_checkpoint_directories(run.output_dir)
+    last = f"The last good checkpoint, {checkpoints[-1]}, is untouched" if checkpoints else "No checkpoint exists"
+    return TrainingDivergedError(
+        f"The {error.what} became {error.value} at step {step} (epoch {epoch + 1}, learning rate "
+        f"{run.scheduler.get_last_lr()[0]:.3g}): training stopped before updating the adapters. {last}. "
+        "Fix: lower --learning-rate, keep --max-grad-norm on (e.g. 1.0), or use --mixed-precision no (or "
+        "bf16) instead of fp16; then start over with --overwrite."
+    )
+
+
+def finish(run: RunState, global_step: int, started: float, checkpoint: Checkpoint | None) -> TrainResult:
+    """Final adapters, plot, a few generations, the result."""
+    config = run.config
+    run.model.eval()
+    adapter_directories = final_adapter_directories(run.output_dir, list(run.trainable))
+    initial_eval = final_eval = plot_path = None
+    generations: list[dict[str, Any]] = []
+    if run.is_main:
+        for name, directory in adapter_directories.items():
+            run.model.save_adapter(directory, name)
+        evaluations = [r for r in read_metrics(run.output_dir / METRICS_FILE) if r["event"] == "eval"]
+        if evaluations:  # read back, so that a resumed run reports the evaluations of its earlier part too
+            initial_eval, final_eval = evaluations[0], evaluations[-1]
+        base = "the embedded tiny BLOOM" if config.uses_embedded_model else run.base_name
+        plot_path = plot_metrics(run.output_dir / METRICS_FILE, run.output_dir / PLOT_FILE, f"{config.method} on {base}")
+        generations = sample_generations(run.model, run.tokenizer, run.data, config.output.num_generations)
+    run.barrier()
+    result = TrainResult(
+        output_dir=run.output_dir, adapter_directories=adapter_directories,
+        metrics_path=run.output_dir / METRICS_FILE, plot_path=plot_path, base_model=run.base_name,
+        initial_eval=initial_eval, final_eval=final_eval, generations=generations,
+        global_step=global_step, elapsed_seconds=time.perf_counter() - started,
+        resumed_from=checkpoint.directory if checkpoint is not None else None,
+    )
+    run.emit("done", result=result)
+    return result
