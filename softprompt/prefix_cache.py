@@ -93,14 +93,21 @@ def checkpointed_layers_read_cache(model: nn.Module) -> Iterator[None]:
 
     transformers' `GradientCheckpointingLayer` drops the cache under checkpointing unless the layer sets
     ``_can_checkpoint_with_cache``, the class attribute it provides for layers that only read the cache (private by
-    its name, explained by the comment beside it in transformers' ``modeling_layers.py``). A `PrefixCache`
-    is only read, so a recomputed layer sees the same prefix. The decision is taken when each layer's forward runs
-    (the recomputation reuses it), so the switch only needs to be on during the forward pass; it is restored after.
+    its name, explained by the comment beside it in transformers' ``modeling_layers.py``). A `PrefixCache` is only
+    read, so a recomputed layer sees the same prefix. Some model classes also drop the cache themselves before
+    handing it to their layers while their own ``gradient_checkpointing`` flag is on (GPT-2); the layers checkpoint
+    by their own flags, so that model-level flag is off for the call. The decisions are taken when each forward
+    runs (the recomputation reuses them), so both switches only need to be set during the forward pass; they are
+    restored after.
     """
     layers = [module for module in model.modules() if hasattr(module, "_can_checkpoint_with_cache")]
     previous = [module.__dict__.get("_can_checkpoint_with_cache") for module in layers]
+    models = [module for module in model.modules()
+              if getattr(module, "gradient_checkpointing", None) is True and module not in layers]
     for module in layers:
         module._can_checkpoint_with_cache = True
+    for module in models:
+        module.gradient_checkpointing = False
     try:
         yield
     finally:
@@ -109,3 +116,5 @@ def checkpointed_layers_read_cache(model: nn.Module) -> Iterator[None]:
                 del module._can_checkpoint_with_cache
             else:
                 module._can_checkpoint_with_cache = value
+        for module in models:
+            module.gradient_checkpointing = True

@@ -135,3 +135,20 @@ def deprecations_from_softprompt_fail() -> Iterator[None]:
         warnings.simplefilter("always", FutureWarning)
         warnings.showwarning = check
         yield
+
+
+FAMILY_MODEL_TYPES = [
+    "bloom",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "opt",
+    "gpt_neox",
+]
+"""The test fixture's list of families (transformers ``model_type``): adding a family is its file in
+``softprompt/families/`` and its entry here; tests/test_families.py runs every check on each."""

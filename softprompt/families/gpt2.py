@@ -13,10 +13,12 @@ from softprompt.families.family import Family
 
 
 def tiny_config(vocab_size: int) -> GPT2Config:
-    """2 layers, C 32, 4 heads of 8, a 96-position table."""
+    """2 layers, C 32, 4 heads of 8, a 96-position table; no dropout (GPT-2's 0.1 would make training-mode
+    passes differ by chance)."""
     return GPT2Config(
         vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=96, initializer_range=0.3,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        tie_word_embeddings=True,
     )
 
 
