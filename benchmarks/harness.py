@@ -14,7 +14,8 @@ API:
 - `machine_info(device)` -> dict (CPU model, cores, threads, torch / transformers / peft / triton versions, GPU, the
   load average at the start; `write_results` adds the load average at the end).
 - `matmul_peak_gflops(device, dtype)`: the measured GEMM rate, the "peak" that step FLOPs are compared with.
-- `build_random_bloom(shape, num_layers, dtype, device, seed)`: a BLOOM of a published shape with random weights.
+- `build_random_bloom(shape, num_layers, dtype, device, seed)`: a BLOOM of a published shape with random weights;
+  `build_random_model(name_or_config, num_layers, ...)` the same for any supported family's model.
 - Training steps (``train_step.py``, ``profile_step.py``, ``scaling.py``): `STEP_CONFIGS`, `METHODS` (factories of
   fresh softprompt configs), `prepare_batch`, `peft_config_for(config)` (a fresh PEFT config for a softprompt one),
   `copy_prompt_weights(ours, theirs)`, `training_steps(...)` -> both libraries' step callables,
@@ -396,9 +397,39 @@ def build_random_bloom(
         seed: the init seed; the global RNG is restored afterwards.
         vocab_size: V (ignored for a config).
     """
-    from transformers import AutoModelForCausalLM, PretrainedConfig
+    from transformers import PretrainedConfig
 
     config = shape if isinstance(shape, PretrainedConfig) else bloom_shape_config(shape, num_layers, vocab_size)
+    return build_random_model(config, dtype=dtype, device=device, seed=seed)
+
+
+def build_random_model(
+    config: Any,
+    num_layers: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A causal LM of any supported family with random weights (transformers' own init, seeded), frozen, eval mode.
+
+    Args:
+        config: a transformers config, or a real model's name known offline (``Qwen/Qwen2.5-0.5B``, ...).
+        num_layers: cut to the first this many layers (the per-layer ``layer_types`` too); None: all.
+        dtype: the weights' dtype.
+        device: where the weights live.
+        seed: the init seed; the global RNG is restored afterwards.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from softprompt.params import base_model_config
+
+    config = base_model_config(config) if isinstance(config, str) else copy.deepcopy(config)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
@@ -453,17 +484,21 @@ def random_batch(
 
 
 STEP_CONFIGS: dict[str, dict[str, Any]] = {
-    "cpu": dict(device="cpu", num_layers=4, dtype=torch.float32, batch_size=8, num_tokens=64, min_tokens=None),
-    "cpu-padded": dict(device="cpu", num_layers=4, dtype=torch.float32, batch_size=8, num_tokens=64, min_tokens=16,
-                       max_tokens=40),
-    "gpu-16x64": dict(device="cuda", num_layers=None, dtype=torch.bfloat16, batch_size=16, num_tokens=64,
-                      min_tokens=None),
-    "gpu-8x512": dict(device="cuda", num_layers=None, dtype=torch.bfloat16, batch_size=8, num_tokens=512,
-                      min_tokens=None),
+    "cpu": dict(model="bigscience/bloomz-560m", device="cpu", num_layers=4, dtype=torch.float32, batch_size=8,
+                num_tokens=64, min_tokens=None),
+    "cpu-padded": dict(model="bigscience/bloomz-560m", device="cpu", num_layers=4, dtype=torch.float32,
+                       batch_size=8, num_tokens=64, min_tokens=16, max_tokens=40),
+    "cpu-qwen2.5": dict(model="Qwen/Qwen2.5-0.5B", device="cpu", num_layers=4, dtype=torch.float32, batch_size=8,
+                        num_tokens=64, min_tokens=None),
+    "gpu-16x64": dict(model="bigscience/bloomz-560m", device="cuda", num_layers=None, dtype=torch.bfloat16,
+                      batch_size=16, num_tokens=64, min_tokens=None),
+    "gpu-8x512": dict(model="bigscience/bloomz-560m", device="cuda", num_layers=None, dtype=torch.bfloat16,
+                      batch_size=8, num_tokens=512, min_tokens=None),
 }
-"""The training-step configs of ``train_step.py`` and ``profile_step.py`` (its docstring describes them): the
-bloomz-560m shape cut to ``num_layers`` (None: all 24), the weights' dtype, batch ``batch_size`` x ``num_tokens``
-with rows of ``min_tokens``..``num_tokens`` real tokens (None: all full), or ``max_tokens`` at most."""
+"""The training-step configs of ``train_step.py`` and ``profile_step.py`` (its docstring describes them): a real
+model's shape (known offline) with random weights, cut to ``num_layers`` (None: all), the weights' dtype, batch
+``batch_size`` x ``num_tokens`` with rows of ``min_tokens``..``num_tokens`` real tokens (None: all full), or
+``max_tokens`` at most."""
 
 NUM_LABEL_TOKENS = 3
 """Labelled tokens at the end of each row in the training-step benchmarks."""

@@ -45,7 +45,7 @@ cuda = device.type == "cuda"
 sync = harness.default_sync(device)
 implementation = args.implementation or harness.default_implementation(device)
 machine = harness.machine_info(device)
-base = harness.build_random_bloom("560m", setup["num_layers"], setup["dtype"], device, seed=0)
+base = harness.build_random_model(setup["model"], setup["num_layers"], setup["dtype"], device, seed=0)
 batch = harness.prepare_batch(setup, base.config.vocab_size, device)
 our_config = METHODS[args.method]()
 steps = harness.training_steps(base, our_config, batch, implementation, compile_mode=args.compile)

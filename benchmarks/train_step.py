@@ -27,12 +27,17 @@ other: ``_compiled-<mode>`` (``-both`` with ``--compile-peft``), ``_<layout>-lay
 ``_prefix-tuning``) when ``--methods`` leaves one out. The GPU results above were measured on an H100 with torch
 2.11 (see each file's machine).
 
-Configs (random weights of the bloomz-560m shape: C 1024, H 16, V 250880; 3 label tokens at the end of each row):
+Configs (random weights of a real model's shape; 3 label tokens at the end of each row):
 
-- ``cpu``: cut to 4 layers, fp32, batch 8 x 64 tokens, every row full (no padding to skip).
+- ``cpu``: bloomz-560m (C 1024, H 16, V 250880) cut to 4 layers, fp32, batch 8 x 64 tokens, every row full (no
+  padding to skip).
+- ``cpu-qwen2.5``: the same for a grouped-query family, Qwen2.5-0.5B (C 896, 14 query heads sharing 2 key/value
+  heads of 64, a gated MLP of 4864, V 151936) cut to 4 layers:
+
+      python benchmarks/train_step.py --configs cpu-qwen2.5 --repeats 5   # train_step_cpu-qwen2.5
 - ``cpu-padded``: as ``cpu``, but rows of 16..40 real tokens left-padded to 64, as the seed recipe pads to
   ``max_length=64``; shows what dropping all-padding columns is worth.
-- ``gpu-16x64`` / ``gpu-8x512``: all 24 layers, bf16 weights (both libraries; prompt parameters stay fp32), batch
+- ``gpu-16x64`` / ``gpu-8x512``: bloomz-560m, all 24 layers, bf16 weights (both libraries; prompt parameters stay fp32), batch
   16 x 64 (the seed recipe) and 8 x 512.
 
 Both libraries run on the same frozen base model (one copy, shared), the same batch and dtype, with the same initial
@@ -76,27 +81,34 @@ import harness
 from harness import METHODS, NUM_LABEL_TOKENS, STEP_CONFIGS
 
 
-def required_flops(config, batch: dict, num_virtual: int, method: str) -> float:
+def required_flops(model, batch: dict, num_virtual: int, method: str) -> float:
     """The matrix-product FLOPs of one training step that no implementation can avoid (see the module docstring).
 
+    Counted from the model itself, so it holds for every family: each layer's matrices (every 2-D weight of one
+    decoder layer: BLOOM's 12 C^2; a grouped-query layer's q, k, v, o and gated MLP), attention over the causal keys
+    (2 * 2 * H * D FLOPs per query and visible key), and the head at the labelled positions (2 * C * V each).
+
     Args:
-        config: the base model's config.
+        model: the base model.
         batch: the step's batch.
         num_virtual: P.
         method: the softprompt config's ``method`` (prefix tuning adds no virtual positions to the layers).
     """
-    hidden, layers, vocab = config.hidden_size, config.n_layer, config.vocab_size
+    from softprompt.families import family_of
+
+    shape = family_of(model.config).shape(model.config)
+    layer = next(module for module in model.modules() if hasattr(module, "_can_checkpoint_with_cache"))
+    linear_per_position = 2 * sum(p.numel() for p in layer.parameters() if p.dim() == 2) * shape.num_layers
+    attention_per_key = 4 * shape.num_heads * shape.head_dim * shape.num_layers
     prefix_tuning = method == "prefix_tuning"
     lengths = batch["attention_mask"].sum(dim=1).tolist()  # real tokens per row
-    linear_per_position = 2 * 12 * hidden * hidden * layers  # QKV 3C^2, dense C^2, MLP 8C^2
     positions = sum(lengths) + (0 if prefix_tuning else num_virtual)
-    # Attention, per query: scores and context, 2 * 2 * C FLOPs per visible key (keys = prefix + earlier tokens).
-    attention = sum(4 * hidden * layers * sum(num_virtual + k + 1 for k in range(n)) for n in lengths)
-    attention += 0 if prefix_tuning else 4 * hidden * layers * sum(k + 1 for k in range(num_virtual))
+    attention = sum(attention_per_key * sum(num_virtual + k + 1 for k in range(n)) for n in lengths)
+    attention += 0 if prefix_tuning else attention_per_key * sum(k + 1 for k in range(num_virtual))
     # Column 0's label is predicted only by a last virtual token (prompt tuning, p-tuning).
     labels = batch["labels"][:, 1:] if prefix_tuning else batch["labels"]
     num_labels = int((labels != -100).sum())
-    head = 2 * num_labels * hidden * vocab
+    head = 2 * num_labels * shape.embedding_width * shape.vocab_size
     return 2 * linear_per_position * positions + 3 * attention + 2 * head
 
 
@@ -146,7 +158,7 @@ def main() -> None:
         print(f"== {config_name}: GEMM peak {peak_gflops:.0f} GFLOP/s; load {machine['load_average_before']}",
               flush=True)
 
-        base = harness.build_random_bloom("560m", setup["num_layers"], setup["dtype"], device, seed=0)
+        base = harness.build_random_model(setup["model"], setup["num_layers"], setup["dtype"], device, seed=0)
         batch = harness.prepare_batch(setup, base.config.vocab_size, device)
         num_token_slots = batch["input_ids"].numel()
 
@@ -163,7 +175,7 @@ def main() -> None:
             for name, step in steps.items():
                 gc.collect()
                 memory[name] = harness.measure_peak_memory(step, device)
-            flops = required_flops(base.config, batch, our_config.num_virtual_tokens, our_config.method)
+            flops = required_flops(base, batch, our_config.num_virtual_tokens, our_config.method)
             print(f"{method}: first-step loss softprompt {first_losses['softprompt']:.5f} "
                   f"PEFT {first_losses['PEFT']:.5f}", flush=True)
             for name in ("softprompt", "PEFT"):
@@ -199,7 +211,8 @@ def main() -> None:
             table + f"\n\nMeasured GEMM peak: {peak_gflops:.0f} GFLOP/s "
             f"({'fp32' if device.type == 'cpu' else 'bf16'}). "
             f"Batch {setup['batch_size']} x {setup['num_tokens']}, {NUM_LABEL_TOKENS} label tokens per row, "
-            f"{base.config.n_layer} layers, {str(setup['dtype']).removeprefix('torch.')}, compute_loss implementation "
+            f"{setup['model']} shape, {base.config.num_hidden_layers} layers, {str(setup['dtype']).removeprefix('torch.')}, "
+            f"compute_loss implementation "
             f"'{implementation}', virtual-token layout '{args.virtual_token_layout}'; median of {args.repeats} "
             f"alternating steps after {args.warmup} warm-up step(s) of each library."
             + (f" softprompt's decoder passes compiled: torch.compile mode '{args.compile}'"

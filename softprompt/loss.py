@@ -125,8 +125,8 @@ class HeadAsAttentionCrossEntropy(torch.autograd.Function):
     the target's row. Both unknowns are what attention computes when the query is the row and the keys and the
     values are both W: the attention output ``softmax(q K^T) V`` is that mean, and a flash-attention kernel keeps
     the log-sum-exp of the scores. torch's CPU flash-attention kernel walks W block by block with an online
-    softmax, so the 250880 x 1024 head (1 GB in fp32) is read once, where logits-then-backward reads it twice
-    (measured on bloomz-560m's head, 24 rows, 2 cores: 0.27 s instead of 0.55 s).
+    softmax, so a head like bloomz-560m's (250880 x 1024, 1 GB in fp32) is read once, where logits-then-backward
+    reads it twice (``benchmarks/results/profile_cpu_*`` shows the head's share of a step).
 
     Shapes: N rows, C hidden, V vocab.
     """
@@ -151,8 +151,8 @@ def _softmax_weighted_head_rows(
     """``softmax(rows @ W.T) @ W`` ``[N, C]`` and ``logsumexp(rows @ W.T)`` ``[N]``, by CPU flash attention.
 
     The kernel spreads work over batch entries and heads only, and here there is one query block: the vocabulary
-    is cut into `num_splits` equal slices, one batch entry each, so that every thread gets one (on 2 cores, 0.27 s
-    instead of 0.41 s for bloomz-560m's head and 24 rows). The slices' results merge like the kernel's own blocks:
+    is cut into `num_splits` equal slices, one batch entry each, so that every thread gets one (one query block
+    would otherwise run on one core). The slices' results merge like the kernel's own blocks:
     weights ``exp(lse_slice - lse)``. In the shape comments, ``splits`` is `num_splits` (one more slice when
     `num_splits` does not divide V).
     """

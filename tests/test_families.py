@@ -437,3 +437,38 @@ def test_opt_350m_virtual_tokens_are_as_wide_as_its_embeddings():
     # The tiny OPT of the same layout runs every method (test_every_method_equals_peft), at C = 16 under hidden 32.
     shape = family_named("opt").shape(tiny_base("opt").config)
     assert (shape.embedding_width, shape.hidden_size) == (16, 32)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+@pytest.mark.parametrize("model_type", FAMILY_MODEL_TYPES)
+def test_train_eval_and_generate_commands_run_on_every_family(model_type, tmp_path, capsys):
+    """`softprompt train / eval / generate --model DIR` on a local tiny model of the family (with the shipped
+    tokenizer), through transformers' from_pretrained."""
+    from softprompt.cli import main
+    from softprompt.quickstart import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "base", model_type=model_type)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--method", "prefix-tuning", "--split", "train[:20]",
+                 "--eval-fraction", "0.2", "--num-epochs", "1", "--num-generations", "0", "--no-progress",
+                 "--output-dir", str(run)]) == 0
+    recorded = __import__("json").loads((run / "adapter" / "adapter_config.json").read_text())["base_model"]
+    assert recorded["model_type"] == model_type and recorded["name_or_path"] == str(model_dir.resolve())
+    assert main(["eval", "--adapter", str(run / "adapter")]) == 0  # the base it records, found again
+    assert main(["generate", "--adapter", str(run / "adapter"), "--prompt", "Tweet text : late again Label : ",
+                 "--max-new-tokens", "3"]) == 0
+    assert "[adapter] Tweet text : late again Label : " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", [sorted(family.known_configs)[0] for family in softprompt.families.FAMILIES])
+def test_params_command_counts_a_real_model_of_every_family_offline(name, capsys, monkeypatch):
+    from softprompt.cli import main
+    from softprompt.params import base_model_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["params", "--model", name, "--method", "prefix-tuning"]) == 0
+    config = base_model_config(name)
+    shape = family_named(config.model_type).shape(config)
+    assert f"trainable params: {20 * shape.prefix_width:,d} ||" in capsys.readouterr().out
