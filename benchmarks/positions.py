@@ -19,9 +19,8 @@ import copy
 import shlex
 import sys
 
-import peft
 import torch
-from peft import TaskType, get_peft_model
+from peft import get_peft_model
 
 import harness
 import softprompt
@@ -49,17 +48,14 @@ for family in FAMILIES:
         for label, make_config in METHODS.items():
             torch.manual_seed(1)
             ours = softprompt.SoftPromptModel(base, make_config())
-            theirs = get_peft_model(copy.deepcopy(base), harness.peft_config_for(make_config()))
-            fields = ours.active_config
-            if not isinstance(fields, softprompt.PrefixTuningConfig):
-                shape = ours.shape
-                if shape.embedding_width != shape.hidden_size:  # OPT: PEFT needs the embedding width set
-                    config = harness.peft_config_for(make_config())
-                    config.token_dim = shape.embedding_width
-                    theirs = get_peft_model(copy.deepcopy(base), config)
+            prefix = isinstance(ours.active_config, softprompt.PrefixTuningConfig)
+            peft_config = harness.peft_config_for(make_config())
+            if not prefix and ours.shape.embedding_width != ours.shape.hidden_size:
+                peft_config.token_dim = ours.shape.embedding_width  # OPT: PEFT runs only with the embedding width
+            theirs = get_peft_model(copy.deepcopy(base), peft_config)
             harness.copy_prompt_weights(ours, theirs)
             theirs.eval()
-            offset = 0 if isinstance(fields, softprompt.PrefixTuningConfig) else fields.num_virtual_tokens
+            offset = 0 if prefix else ours.active_config.num_virtual_tokens
             worst = {"softprompt": 0.0, "PEFT": 0.0}
             with torch.no_grad():
                 padded = {"softprompt": ours(input_ids, attention_mask).logits,
