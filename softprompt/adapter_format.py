@@ -119,7 +119,9 @@ def save_adapter(directory: str | Path, config: SoftPromptConfig, module: nn.Mod
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"prompt.{key}": value.detach().float().cpu().contiguous() for key, value in module.state_dict().items()}
     tensors["materialized"] = materialize(module).cpu()
-    payload = safetensors_bytes(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    # One metadata entry: safetensors writes several in an order that changes from one save to the next, and the
+    # same adapter must give the same bytes (hub uploads, hashes). The format version is in the JSON.
+    payload = safetensors_bytes(tensors, metadata={"format": FORMAT_NAME})
     atomic_write_bytes(directory / WEIGHTS_FILE, payload)
     atomic_write_json(directory / CONFIG_FILE, {
         "format": FORMAT_NAME,

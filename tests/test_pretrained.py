@@ -185,3 +185,14 @@ def test_auto_explains_a_missing_an_unreachable_and_a_changed_base(saved_base, t
         AutoSoftPromptModelForCausalLM.from_pretrained(tmp_path / "a")
     with pytest.raises(TypeError, match="is not instantiated"):
         AutoSoftPromptModelForCausalLM()
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_the_same_adapter_is_saved_as_the_same_bytes(format, tiny_bloom, tmp_path):
+    """So that pushing an unchanged adapter changes nothing on the hub (safetensors orders several metadata entries
+    differently from one save to the next: softprompt writes one)."""
+    model = SoftPromptModel(tiny_bloom, softprompt.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8))
+    for attempt in range(3):
+        model.save_pretrained(tmp_path / str(attempt), format=format)
+    for name in FILES[format]:
+        assert len({(tmp_path / str(attempt) / name).read_bytes() for attempt in range(3)}) == 1, name
