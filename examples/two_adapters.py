@@ -95,7 +95,9 @@ def create_trainer(model, training_args, train_dataset):
 
 
 output_directory_prompt = f"{working_dir}/peft_outputs_prompt"
-trainer_prompt = create_trainer(peft_model_prompt, create_training_arguments(output_directory_prompt), train_sample_prompt)
+trainer_prompt = create_trainer(
+    peft_model_prompt, create_training_arguments(output_directory_prompt), train_sample_prompt
+)
 trainer_prompt.train()
 trainer_prompt.model.save_pretrained(output_directory_prompt)
 
@@ -116,7 +118,7 @@ input_sentences = tokenizer("There are two nice things that should matter to you
 print("quotes:", tokenizer.batch_decode(get_outputs(loaded_model_prompt, input_sentences), skip_special_tokens=True))
 
 # Beyond PEFT: each row of one batch with its own adapter ("default" is the first one loaded).
-both = tokenizer(["I want you to act as a motivational coach. ", "There are two nice things that should matter to you:"],
-                 return_tensors="pt", padding=True)
+prompts = ["I want you to act as a motivational coach. ", "There are two nice things that should matter to you:"]
+both = tokenizer(prompts, return_tensors="pt", padding=True)
 outputs = get_outputs(loaded_model_prompt, both, max_new_tokens=30, adapter_names=["default", "quotes"])
 print("one batch:", tokenizer.batch_decode(outputs[:, both["input_ids"].shape[1]:], skip_special_tokens=True))

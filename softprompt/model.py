@@ -477,14 +477,16 @@ class SoftPromptModel(nn.Module):
 
     @classmethod
     def from_adapter(
-        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False
+        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default",
+        is_trainable: bool = False,
     ) -> "SoftPromptModel":
         """`from_pretrained` for softprompt's format only."""
         return pretrained.from_pretrained(cls, base_model, directory, adapter_name, is_trainable, ("softprompt",))
 
     @classmethod
     def from_peft_adapter(
-        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False
+        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default",
+        is_trainable: bool = False,
     ) -> "SoftPromptModel":
         """`from_pretrained` for PEFT's format only (``softprompt/peft_format.py``)."""
         return pretrained.from_pretrained(cls, base_model, directory, adapter_name, is_trainable, ("peft",))

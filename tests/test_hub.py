@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import softprompt
 from softprompt import AdapterFormatError, AutoSoftPromptModelForCausalLM, SoftPromptModel
-from softprompt.quickstart import build_tiny_bloom, save_tiny_bloom
+from softprompt.quickstart import save_tiny_bloom
 
 from test_adapter_format import TOLERANCE, trained_a_little
 from test_pretrained import FILES, FORMATS, assert_same_outputs
@@ -97,7 +97,8 @@ def test_the_default_cache_revisions_and_subfolders(offline, monkeypatch, tiny_b
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # what HF_HUB_CACHE sets, at import
 
     with torch.no_grad():
-        assert torch.equal(SoftPromptModel.from_pretrained(tiny_bloom, ADAPTER_ID)(**batch).logits, second(**batch).logits)
+        latest = SoftPromptModel.from_pretrained(tiny_bloom, ADAPTER_ID)  # main
+        assert torch.equal(latest(**batch).logits, second(**batch).logits)
         for revision in ("v1", old):  # a tag or branch, or a commit
             loaded = SoftPromptModel.from_pretrained(tiny_bloom, ADAPTER_ID, revision=revision)
             assert torch.equal(loaded(**batch).logits, first(**batch).logits)
@@ -107,9 +108,9 @@ def test_the_default_cache_revisions_and_subfolders(offline, monkeypatch, tiny_b
 
 
 def test_what_is_neither_cached_nor_a_directory_is_explained(offline, tiny_bloom, tmp_path):
-    with pytest.raises(AdapterFormatError, match=r"'softprompt-tests/missing' \(revision 'main'\): no local directory of "
-                       r"that name, and no snapshot in the hub cache while the hub cannot be used .* Fix: fetch it once "
-                       r"with network access \(HF_HUB_OFFLINE unset\), or pass a local directory"):
+    with pytest.raises(AdapterFormatError, match=r"'softprompt-tests/missing' \(revision 'main'\): no local "
+                       r"directory of that name, and no snapshot in the hub cache while the hub cannot be used .* "
+                       r"Fix: fetch it once with network access \(HF_HUB_OFFLINE unset\), or pass a local directory"):
         SoftPromptModel.from_pretrained(tiny_bloom, "softprompt-tests/missing", cache_dir=tmp_path)
     with pytest.raises(AdapterFormatError, match=r"nowhere/at/all: adapter directory not found \(and '.*' is no hub "
                        r"repository id either\)"):

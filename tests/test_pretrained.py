@@ -27,7 +27,10 @@ from test_adapter_format import CONFIGS, TOLERANCE, trained_a_little
 from test_methods_vs_peft import VARIANTS, peft_twin
 
 FORMATS = ["softprompt", "peft"]
-FILES = {"softprompt": ["adapter.safetensors", "adapter_config.json"], "peft": ["adapter_config.json", "adapter_model.safetensors"]}
+FILES = {
+    "softprompt": ["adapter.safetensors", "adapter_config.json"],
+    "peft": ["adapter_config.json", "adapter_model.safetensors"],
+}
 
 
 def prompt_of(batch):
@@ -46,14 +49,15 @@ def assert_same_outputs(loaded: SoftPromptModel, model: SoftPromptModel, batch) 
 
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("variant", list(CONFIGS))
-def test_save_pretrained_then_from_pretrained_gives_identical_outputs(variant, format, tiny_bloom, tokenizer, batch, tmp_path):
+def test_save_pretrained_then_from_pretrained_gives_identical_outputs(variant, format, tiny_bloom, tokenizer, batch,
+                                                                     tmp_path):
     torch.manual_seed(0)
     model = trained_a_little(SoftPromptModel(tiny_bloom, copy.deepcopy(CONFIGS[variant]), tokenizer=tokenizer), batch)
     assert model.save_pretrained(tmp_path / "adapter", format=format) == tmp_path / "adapter"
     assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == FILES[format]
     loaded = SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "adapter")
     assert loaded.active_config.num_virtual_tokens == model.active_config.num_virtual_tokens
-    assert not any(parameter.requires_grad for parameter in loaded.parameters())  # frozen unless is_trainable, as in PEFT
+    assert not any(parameter.requires_grad for parameter in loaded.parameters())  # frozen unless is_trainable (PEFT)
     assert_same_outputs(loaded, model, batch)
     trainable = SoftPromptModel.from_pretrained(tiny_bloom, str(tmp_path / "adapter"), is_trainable=True)
     assert all(parameter.requires_grad for parameter in trainable.prompts.parameters())
@@ -63,7 +67,8 @@ def test_save_pretrained_then_from_pretrained_gives_identical_outputs(variant, f
 def test_from_pretrained_reads_a_directory_peft_wrote(variant, tiny_bloom, tokenizer, batch, tmp_path):
     config, make_peft_config = VARIANTS[variant]
     torch.manual_seed(0)
-    theirs = peft_twin(SoftPromptModel(tiny_bloom, copy.deepcopy(config), tokenizer=tokenizer), make_peft_config(), tiny_bloom)
+    ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config), tokenizer=tokenizer)
+    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
     theirs.save_pretrained(tmp_path / "peft")
     ours = SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "peft")
     num_virtual = 0 if config.method == "prefix_tuning" else config.num_virtual_tokens
@@ -136,10 +141,10 @@ def test_a_config_of_neither_format_and_a_wrong_base_argument_are_explained(tiny
     with pytest.raises(AdapterFormatError, match=r"neither softprompt's adapter format .* nor PEFT's .* found the keys "
                        r"\['lora_alpha', 'r'\]"):
         SoftPromptModel.from_pretrained(tiny_bloom, tmp_path)
-    with pytest.raises(TypeError, match=r"base_model=str: expected a transformers causal LM.*AutoSoftPromptModelForCausalLM"):
+    with pytest.raises(TypeError, match=r"base_model=str: expected a transformers causal LM.*AutoSoftPromptModel"):
         SoftPromptModel.from_pretrained("bigscience/bloomz-560m", tmp_path)
     SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path / "ours")
-    with pytest.raises(AdapterFormatError, match=r"It is in softprompt's own format: use SoftPromptModel.from_pretrained"):
+    with pytest.raises(AdapterFormatError, match=r"It is in softprompt's own format: use SoftPromptModel.from_pretr"):
         SoftPromptModel.from_peft_adapter(tiny_bloom, tmp_path / "ours")
 
 
@@ -165,15 +170,16 @@ def test_auto_loads_the_recorded_base_then_the_adapter(format, saved_base, token
 
 
 def test_auto_explains_a_missing_an_unreachable_and_a_changed_base(saved_base, tiny_bloom, tokenizer, tmp_path):
-    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path / "memory")
+    in_memory = SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2))
+    in_memory.save_pretrained(tmp_path / "memory")
     fix = r"Fix: load the base yourself and pass it: SoftPromptModel.from_pretrained\(AutoModelForCausalLM"
     with pytest.raises(AdapterFormatError, match=r"the adapter records no base model .*" + fix):
         AutoSoftPromptModelForCausalLM.from_pretrained(tmp_path / "memory")
 
     SoftPromptModel(saved_base, softprompt.PrefixTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path / "a")
     save_tiny_bloom(tmp_path / "base", tokenizer=tokenizer, model=build_tiny_bloom(len(tokenizer), hidden_size=32))
-    with pytest.raises(BaseModelMismatchError, match=r"the base model the adapter records, '.*base', was loaded but has "
-                       r"another shape than the adapter: hidden_size 64 \(adapter\) vs 32 \(base model\).*" + fix):
+    with pytest.raises(BaseModelMismatchError, match=r"the base model the adapter records, '.*base', was loaded "
+                       r"but has another shape than the adapter: hidden_size 64 \(adapter\) vs 32 \(base model\).*" + fix):
         AutoSoftPromptModelForCausalLM.from_pretrained(tmp_path / "a")
 
     config_path = tmp_path / "a" / "adapter_config.json"

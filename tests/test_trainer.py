@@ -28,14 +28,17 @@ METHODS = {
     "p-tuning-lstm": softprompt.PromptEncoderConfig(
         num_virtual_tokens=4, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
     ),
-    "prefix-projection": softprompt.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16),
+    "prefix-projection": softprompt.PrefixTuningConfig(
+        num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16
+    ),
 }
 HIDDEN_SIZE = 128  # big enough that Trainer's fixed-size files (RNG states, arguments, tokenizer) are a small part
 
 
-def complaints(tokenizer, rows: slice) -> Dataset:
+def complaints(tokenizer, part: slice) -> Dataset:
     """Shipped complaint tweets with their labels, tokenized as the guides do (the collator pads and labels)."""
-    texts = [f"Tweet text : {row['Tweet text']} Label : {row['text_label']}" for row in shipped_rows("complaints")[rows]]
+    rows = shipped_rows("complaints")[part]
+    texts = [f"Tweet text : {row['Tweet text']} Label : {row['text_label']}" for row in rows]
     return Dataset.from_dict({"text": texts}).map(lambda batch: tokenizer(batch["text"]), batched=True,
                                                  remove_columns=["text"])
 
@@ -170,7 +173,8 @@ def test_peft_resume_loses_a_p_tuning_encoder(tokenizer, tmp_path):
     uninterrupted = peft_model()
     trainer_for(uninterrupted, tokenizer, tmp_path / "full").train()
     resumed = peft_model()
-    trainer_for(resumed, tokenizer, tmp_path / "full").train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    trainer = trainer_for(resumed, tokenizer, tmp_path / "full")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     ids = torch.arange(4)
     with torch.no_grad():
         assert not torch.equal(resumed.prompt_encoder["default"](ids), uninterrupted.prompt_encoder["default"](ids))
