@@ -7,7 +7,8 @@ Where things live (the README's "How the code is organised" draws it):
 - what differs between model families, one file each: ``softprompt/families/``;
 - the frozen model with its adapters: `softprompt.model` (routes in `softprompt.injection`, the training loss in
   `softprompt.training_loss`, generation in `softprompt.generation`);
-- saving and loading: `softprompt.adapter_format` (ours), `softprompt.peft_format` (PEFT's);
+- saving and loading: `softprompt.adapter_format` (ours), `softprompt.peft_format` (PEFT's), PEFT's names for both
+  and the hub in `softprompt.pretrained` / `softprompt.hub`, the one-call loader in `softprompt.auto`;
 - training runs: ``softprompt/training/``; the command line: `softprompt.cli`.
 
 Shape notation used throughout: B batch, T tokens, P virtual tokens, L layers, H heads, K key/value heads, D head
@@ -15,7 +16,8 @@ dim, C embedding width (the hidden size in all but narrow-embedding OPT models),
 """
 
 from softprompt.families import UnsupportedModelError, supported_model_types
-from softprompt.files import AdapterFormatError
+from softprompt.auto import AutoSoftPromptModelForCausalLM
+from softprompt.files import AdapterFormatError, BaseModelMismatchError
 from softprompt.methods import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -29,6 +31,8 @@ from softprompt.version import __version__
 
 __all__ = [
     "AdapterFormatError",
+    "AutoSoftPromptModelForCausalLM",
+    "BaseModelMismatchError",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",

@@ -45,7 +45,15 @@ from transformers import PreTrainedModel
 
 from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
-from softprompt.files import AdapterFormatError, atomic_write_bytes, atomic_write_json, read_json, read_safetensors, sha256_of
+from softprompt.files import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    read_safetensors,
+    sha256_of,
+)
 from softprompt.methods import METHODS, MaterializedPrompt, SoftPromptConfig, materialize, method_of
 from softprompt.version import __version__
 
@@ -111,7 +119,9 @@ def save_adapter(directory: str | Path, config: SoftPromptConfig, module: nn.Mod
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"prompt.{key}": value.detach().float().cpu().contiguous() for key, value in module.state_dict().items()}
     tensors["materialized"] = materialize(module).cpu()
-    payload = safetensors_bytes(tensors, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    # One metadata entry: safetensors writes several in an order that changes from one save to the next, and the
+    # same adapter must give the same bytes (hub uploads, hashes). The format version is in the JSON.
+    payload = safetensors_bytes(tensors, metadata={"format": FORMAT_NAME})
     atomic_write_bytes(directory / WEIGHTS_FILE, payload)
     atomic_write_json(directory / CONFIG_FILE, {
         "format": FORMAT_NAME,
@@ -144,7 +154,7 @@ def check_base_shape(recorded: dict[str, Any], base_model: PreTrainedModel, sour
     """The base's shape, if the adapter was made for a base of that shape.
 
     Raises:
-        AdapterFormatError: naming every dimension that differs.
+        BaseModelMismatchError: naming every dimension that differs.
     """
     shape = family_of(base_model.config).shape(base_model.config)
     actual = dataclasses.asdict(shape)
@@ -155,9 +165,11 @@ def check_base_shape(recorded: dict[str, Any], base_model: PreTrainedModel, sour
         if expected[key] != actual[key]
     ]
     if mismatches:
-        raise AdapterFormatError(
+        raise BaseModelMismatchError(
             f"{source}: adapter made for another base model shape: {'; '.join(mismatches)}. "
-            f"{trained_on(recorded.get('name_or_path'))}"
+            f"{trained_on(recorded.get('name_or_path'))}",
+            source,
+            mismatches,
         )
     return shape
 
@@ -191,7 +203,12 @@ def load_adapter_module(
         missing_fix=f"Fix: point to a directory written by save_adapter (it holds {CONFIG_FILE} and {WEIGHTS_FILE}).",
     )
     if document.get("format") != FORMAT_NAME:
-        hint = " It looks like a PEFT adapter: use softprompt.load_peft_adapter." if "peft_type" in document else ""
+        hint = (
+            " It looks like a PEFT adapter: use softprompt.load_peft_adapter, or SoftPromptModel.from_pretrained, "
+            "which reads both formats."
+            if "peft_type" in document
+            else ""
+        )
         raise AdapterFormatError(f"{config_path}: format {document.get('format')!r}: expected {FORMAT_NAME!r}.{hint}")
     if not isinstance(document.get("format_version"), int) or document["format_version"] > FORMAT_VERSION:
         raise AdapterFormatError(

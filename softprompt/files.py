@@ -27,6 +27,23 @@ class AdapterFormatError(ValueError):
     what is wrong."""
 
 
+class BaseModelMismatchError(AdapterFormatError):
+    """An adapter made for a base model of another shape than the one it is loaded onto.
+
+    Args:
+        message: the whole message (the file, every dimension that differs, the base it was trained on, the fix).
+        source: the adapter config file.
+        mismatches: one ``"<dimension> <adapter's> (adapter) vs <base's> (base model)"`` entry per dimension.
+    """
+
+    def __init__(self, message: str, source: Path, mismatches: list[str]):
+        super().__init__(message)
+        self.source = source
+        """The adapter config file."""
+        self.mismatches = mismatches
+        """Every dimension that differs, as the message words it."""
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Writes `payload` to a temporary file beside `path`, flushed to disk, then renames it over `path`."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -36,14 +36,14 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from softprompt import adapter_format, generation, peft_format
+from softprompt import generation, module_state, pretrained
 from softprompt.families import family_of
 from softprompt.injection import sequence_inputs, sequence_targets
 from softprompt.loss import LossImplementation, cross_entropy_from_logits
 from softprompt.methods import SoftPromptConfig, method_of
 from softprompt.positions import position_inputs
 from softprompt.prefix_cache import PrefixCache, checkpointed_layers_read_cache
-from softprompt.rows import RowLayout
+from softprompt.rows import RowLayout, check_new_adapter_name
 from softprompt.seams import NEW_CACHE_NAME, OLD_CACHE_NAME, cache_argument
 from softprompt.training_loss import VirtualTokenLayout, training_loss
 
@@ -76,6 +76,10 @@ class SoftPromptModel(nn.Module):
         >>> model = SoftPromptModel(base_model, PromptTuningConfig(num_virtual_tokens=8))
         >>> loss = model.compute_loss(input_ids, attention_mask, labels)
     """
+
+    accepts_loss_kwargs = False
+    """For transformers.Trainer: `forward`'s loss is a mean over its own batch (it ignores ``num_items_in_batch``),
+    so Trainer divides it by the gradient-accumulation steps itself."""
 
     def __init__(
         self,
@@ -136,15 +140,7 @@ class SoftPromptModel(nn.Module):
         Raises:
             ValueError: the name is taken or not a valid module name, or `config` is no method's configuration.
         """
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(
-                f"adapter_name={adapter_name!r}: expected a non-empty string without '.'. Fix: e.g. 'complaints'."
-            )
-        if adapter_name in self.prompts:
-            raise ValueError(
-                f"adapter_name={adapter_name!r} is already loaded (loaded: {sorted(self.prompts)}). "
-                "Fix: pick another name."
-            )
+        check_new_adapter_name(adapter_name, self.prompts)
         spec = method_of(config)
         if module is None:
             module = spec.build(config, self.shape, self.base_model.get_input_embeddings(), tokenizer)
@@ -425,71 +421,75 @@ class SoftPromptModel(nn.Module):
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-    # ------------------------------------------------------------------ saving and loading
+    # ------------------------------------------------------------------ state dict, saving and loading
+    # PEFT's names; bodies in softprompt/pretrained.py (files, formats, hub) and softprompt/module_state.py.
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The adapters' tensors (``prompts.<name>.*``), never the frozen base's: what ``transformers.Trainer``
+        checkpoints hold (``softprompt/module_state.py``). The base's own: ``base_model.state_dict()``."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return module_state.without_base_model(state, prefix)
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        """Loads what `state_dict` returns: adapter tensors; the frozen base's may be absent (`module_state`)."""
+        return module_state.load_adapter_state(self, state_dict, strict, assign)
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None,
+                        format: str = "softprompt", is_main_process: bool = True) -> Path:
+        """Saves every adapter (or `selected_adapters`) in softprompt's format or ``format="peft"``: ``default``
+        at the top of the directory, any other in a subdirectory of its name (`pretrained.save_pretrained`)."""
+        return pretrained.save_pretrained(self, save_directory, selected_adapters, format, is_main_process)
 
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
-        """Saves one adapter (default: the active one) in softprompt's format (``softprompt/adapter_format.py``).
-
-        Returns:
-            The directory written.
-        """
-        name = adapter_name or self._active_adapter
-        self.check_adapter_names([name])
-        return adapter_format.save_adapter(directory, self.adapter_configs[name], self.prompts[name], self.base_model)
+        """Saves one adapter (default: the active one) in softprompt's format at `directory` itself."""
+        return pretrained.save_one(self, directory, adapter_name, "softprompt")
 
     def save_peft_adapter(self, directory: str | Path, adapter_name: str | None = None) -> Path:
-        """Writes the adapter in PEFT's format, which ``peft.PeftModel.from_pretrained`` loads.
+        """Saves one adapter in PEFT's format (``peft.PeftModel.from_pretrained`` loads it). PEFT keeps only the
+        encoder's output, so what it loads can be used but not trained further the same way."""
+        return pretrained.save_one(self, directory, adapter_name, "peft")
 
-        PEFT keeps only the virtual tokens / prefix (the encoder's output), so what it loads can be used but not
-        trained further the same way; keep `save_adapter` for that.
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Uploads what `save_pretrained` writes, with a model card, to the hub repository `repo_id`; options
+        ``selected_adapters``, ``format``, ``commit_message``, ``private``, ``token``, ``revision``, ``create_pr``,
+        ``write_model_card`` (`pretrained.push_to_hub`). Returns huggingface_hub's ``CommitInfo``."""
+        return pretrained.push_to_hub(self, repo_id, **options)
+
+    def load_adapter(
+        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False, **hub_options: Any
+    ) -> None:
+        """Adds an adapter beside the loaded ones (one copy of the base), from a directory or hub id, in either
+        format; frozen unless `is_trainable`. `hub_options`: ``revision``, ``token``, ``cache_dir``,
+        ``subfolder``, ``local_files_only`` (`softprompt.hub.HubOptions`)."""
+        pretrained.load_adapter(self, model_id, adapter_name, is_trainable, **hub_options)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: PreTrainedModel, model_id: str | Path, adapter_name: str = "default",
+        is_trainable: bool = False, **hub_options: Any,
+    ) -> "SoftPromptModel":
+        """A model on `base_model` (its shape is checked) with the adapter at `model_id`, a directory or hub id in
+        either format, bit-exactly as saved; frozen unless `is_trainable`; `hub_options` as in `load_adapter`.
+
+        Raises:
+            AdapterFormatError: the adapter cannot be found or read, or was made for a base of another shape.
         """
-        name = adapter_name or self._active_adapter
-        self.check_adapter_names([name])
-        return peft_format.save_peft_adapter(directory, self.adapter_configs[name], self.prompts[name], self.base_model)
-
-    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        """Loads an adapter saved by `save_adapter` beside the ones already loaded (one copy of the base).
-
-        Args:
-            directory: the adapter directory.
-            adapter_name: the name it gets here.
-            is_trainable: leave its parameters trainable (to resume training); frozen otherwise, as in PEFT.
-        """
-        config, module = adapter_format.load_adapter_module(directory, self.base_model)
-        module.requires_grad_(is_trainable)
-        self.add_adapter(adapter_name, config, module=module)
+        return pretrained.from_pretrained(cls, base_model, model_id, adapter_name, is_trainable, **hub_options)
 
     @classmethod
     def from_adapter(
-        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False
+        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default",
+        is_trainable: bool = False,
     ) -> "SoftPromptModel":
-        """Builds a model from a saved adapter, bit-exactly as it was saved.
-
-        Args:
-            base_model: the frozen base the adapter was trained on (its shape is checked).
-            directory: the adapter directory written by `save_adapter`.
-            adapter_name: the name it gets.
-            is_trainable: leave its parameters trainable (to resume training); frozen otherwise, as in PEFT.
-
-        Raises:
-            AdapterFormatError: a missing, truncated or corrupt file, or an adapter for another base shape.
-        """
-        config, module = adapter_format.load_adapter_module(directory, base_model)
-        module.requires_grad_(is_trainable)
-        return cls.from_module(base_model, config, module, adapter_name)
+        """`from_pretrained` for softprompt's format only."""
+        return pretrained.from_pretrained(cls, base_model, directory, adapter_name, is_trainable, ("softprompt",))
 
     @classmethod
     def from_peft_adapter(
-        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False
+        cls, base_model: PreTrainedModel, directory: str | Path, adapter_name: str = "default",
+        is_trainable: bool = False,
     ) -> "SoftPromptModel":
-        """Builds a model from a PEFT prompt-learning adapter directory (``softprompt/peft_format.py``).
-
-        Raises:
-            AdapterFormatError: missing or corrupt files, an unsupported PEFT method or task, or another base shape.
-        """
-        config, module = peft_format.read_peft_adapter(base_model, directory)
-        module.requires_grad_(is_trainable)
-        return cls.from_module(base_model, config, module, adapter_name)
+        """`from_pretrained` for PEFT's format only (``softprompt/peft_format.py``)."""
+        return pretrained.from_pretrained(cls, base_model, directory, adapter_name, is_trainable, ("peft",))
 
 
 def load_peft_adapter(

@@ -25,9 +25,16 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers import PreTrainedModel
 
-from softprompt.adapter_format import config_from_dict, trained_on
+from softprompt.adapter_format import FORMAT_NAME, config_from_dict, trained_on
 from softprompt.families import family_of
-from softprompt.files import AdapterFormatError, atomic_write_bytes, atomic_write_json, read_json, read_safetensors
+from softprompt.files import (
+    AdapterFormatError,
+    BaseModelMismatchError,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    read_safetensors,
+)
 from softprompt.methods import METHODS, MethodSpec, SoftPromptConfig, materialize, method_of
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -53,9 +60,14 @@ def read_peft_adapter(base_model: PreTrainedModel, peft_directory: str | Path) -
     document = read_json(config_path, missing_fix=f"Fix: point to a PEFT adapter directory (it holds {PEFT_CONFIG_FILE}).")
     peft_type = document.get("peft_type")
     if peft_type not in PEFT_METHODS:
+        hint = (
+            " It is in softprompt's own format: use SoftPromptModel.from_pretrained, which reads both formats."
+            if document.get("format") == FORMAT_NAME
+            else ""
+        )
         raise AdapterFormatError(
             f"{config_path}: peft_type {peft_type!r}: expected one of {sorted(PEFT_METHODS)} (softprompt reads PEFT's "
-            "prompt-learning adapters only)."
+            f"prompt-learning adapters only).{hint}"
         )
     if document.get("task_type") not in (None, "CAUSAL_LM"):
         raise AdapterFormatError(f"{config_path}: task_type {document.get('task_type')!r}: expected 'CAUSAL_LM'.")
@@ -83,9 +95,11 @@ def read_peft_adapter(base_model: PreTrainedModel, peft_directory: str | Path) -
         if value is not None and value != actual
     ]
     if mismatches:
-        raise AdapterFormatError(
+        raise BaseModelMismatchError(
             f"{config_path}: adapter made for another base model shape: {'; '.join(mismatches)}. "
-            f"{trained_on(document.get('base_model_name_or_path'))}"
+            f"{trained_on(document.get('base_model_name_or_path'))}",
+            config_path,
+            mismatches,
         )
 
     weights_path = directory / PEFT_WEIGHTS_FILE

@@ -21,7 +21,7 @@ Shapes: B batch, P slots.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,3 +165,20 @@ def without_padding_columns(
     if start == 0 and stop == num_tokens:
         return input_ids, attention_mask, labels
     return input_ids[:, start:stop], attention_mask[:, start:stop], labels[:, start:stop]
+
+
+def check_new_adapter_name(adapter_name: object, loaded: Iterable[str]) -> None:
+    """Checks that `adapter_name` can name one more adapter beside the `loaded` ones.
+
+    Raises:
+        ValueError: not a non-empty string without ``.`` (it becomes a module name), or already loaded.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: expected a non-empty string without '.'. Fix: e.g. 'complaints'."
+        )
+    loaded = sorted(loaded)
+    if adapter_name in loaded:
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is already loaded (loaded: {loaded}). Fix: pick another name."
+        )

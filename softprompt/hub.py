@@ -1,0 +1,150 @@
+"""The Hugging Face Hub, through huggingface_hub only: adapter repositories read from its cache, folders uploaded.
+
+An adapter is named by a local directory or by a hub repository id (``owner/name``), as in PEFT. A directory that
+exists wins; anything else that is a valid repository id is fetched with ``huggingface_hub.snapshot_download``
+into huggingface_hub's own cache (``HF_HUB_CACHE`` or ``cache_dir``), which also gives ``revision`` (a branch, tag
+or commit), ``token`` (private repositories) and offline mode (``HF_HUB_OFFLINE=1``: the cached snapshot, no
+network) their usual meaning. Only the adapter files of either format are fetched, never a whole model repository.
+
+Uploading creates the repository if needed (``HfApi.create_repo``) and commits one folder
+(``HfApi.upload_folder``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from softprompt.adapter_format import CONFIG_FILE, WEIGHTS_FILE
+from softprompt.files import AdapterFormatError
+from softprompt.peft_format import PEFT_WEIGHTS_FILE
+
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE)
+"""The files fetched from an adapter repository: the config both formats name ``adapter_config.json``, and either
+format's weights."""
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Where and how an adapter named by a hub id is fetched (PEFT's and huggingface_hub's names)."""
+
+    revision: str | None = None
+    """A branch, tag or commit of the adapter repository; None: ``main``."""
+    token: str | bool | None = None
+    """A hub token for private or gated repositories; None: the one ``hf auth login`` stored, if any."""
+    cache_dir: str | os.PathLike[str] | None = None
+    """huggingface_hub's cache folder; None: ``HF_HUB_CACHE`` (``~/.cache/huggingface/hub``)."""
+    subfolder: str | None = None
+    """The adapter's folder inside the directory or repository (PEFT saves every adapter but ``default`` in a
+    subfolder of its name); None: the top."""
+    local_files_only: bool = False
+    """Use the cache only, as with ``HF_HUB_OFFLINE=1``, for this call alone."""
+
+
+def is_repository_id(name: str) -> bool:
+    """Whether `name` is a valid hub repository id (``name`` or ``owner/name``), by huggingface_hub's own rule."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def adapter_directory(name_or_path: str | os.PathLike[str], options: HubOptions = HubOptions()) -> Path:
+    """The local directory of an adapter: `name_or_path` itself, or its hub snapshot in huggingface_hub's cache.
+
+    Args:
+        name_or_path: a directory, or a hub repository id.
+        options: revision, token, cache folder, subfolder, cache only.
+
+    Returns:
+        The directory that holds ``adapter_config.json`` (which is not checked here).
+
+    Raises:
+        AdapterFormatError: not a directory and not a valid repository id; no such repository or revision; the
+            hub cannot be reached (or offline mode is on) and the cache has no snapshot of it. Each message says
+            what to do.
+    """
+    local = Path(name_or_path)
+    if options.subfolder:
+        local = local / options.subfolder
+    if local.is_dir():
+        return local
+    name = str(name_or_path)
+    if not is_repository_id(name):
+        raise AdapterFormatError(
+            f"{local}: adapter directory not found (and {name!r} is no hub repository id either). Fix: pass the "
+            "directory save_pretrained wrote, or a hub id 'owner/name'."
+        )
+    prefix = f"{options.subfolder.strip('/')}/" if options.subfolder else ""
+    revision = options.revision or "main"
+    where = f"{name!r} (revision {revision!r}{', subfolder ' + repr(options.subfolder) if options.subfolder else ''})"
+    try:
+        snapshot = snapshot_download(
+            name,
+            revision=options.revision,
+            token=options.token,
+            cache_dir=options.cache_dir,
+            local_files_only=options.local_files_only,
+            allow_patterns=[prefix + file for file in ADAPTER_FILES],
+        )
+    except RevisionNotFoundError:
+        raise AdapterFormatError(
+            f"{where}: the hub has no such revision. Fix: pass an existing branch, tag or commit as revision=."
+        ) from None
+    except RepositoryNotFoundError:
+        raise AdapterFormatError(
+            f"{where}: no local directory of that name, and no hub repository either (or it is private or gated and "
+            "no valid token was given). Fix: check the path or id; for a private repository pass token=... or log in "
+            "with `hf auth login`."
+        ) from None
+    except LocalEntryNotFoundError as error:
+        reason = str(error).splitlines()[0]
+        raise AdapterFormatError(
+            f"{where}: no local directory of that name, and no snapshot in the hub cache while the hub cannot be "
+            f"used ({reason}). Fix: fetch it once with network access (HF_HUB_OFFLINE unset), or pass a local "
+            "directory."
+        ) from None
+    except HfHubHTTPError as error:
+        raise AdapterFormatError(f"{where}: the hub answered with an error ({error}). Fix: retry later.") from None
+    return Path(snapshot) / prefix if prefix else Path(snapshot)
+
+
+def upload_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    commit_message: str,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Commits every file of `folder` to the hub repository `repo_id`, creating the repository (and the branch
+    `revision`) when missing.
+
+    Returns:
+        huggingface_hub's ``CommitInfo`` of the commit (its ``commit_url``, ``oid``, ``pr_url``).
+    """
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+    )
