@@ -79,9 +79,13 @@ def config_from_dict(method: str, fields: dict[str, Any], source: str) -> SoftPr
     unknown = sorted(set(fields) - known)
     if unknown:
         raise AdapterFormatError(f"{source}: unknown {method} config fields {unknown}: expected only {sorted(known)}.")
+    if method == "prompt_tuning" and str(fields.get("prompt_tuning_init", "RANDOM")).upper() != "TEXT":
+        # PEFT's files, and softprompt's before it refused the pair, may record an init text that their RANDOM or
+        # SAMPLE_VOCAB init ignored; the stored table is what counts, so the text is dropped rather than refused.
+        fields = {key: value for key, value in fields.items() if key != "prompt_tuning_init_text"}
     try:
         return config_class(**fields)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise AdapterFormatError(f"{source}: invalid {method} config: {error}") from None
 
 
