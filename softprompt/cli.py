@@ -221,9 +221,16 @@ def run_train(args: argparse.Namespace) -> int:
         elif kind == "resumed":
             tqdm.write(f"resumed from {event['checkpoint']} (step {event['step']}, epoch {event['epoch']})")
         elif kind == "resume_without_checkpoint":
-            tqdm.write(f"--resume: no complete checkpoint in {event['output_dir']}; starting from scratch")
+            tqdm.write(f"--resume: no checkpoint in {event['output_dir']} and no progress to lose; starting from "
+                       "scratch")
         elif kind == "checkpoint_skipped":
             tqdm.write(f"skipped damaged checkpoint {event['path']}: {event['reason']}")
+        elif kind == "leftovers_removed":
+            tqdm.write(f"removed what an interrupted run left behind: {', '.join(event['paths'])}")
+        elif kind == "metrics_incomplete":
+            tqdm.write(f"warning: {event['path']} holds {event['found']} bytes where the checkpoint recorded "
+                       f"{event['recorded']}: records up to step {event['step']} are lost; logging continues from "
+                       "there")
         elif kind == "eval":
             tqdm.write(f"eval after epoch {event['epoch']} (step {event['step']}): {_format_eval(event)}")
         elif kind == "checkpoint":
@@ -242,8 +249,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"metrics: {result.metrics_path}")
     print(f"plot: {result.plot_path}")
     print(f"base model: {result.base_model}")
-    if result.initial_eval is not None and result.final_eval is not None:
+    if result.initial_eval is not None:
         print(f"eval before training: {_format_eval(result.initial_eval)}")
+    if result.final_eval is not None:
         print(f"eval after training:  {_format_eval(result.final_eval)}")
     if result.generations:
         print("generations on held-out examples (greedy):")
@@ -411,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``sys.argv[1:]`` when None.
 
     Returns:
-        The exit status: 0, or 2 after printing the message of a `ValueError` (bad input, with its fix).
+        The exit status: 0; 2 after printing the message of a `ValueError` (bad input, with its fix); 130 after
+        Ctrl-C, with what a training run's message says about resuming it.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -419,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"softprompt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interruption:
+        print(f"\nsoftprompt {args.command}: {interruption or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -166,19 +166,6 @@ def save_checkpoint(
     return final
 
 
-def remove_temporary_checkpoints(run_directory: Path) -> None:
-    """Deletes the temporary directories of checkpoints that a killed process never finished."""
-    root = run_directory / CHECKPOINTS_DIR
-    if root.is_dir():
-        for path in root.glob(".tmp-step-*"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_all_checkpoints(run_directory: Path) -> None:
-    """Deletes the run's whole ``checkpoints/`` directory (``--overwrite``)."""
-    shutil.rmtree(run_directory / CHECKPOINTS_DIR, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------- reading
 
 
@@ -460,8 +447,6 @@ __all__ = [
     "flatten_optimizer_state",
     "latest_checkpoint",
     "load_checkpoint",
-    "remove_all_checkpoints",
-    "remove_temporary_checkpoints",
     "restore_training_state",
     "save_checkpoint",
     "unflatten_optimizer_state",
