@@ -246,7 +246,13 @@ def load_adapter_module(
         missing_fix=f"Fix: point to a directory written by save_adapter (it holds {CONFIG_FILE} and {WEIGHTS_FILE}).",
     )
     if document.get("format") != FORMAT_NAME:
-        hint = " It looks like a PEFT adapter: use softprompt.load_peft_adapter." if "peft_type" in document else ""
+        hint = ""
+        if "peft_type" in document:
+            prompt_learning = {spec.peft_type for spec in METHODS.values()}
+            hint = (" It looks like a PEFT adapter: use softprompt.load_peft_adapter."
+                    if document["peft_type"] in prompt_learning else
+                    f" It is a PEFT {document['peft_type']} adapter, not a soft prompt (softprompt loads PEFT's "
+                    f"{sorted(prompt_learning)} only).")
         raise AdapterFormatError(f"{config_path}: format {document.get('format')!r}: expected {FORMAT_NAME!r}.{hint}")
     check_format_version(document.get("format_version"), FORMAT_VERSION, config_path, AdapterFormatError)
     for key, kind in (("method", str), ("config", dict), ("base_model", dict), ("weights", dict),

@@ -373,6 +373,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """Prints each chosen adapter's continuation of each prompt; returns the exit status."""
     import torch
 
+    from softprompt.inputs import check_generate_options
     from softprompt.training.base_model import cpu_threads, default_threads
     from softprompt.training import generate_texts, load_adapters
 
@@ -382,11 +383,12 @@ def run_generate(args: argparse.Namespace) -> int:
     unknown = [name for name in chosen if name not in adapters]
     if unknown:
         raise ValueError(f"--use {unknown}: not among the adapters {list(adapters)}. Fix: pick one of those names.")
-    model, tokenizer, _ = load_adapters(adapters, args.model, args.device)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     for name in ("temperature", "top_p", "top_k", "repetition_penalty", "num_beams"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    check_generate_options(options)  # before the model loads: a typo costs nothing
+    model, tokenizer, _ = load_adapters(adapters, args.model, args.device)
     with cpu_threads(default_threads(model.base_model)):
         for name in chosen:
             torch.manual_seed(args.seed)
