@@ -177,12 +177,20 @@ _JSON_KINDS = {str: "string", dict: "object", bool: "true or false"}
 
 
 def check_format_version(
-    version: Any, newest: int, source: Path, error: type[Exception] = AdapterFormatError
+    version: Any, newest: int, source: Path, error: type[Exception] = AdapterFormatError,
+    fix: str = "Fix: re-save it with softprompt.",
 ) -> None:
     """Refuses a format version that is not an integer from 1 to `newest`.
 
+    Args:
+        version: the recorded version.
+        newest: the newest version this softprompt reads.
+        source: the file, for the message.
+        error: the exception class to raise.
+        fix: the message's last sentence for a version that is not a newer one.
+
     Raises:
-        error: naming the file, the version found and the fix (upgrade for a newer one, re-save otherwise).
+        error: naming the file, the version found and the fix (upgrade for a newer one, `fix` otherwise).
     """
     if isinstance(version, int) and not isinstance(version, bool) and version > newest:
         raise error(
@@ -192,7 +200,7 @@ def check_format_version(
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise error(
             f"{source}: format_version {version!r}: expected an integer from 1 to {newest}. The file was edited or "
-            "not written by softprompt. Fix: re-save it with softprompt."
+            f"not written by softprompt. {fix}"
         )
 
 

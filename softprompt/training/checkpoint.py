@@ -50,6 +50,7 @@ FORMAT_NAME = "softprompt-checkpoint"
 FORMAT_VERSION = 1
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+DAMAGED = "The checkpoint is damaged."
 
 
 class CheckpointError(ValueError):
@@ -192,7 +193,8 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     manifest = _read_json(manifest_path)
     if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{manifest_path}: not a softprompt checkpoint manifest.")
-    check_format_version(manifest.get("format_version"), FORMAT_VERSION, manifest_path, CheckpointError)
+    check_format_version(manifest.get("format_version"), FORMAT_VERSION, manifest_path, CheckpointError,
+                         DAMAGED)
     match = _STEP_DIR.match(directory.name)
     step = manifest.get("step")
     if match is None or step != int(match.group(1)) or isinstance(step, bool):
@@ -233,7 +235,7 @@ def check_state(state: dict[str, Any], tensors: Mapping[str, torch.Tensor], step
     Raises:
         CheckpointError: naming the first field that is missing or of the wrong kind.
     """
-    check_format_version(state.get("format_version"), FORMAT_VERSION, path, CheckpointError)
+    check_format_version(state.get("format_version"), FORMAT_VERSION, path, CheckpointError, DAMAGED)
     optimizer, rng = state.get("optimizer"), state.get("rng")
     position = state.get("position") if isinstance(state.get("position"), dict) else {}
     order = position.get("order")
