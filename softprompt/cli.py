@@ -221,8 +221,7 @@ def run_train(args: argparse.Namespace) -> int:
         elif kind == "resumed":
             tqdm.write(f"resumed from {event['checkpoint']} (step {event['step']}, epoch {event['epoch']})")
         elif kind == "resume_without_checkpoint":
-            tqdm.write(f"--resume: no checkpoint in {event['output_dir']} and no progress to lose; starting from "
-                       "scratch")
+            tqdm.write(f"--resume: {event['output_dir']} has no checkpoint yet; starting from scratch")
         elif kind == "checkpoint_skipped":
             tqdm.write(f"skipped damaged checkpoint {event['path']}: {event['reason']}")
         elif kind == "leftovers_removed":

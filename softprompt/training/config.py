@@ -252,7 +252,7 @@ class OutputConfig:
     """Complete checkpoints kept; older ones are deleted."""
 
     resume: bool = False
-    """Continue from the newest complete checkpoint in ``output_dir`` (starts fresh when there is none)."""
+    """Continue from the newest usable checkpoint in ``output_dir`` (starts fresh where there never was one)."""
 
     overwrite: bool = False
     """Start over even if ``output_dir`` holds a previous run's checkpoints (they are deleted)."""

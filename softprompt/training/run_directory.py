@@ -5,8 +5,8 @@ claim a run holds on it while it runs.
 ``checkpoints/``, the final ``adapter/`` (or ``adapters/<task>/`` for several), and ``base-model/`` for a run on the
 embedded tiny BLOOM. A directory that holds any of these holds a run, whatever state its checkpoints are in, and is
 never reused silently: ``--resume`` continues it (with the same settings, but for the fields that cannot change the
-numbers), ``--overwrite`` starts it over. ``--resume`` without a usable checkpoint starts from scratch only where
-that throws nothing away (no checkpoint, final adapter or logged training step).
+numbers), ``--overwrite`` starts it over. ``--resume`` without a usable checkpoint starts from scratch only in a
+directory that never had one (a run killed before its first checkpoint); where checkpoints were, it stops.
 
 `claim_run_directory` makes every one of these decisions before anything is written, under the directory's lock
 (`softprompt.training.run_lock`), and `RunClaim.begin_writing` is the first write: it clears what ``--overwrite``
@@ -87,10 +87,12 @@ class RunContents:
         return bool(self.found)
 
     @property
-    def has_progress(self) -> bool:
-        """Whether starting from scratch would throw work away: a checkpoint, a final adapter, a logged step."""
+    def had_checkpoints(self) -> bool:
+        """Whether the run got as far as a checkpoint: one is there (usable or not), or the final adapter is (every
+        finished run wrote epoch-end checkpoints). Steps logged before a first checkpoint were never saved, so a
+        run killed that early may start over."""
         final = any(name.rstrip("/") in (ADAPTER_DIR, ADAPTERS_DIR) for name in self.found)
-        return bool(self.checkpoints) or final or self.logged_steps > 0
+        return bool(self.checkpoints) or final
 
     def describe(self) -> str:
         """What the directory holds, in words: ``3 checkpoint(s) (newest step-00000012), adapter/, ...``."""
@@ -153,8 +155,8 @@ def choose_start(contents: RunContents, config: TrainConfig, emit: Emit) -> Chec
 
     Raises:
         ConfigError: the directory holds a run and neither ``--resume`` nor ``--overwrite`` was given; ``--resume``
-            finds no usable checkpoint where starting over would throw progress away; or the checkpoint was written
-            with other settings. Each message names what was found and the ways on.
+            finds no usable checkpoint in a directory that had some (starting over would throw the run away); or
+            the checkpoint was written with other settings. Each message names what was found and the ways on.
     """
     output_dir = config.resolved_output_dir
     if config.output.overwrite:
@@ -177,7 +179,7 @@ def choose_start(contents: RunContents, config: TrainConfig, emit: Emit) -> Chec
             emit("checkpoint_skipped", path=str(path), reason=reason)
         check_same_settings(checkpoint, config)
         return checkpoint
-    if contents.has_progress:
+    if contents.had_checkpoints:
         found = "; ".join(f"{path.name}: {reason}" for path, reason in skipped) or "there is no checkpoint"
         raise ConfigError(
             f"--resume: no usable checkpoint in {str(output_dir / CHECKPOINTS_DIR)!r} ({found}). The directory holds "
