@@ -390,6 +390,18 @@ def _(env):
     train_cli(env, "--resume", output_dir=env.run)
 
 
+@case("train --overwrite with a data file that does not exist (the old run must survive the refusal)", CommandFailed,
+      r"Data file '.*missing\.csv' does not exist")
+def _(env):
+    train_cli(env, "--overwrite", "--dataset", env.root / "missing.csv", "--text-column", "text", output_dir=env.run)
+
+
+@case("train --overwrite with a table too large for memory (the old run must survive the refusal)", CommandFailed,
+      r"num_virtual_tokens=1000000000: its \[1000000000, 64\] fp32 table needs")
+def _(env):
+    train_cli(env, "--overwrite", "--num-virtual-tokens", "1000000000", output_dir=env.run)
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints (Python)
 
 for id, edit, message in [
