@@ -104,10 +104,8 @@ def check_labels(base_model: PreTrainedModel, labels: Any, input_ids: torch.Tens
         )
     head = base_model.get_output_embeddings()
     num_classes = head.weight.shape[0] if head is not None else base_model.get_input_embeddings().weight.shape[0]
-    scored = labels[labels != IGNORE_INDEX]
-    if scored.numel() == 0:
-        return
-    low, high = torch.stack([scored.min(), scored.max()]).long().tolist()
+    scored = torch.where(labels == IGNORE_INDEX, torch.zeros_like(labels), labels)  # -100 stands in as id 0
+    low, high = torch.stack([scored.min(), scored.max()]).long().tolist()  # one host copy
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         row, position = (labels == bad).nonzero()[0].tolist()

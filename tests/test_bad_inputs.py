@@ -719,6 +719,38 @@ for id, call, error, message in [
     case(f"python: {id}", error, message)(call)
 
 
+@case("python: compute_loss implementation='triton' on CPU without the interpreter (defect 6)", ValueError,
+      r"loss_implementation='triton' cannot run here: the Triton kernels need CUDA tensors")
+def _(env):
+    import softprompt.kernels.fused_linear_cross_entropy as kernels
+
+    env.monkeypatch.setattr(kernels, "_kernels_interpreted", lambda: False)
+    prompt_model(env).compute_loss(IDS, None, IDS, implementation="triton")
+
+
+@case("python: generate_texts with an empty prompt (defect 6)", ValueError, r"prompt 2 \(''\) encodes to no token")
+def _(env):
+    from softprompt.training import generate_texts
+
+    generate_texts(prompt_model(env), build_tokenizer(padding_side="left"), ["hi", ""], "default", max_new_tokens=2)
+
+
+@case("python: resolve_base_model of a PEFT LoRA directory (defect 6)", AdapterFormatError,
+      r"a PEFT LORA adapter: expected a soft-prompt adapter", prepare=write_lora_directory)
+def _(env):
+    from softprompt.training import resolve_base_model
+
+    resolve_base_model(env.root / "lora")
+
+
+@case("python: run_config_for_adapter with a corrupt train_config.json (defect 6)", ConfigError,
+      r"run/train_config\.json: not valid JSON", prepare=corrupt_run_config)
+def _(env):
+    from softprompt.training import run_config_for_adapter
+
+    run_config_for_adapter(env.adapter)
+
+
 # ------------------------------------------------------------------------------------------------ the test
 
 

@@ -42,8 +42,9 @@ def test_a_second_run_is_refused_while_one_holds_the_directory_and_ctrl_c_stops_
             time.sleep(0.05)
         metrics = (run / "metrics.jsonl").read_bytes()
         for second in (flags, [*flags, "--resume"], [*flags, "--overwrite"]):
-            assert main(["train", *second]) == 2
+            code = main(["train", *second])
             error = capsys.readouterr().err
+            assert code == 2, error
             assert f"is in use by another softprompt run: pid {process.pid} on " in error, error
             assert f"Fix: wait for it to end (or stop it: kill {process.pid})" in error
         assert process.poll() is None, "the first run stopped"
@@ -56,9 +57,9 @@ def test_a_second_run_is_refused_while_one_holds_the_directory_and_ctrl_c_stops_
         process.wait()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
-    assert "softprompt train: Interrupted at step " in stderr and "is complete: continue from it with" in stderr
-    assert f"softprompt train --config {run / 'train_config.json'} --resume" in stderr
-    assert not (run / LOCK_FILE).exists()
+    assert "softprompt train: Interrupted at step " in stderr and "is complete: continue from it with" in stderr, stderr
+    assert f"softprompt train --config {run / 'train_config.json'} --resume" in stderr, stderr
+    assert not (run / LOCK_FILE).exists(), stderr
     acquire_run_lock(run).release()  # free
     load_checkpoint(complete_checkpoint_directories(run)[-1])  # the newest checkpoint is whole
 
