@@ -271,6 +271,25 @@ def _kernels_interpreted() -> bool:
     return not isinstance(_flce_forward_kernel, triton.runtime.jit.JITFunction)
 
 
+def triton_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot run on tensors of `device` in this process, or None when they can.
+
+    Args:
+        device: where the loss's tensors live.
+
+    Returns:
+        A sentence naming what is missing (the triton package, or CUDA / the CPU interpreter), or None.
+    """
+    if not _TRITON_AVAILABLE:
+        return "the triton package is not installed"
+    if torch.device(device).type != "cuda" and not _kernels_interpreted():
+        return (
+            f"the Triton kernels need CUDA tensors and the tensors are on {torch.device(device)} (the CPU "
+            "interpreter is off: TRITON_INTERPRET=1 was not set before softprompt was imported)"
+        )
+    return None
+
+
 def _validate_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int) -> None:
     """Shape, dtype and value checks shared by both implementations (one host sync for the target range)."""
     if hidden.dim() != 2:

@@ -27,7 +27,7 @@ Files written by softprompt before it knew other families record only ``hidden_s
 ``num_heads`` of their (BLOOM) base; the other dimensions follow from those as they do for BLOOM.
 
 Writing is atomic per file (``softprompt/files.py``), the weights first and the JSON last; the JSON records the
-weights file's size and SHA-256, so a truncated or replaced weights file is detected on load. Loading never
+weights file's size and SHA-256, and loading requires both, so a truncated or replaced weights file is detected. Loading never
 unpickles: safetensors and JSON only.
 
 Shapes: P virtual tokens, L layers, H heads, K key/value heads, D head dim, C embedding width, V vocab.
@@ -87,9 +87,13 @@ def config_from_dict(method: str, fields: dict[str, Any], source: str) -> SoftPr
     unknown = sorted(set(fields) - known)
     if unknown:
         raise AdapterFormatError(f"{source}: unknown {method} config fields {unknown}: expected only {sorted(known)}.")
+    if method == "prompt_tuning" and str(fields.get("prompt_tuning_init", "RANDOM")).upper() != "TEXT":
+        # PEFT's files, and softprompt's before it refused the pair, may record an init text that their RANDOM or
+        # SAMPLE_VOCAB init ignored; the stored table is what counts, so the text is dropped rather than refused.
+        fields = {key: value for key, value in fields.items() if key != "prompt_tuning_init_text"}
     try:
         return config_class(**fields)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise AdapterFormatError(f"{source}: invalid {method} config: {error}") from None
 
 
@@ -181,6 +185,63 @@ def trained_on(name_or_path: str | None) -> str:
     return "Its base model's name was not recorded. Fix: load it onto a base model of the adapter's shape."
 
 
+_JSON_KINDS = {str: "string", dict: "object", bool: "true or false"}
+
+
+def check_format_version(
+    version: Any, newest: int, source: Path, error: type[Exception] = AdapterFormatError,
+    fix: str = "Fix: re-save it with softprompt.",
+) -> None:
+    """Refuses a format version that is not an integer from 1 to `newest`.
+
+    Args:
+        version: the recorded version.
+        newest: the newest version this softprompt reads.
+        source: the file, for the message.
+        error: the exception class to raise.
+        fix: the message's last sentence for a version that is not a newer one.
+
+    Raises:
+        error: naming the file, the version found and the fix (upgrade for a newer one, `fix` otherwise).
+    """
+    if isinstance(version, int) and not isinstance(version, bool) and version > newest:
+        raise error(
+            f"{source}: format_version {version}: this softprompt reads versions up to {newest}. Fix: upgrade "
+            "softprompt."
+        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise error(
+            f"{source}: format_version {version!r}: expected an integer from 1 to {newest}. The file was edited or "
+            f"not written by softprompt. {fix}"
+        )
+
+
+def weights_record(record: dict[str, Any], config_path: Path) -> tuple[str, int, str]:
+    """The weights file's name, size and SHA-256 as the adapter config records them, all three required.
+
+    Raises:
+        AdapterFormatError: a name that leaves the adapter directory, or a size or hash that is missing or malformed
+            (without them a truncated or replaced weights file would go unnoticed).
+    """
+    name = record.get("file", WEIGHTS_FILE)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        # The weights sit beside the config, never elsewhere.
+        raise AdapterFormatError(
+            f"{config_path}: weights file {name!r}: expected a file name in the adapter directory. Fix: re-save the "
+            f"adapter (its weights are {WEIGHTS_FILE!r})."
+        )
+    size, digest = record.get("bytes"), record.get("sha256")
+    size_ok = isinstance(size, int) and not isinstance(size, bool) and size >= 0
+    digest_ok = isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    if not (size_ok and digest_ok):
+        raise AdapterFormatError(
+            f"{config_path}: the weights record {record!r} lacks a valid size ('bytes', an integer) and SHA-256 "
+            "('sha256', 64 hex digits): expected both, so that a truncated or replaced weights file is detected. Fix: "
+            "re-save the adapter with SoftPromptModel.save_adapter, which records them."
+        )
+    return name, size, digest
+
+
 def load_adapter_module(
     directory: str | Path, base_model: PreTrainedModel, materialized_only: bool = False
 ) -> tuple[SoftPromptConfig, nn.Module]:
@@ -192,7 +253,9 @@ def load_adapter_module(
         materialized_only: build a `MaterializedPrompt` from the stored output (inference without the encoder).
 
     Raises:
-        AdapterFormatError: missing, truncated or corrupt files, unknown format or method, or another base shape.
+        AdapterFormatError: missing, truncated or corrupt files; an unknown format, version or method; a field of the
+            wrong kind; a weights record without its size and SHA-256; non-finite or non-float tensors; stored
+            shapes that do not fit the config; or another base shape.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -203,32 +266,38 @@ def load_adapter_module(
         missing_fix=f"Fix: point to a directory written by save_adapter (it holds {CONFIG_FILE} and {WEIGHTS_FILE}).",
     )
     if document.get("format") != FORMAT_NAME:
-        hint = (
-            " It looks like a PEFT adapter: use softprompt.load_peft_adapter, or SoftPromptModel.from_pretrained, "
-            "which reads both formats."
-            if "peft_type" in document
-            else ""
-        )
+        hint = ""
+        if "peft_type" in document:
+            prompt_learning = {spec.peft_type for spec in METHODS.values()}
+            hint = (" It looks like a PEFT adapter: use softprompt.load_peft_adapter, or SoftPromptModel.from_pretrained, "
+                    "which reads both formats."
+                    if document["peft_type"] in prompt_learning else
+                    f" It is a PEFT {document['peft_type']} adapter, not a soft prompt (softprompt loads PEFT's "
+                    f"{sorted(prompt_learning)} only).")
         raise AdapterFormatError(f"{config_path}: format {document.get('format')!r}: expected {FORMAT_NAME!r}.{hint}")
-    if not isinstance(document.get("format_version"), int) or document["format_version"] > FORMAT_VERSION:
-        raise AdapterFormatError(
-            f"{config_path}: format_version {document.get('format_version')!r}: this softprompt reads versions up to "
-            f"{FORMAT_VERSION}. Fix: upgrade softprompt."
-        )
-    config = config_from_dict(str(document.get("method")), dict(document.get("config") or {}), str(config_path))
+    check_format_version(document.get("format_version"), FORMAT_VERSION, config_path, AdapterFormatError)
+    for key, kind in (("method", str), ("config", dict), ("base_model", dict), ("weights", dict),
+                      ("encoder_weights", bool)):
+        if not isinstance(document.get(key), kind):
+            raise AdapterFormatError(
+                f"{config_path}: {key} is {document.get(key)!r}: expected a JSON {_JSON_KINDS[kind]}. The file was "
+                "edited or not written by softprompt. Fix: re-save the adapter (SoftPromptModel.save_adapter)."
+            )
+    config = config_from_dict(document["method"], dict(document["config"]), str(config_path))
     spec = method_of(config)
-    shape = check_base_shape(dict(document.get("base_model") or {}), base_model, config_path)
-    weights = dict(document.get("weights") or {})
-    weights_name = str(weights.get("file", WEIGHTS_FILE))
-    if Path(weights_name).name != weights_name:  # the weights sit beside the config, never elsewhere
-        raise AdapterFormatError(
-            f"{config_path}: weights file {weights_name!r}: expected a file name in the adapter directory. Fix: "
-            f"re-save the adapter (its weights are {WEIGHTS_FILE!r})."
-        )
+    shape = check_base_shape(document["base_model"], base_model, config_path)
+    weights_name, weights_bytes, weights_sha256 = weights_record(document["weights"], config_path)
     weights_path = directory / weights_name
-    tensors = read_safetensors(weights_path, weights.get("bytes"), weights.get("sha256"))
+    tensors = read_safetensors(weights_path, weights_bytes, weights_sha256)
     if "materialized" not in tensors:
         raise AdapterFormatError(f"{weights_path}: the tensor 'materialized' is missing.")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
+            problem = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else "NaN or infinite values"
+            raise AdapterFormatError(
+                f"{weights_path}: tensor {name!r} holds {problem}: expected finite floating-point weights. Fix: the "
+                "adapter is damaged or was saved from a run that diverged; re-save it from a good checkpoint."
+            )
     output_shape = (config.num_virtual_tokens, spec.output_width(shape))
     if tuple(tensors["materialized"].shape) != output_shape:
         raise AdapterFormatError(

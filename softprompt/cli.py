@@ -221,9 +221,15 @@ def run_train(args: argparse.Namespace) -> int:
         elif kind == "resumed":
             tqdm.write(f"resumed from {event['checkpoint']} (step {event['step']}, epoch {event['epoch']})")
         elif kind == "resume_without_checkpoint":
-            tqdm.write(f"--resume: no complete checkpoint in {event['output_dir']}; starting from scratch")
+            tqdm.write(f"--resume: {event['output_dir']} has no checkpoint yet; starting from scratch")
         elif kind == "checkpoint_skipped":
             tqdm.write(f"skipped damaged checkpoint {event['path']}: {event['reason']}")
+        elif kind == "leftovers_removed":
+            tqdm.write(f"removed what an interrupted run left behind: {', '.join(event['paths'])}")
+        elif kind == "metrics_incomplete":
+            tqdm.write(f"warning: {event['path']} holds {event['found']} bytes where the checkpoint recorded "
+                       f"{event['recorded']}: records up to step {event['step']} are lost; logging continues from "
+                       "there")
         elif kind == "eval":
             tqdm.write(f"eval after epoch {event['epoch']} (step {event['step']}): {_format_eval(event)}")
         elif kind == "checkpoint":
@@ -242,8 +248,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"metrics: {result.metrics_path}")
     print(f"plot: {result.plot_path}")
     print(f"base model: {result.base_model}")
-    if result.initial_eval is not None and result.final_eval is not None:
+    if result.initial_eval is not None:
         print(f"eval before training: {_format_eval(result.initial_eval)}")
+    if result.final_eval is not None:
         print(f"eval after training:  {_format_eval(result.final_eval)}")
     if result.generations:
         print("generations on held-out examples (greedy):")
@@ -365,6 +372,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """Prints each chosen adapter's continuation of each prompt; returns the exit status."""
     import torch
 
+    from softprompt.inputs import check_generate_options
     from softprompt.training.base_model import cpu_threads, default_threads
     from softprompt.training import generate_texts, load_adapters
 
@@ -374,11 +382,12 @@ def run_generate(args: argparse.Namespace) -> int:
     unknown = [name for name in chosen if name not in adapters]
     if unknown:
         raise ValueError(f"--use {unknown}: not among the adapters {list(adapters)}. Fix: pick one of those names.")
-    model, tokenizer, _ = load_adapters(adapters, args.model, args.device)
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
     for name in ("temperature", "top_p", "top_k", "repetition_penalty", "num_beams"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    check_generate_options(options)  # before the model loads: a typo costs nothing
+    model, tokenizer, _ = load_adapters(adapters, args.model, args.device)
     with cpu_threads(default_threads(model.base_model)):
         for name in chosen:
             torch.manual_seed(args.seed)
@@ -411,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``sys.argv[1:]`` when None.
 
     Returns:
-        The exit status: 0, or 2 after printing the message of a `ValueError` (bad input, with its fix).
+        The exit status: 0; 2 after printing the message of a `ValueError` (bad input, with its fix); 130 after
+        Ctrl-C, with what a training run's message says about resuming it.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -419,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"softprompt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interruption:
+        print(f"\nsoftprompt {args.command}: {interruption or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -172,7 +172,9 @@ def column_values(rows: Rows, column: str, flag: str) -> list[Any]:
     return values
 
 
-def text_values(rows: Rows, column: str, flag: str, *, allow_empty: bool) -> list[str]:
+def text_values(rows: Rows, column: str, flag: str) -> list[str]:
+    """The non-empty strings of a text or label column (an empty text teaches nothing and an empty label cannot
+    be generated, so both are refused alike)."""
     values = column_values(rows, column, flag)
     for index, value in enumerate(values):
         if not isinstance(value, str):
@@ -180,7 +182,7 @@ def text_values(rows: Rows, column: str, flag: str, *, allow_empty: bool) -> lis
                 f"Row {index}, column {column!r}: expected text, got {value!r} ({type(value).__name__}). "
                 "Fix: fill or drop rows with missing values, and map class ids to label names before training."
             )
-        if not allow_empty and not value.strip():
+        if not value.strip():
             raise DataError(
                 f"Row {index}, column {column!r} is empty: expected a non-empty string. Fix: fill or drop the row."
             )

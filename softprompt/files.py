@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,15 @@ from safetensors.torch import load as safetensors_load
 
 TEMPORARY_SUFFIX = ".tmp"
 """What the temporary files of `atomic_write_bytes` end with (``.<name>.<random>.tmp``)."""
+
+
+_TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX) + "$")
+"""`atomic_write_bytes`'s temporary names: ``.<name>.`` + mkstemp's 8 random characters + the suffix."""
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether a file name is one of `atomic_write_bytes`'s temporaries (left behind only by a killed process)."""
+    return _TEMPORARY_NAME.match(name) is not None
 
 
 class AdapterFormatError(ValueError):

@@ -23,6 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from softprompt.injection import PromptedModel, prefix_for_rows
+from softprompt.inputs import check_generate_options, check_model_inputs
 from softprompt.positions import check_positions
 from softprompt.seams import cache_argument
 
@@ -41,6 +42,8 @@ def generate(
             "generate(inputs_embeds=...) is not supported: pass input_ids, the adapters add the soft prompt."
         )
     base = model.base_model
+    check_model_inputs(base, input_ids, attention_mask)
+    check_generate_options(generate_kwargs)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     layout = model.row_layout(input_ids.shape[0], adapter_names)

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from softprompt.families.family import BaseModelShape, Family
+from softprompt.inputs import check_model_inputs
 from softprompt.loss import IGNORE_INDEX, next_token_targets
 from softprompt.methods import SoftPromptConfig, method_of
 from softprompt.methods.prefix_tuning import split_key_values
@@ -119,16 +120,12 @@ def sequence_inputs(
         positions; P_e), where P_e is the longest virtual-token prompt and P_k the longest prefix of the batch.
 
     Raises:
-        ValueError: an attention mask of another shape, bad adapter names, or inputs longer than the model can
-            attend to.
+        ValueError: ids or a mask that the model cannot take (`softprompt.inputs.check_model_inputs`), bad adapter
+            names, or inputs longer than the model can attend to.
     """
+    check_model_inputs(model.base_model, input_ids, attention_mask)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}: expected the shape of input_ids "
-            f"{tuple(input_ids.shape)}."
-        )
     batch_size, num_tokens = input_ids.shape
     layout = model.row_layout(batch_size, adapter_names)
     token_embeddings = model.base_model.get_input_embeddings()(input_ids)  # [B, T, C]

@@ -39,6 +39,7 @@ from transformers.utils import ModelOutput
 from softprompt import generation, module_state, pretrained
 from softprompt.families import family_of
 from softprompt.injection import sequence_inputs, sequence_targets
+from softprompt.inputs import check_labels
 from softprompt.loss import LossImplementation, cross_entropy_from_logits
 from softprompt.methods import SoftPromptConfig, method_of
 from softprompt.positions import position_inputs
@@ -245,6 +246,8 @@ class SoftPromptModel(nn.Module):
                 "(and attention_mask); for decoding use SoftPromptModel.generate."
             )
         inputs, num_virtual = sequence_inputs(self, input_ids, attention_mask, adapter_names)
+        if labels is not None:
+            check_labels(self.base_model, labels, input_ids)
         with checkpointed_layers_read_cache(self.base_model):
             output = self.base_model(**inputs, use_cache=False)
         logits = output.logits  # [B, P_e + T, V]
@@ -297,13 +300,6 @@ class SoftPromptModel(nn.Module):
             )
         if implementation == "full":
             return self.forward(input_ids, attention_mask, labels, adapter_names).loss
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape or labels.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
-                f"{tuple(labels.shape)}: expected one shape [B, T] for all three."
-            )
         return training_loss(self, input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout)
 
     def decoder_pass(

@@ -89,8 +89,8 @@ def _classification_parts(
     check_rows(rows)
     check_max_length(max_length)
     eos_token_id = tokenizer_eos_id(tokenizer)
-    texts = text_values(rows, text_column, "--text-column", allow_empty=True)
-    labels = text_values(rows, label_column, "--label-column", allow_empty=False)
+    texts = text_values(rows, text_column, "--text-column")
+    labels = text_values(rows, label_column, "--label-column")
 
     target_ids = [ids + [eos_token_id] for ids in encode_texts(tokenizer, labels)]
     empty_prompt_length = len(encode_texts(tokenizer, [classification_prompt(text_column, "")])[0])
@@ -154,7 +154,7 @@ def classification_examples(
 
     Raises:
         DataError: ``rows`` is empty; a column is missing (the message lists the available ones); a text or label
-            is not a string or a label is empty; the tokenizer has no EOS; or the longest label + EOS + the
+            is not a string or is empty; the tokenizer has no EOS; or the longest label + EOS + the
             prompt with no text exceeds ``max_length`` (the message names the row, the label's length and
             ``max_length``).
     """
@@ -277,12 +277,12 @@ def causal_lm_examples(
 
     Raises:
         DataError: ``rows`` is empty, a column is missing (the message lists the available ones), a text is not a
-            string, the tokenizer has no EOS, or ``max_length`` is not a positive int.
+            string or is empty, the tokenizer has no EOS, or ``max_length`` is not a positive int.
     """
     check_rows(rows)
     check_max_length(max_length)
     eos_token_id = tokenizer_eos_id(tokenizer)
-    texts = text_values(rows, text_column, "--text-column", allow_empty=True)
+    texts = text_values(rows, text_column, "--text-column")
     tasks = task_values(rows, task_column)
     examples = []
     for index, text_ids in enumerate(encode_texts(tokenizer, texts)):

@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from softprompt.inputs import check_labels, check_loss_implementation, check_model_inputs
 from softprompt.injection import PromptedModel, prefix_for_rows, sequence_inputs, sequence_targets
 from softprompt.loss import IGNORE_INDEX, LossImplementation, linear_cross_entropy, next_token_targets
 from softprompt.positions import check_positions, position_inputs
@@ -49,14 +50,20 @@ class TrainableModel(PromptedModel, Protocol):
 def training_loss(
     model: TrainableModel,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     adapter_names: Sequence[str | None] | None,
     implementation: LossImplementation,
     virtual_token_layout: VirtualTokenLayout,
 ) -> torch.Tensor:
     """The mean loss over the labelled positions of a batch (see the module docstring); arguments as in
-    `SoftPromptModel.compute_loss`, which checks them."""
+    `SoftPromptModel.compute_loss`, which checks the choices; the tensors are checked here
+    (`softprompt.inputs`), before any work."""
+    check_model_inputs(model.base_model, input_ids, attention_mask)
+    check_labels(model.base_model, labels, input_ids)
+    check_loss_implementation(implementation, input_ids.device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
     head = model.base_model.get_output_embeddings()
     softcap = model.family.logit_softcap(model.base_model.config)
     if virtual_token_layout == "sequence":

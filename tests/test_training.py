@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -284,6 +285,61 @@ def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tmp_path):
     records = read_metrics(killed_dir / "metrics.jsonl")
     assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 12 * 6 + 1)), killed_at
     assert [r["epoch"] for r in records if r["event"] == "eval"] == list(range(13))
+
+
+def test_sigkill_during_every_kind_of_write_then_resume_is_bit_identical_and_leaves_nothing(tmp_path):
+    """One run killed six times, each time in the middle of another kind of write (the embedded base model, a
+    checkpoint's file, a metrics line, a checkpoint's rename, the final adapter, the plot) and resumed each time,
+    ends bit for bit where an uninterrupted run ends, with exactly its files: every temporary file and folder, and
+    the lock file, gone. `tests/kill_during_write.py` installs the kill points; the library carries no test hook."""
+    flags = ["--split", "train[:24]", "--num-epochs", "3", "--save-every", "2", "--num-generations", "0",
+             "--no-progress", "--method", "p-tuning"]  # 19 training rows: 3 steps per epoch, checkpoints 2, 3, 4, 6, 8, 9
+    kills = [
+        {"call": "replace", "pattern": r"/\.base-model\.[^/]+/", "nth": 2},  # base-model/ half moved into place
+        {"call": "fsync", "pattern": r"/\.tmp-step-00000003-[^/]+/\.tensors\.safetensors\.", "nth": 1},
+        {"call": "append", "pattern": r"metrics\.jsonl$", "nth": 3},  # resumed at step 2: the step-4 line, torn
+        {"call": "replace", "pattern": r"/\.tmp-step-00000004-\d+$", "nth": 1},  # complete, never renamed
+        {"call": "replace", "pattern": r"/adapter/\.adapter\.safetensors\.", "nth": 1},
+        {"call": "replace", "pattern": r"/\.curves\.png\.", "nth": 1},
+    ]
+    killed = tmp_path / "killed"
+    completed = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("kill_during_write.py")), json.dumps(kills), str(killed), *flags],
+        capture_output=True, text=True, timeout=900,  # a hang guard only
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    assert [entry["ended"] for entry in report] == ["killed"] * len(kills), report
+    # What each kill interrupted, as the next run found it.
+    base, checkpoint, metrics, rename, adapter, plot = [entry["tree"] for entry in report]
+    assert "base-model/config.json" in base and any(re.fullmatch(r"\.base-model\.\w{8}/model\.safetensors", p) for p in base)
+    assert "train_config.json" not in base
+    assert any(re.fullmatch(r"checkpoints/\.tmp-step-00000003-\d+/\.tensors\.safetensors\.\w{8}\.tmp", p) for p in checkpoint)
+    assert "checkpoints/step-00000002/manifest.json" in checkpoint
+    assert report[2]["metrics_torn"] and "checkpoints/step-00000003/manifest.json" in metrics
+    assert any(re.fullmatch(r"checkpoints/\.tmp-step-00000004-\d+/manifest\.json", p) for p in rename)
+    assert any(re.fullmatch(r"adapter/\.adapter\.safetensors\.\w{8}\.tmp", p) for p in adapter)
+    assert "adapter/adapter.safetensors" not in adapter
+    assert any(re.fullmatch(r"\.curves\.png\.\w{8}\.tmp", p) for p in plot) and "curves.png" not in plot
+
+    assert main(["train", *flags, "--output-dir", str(killed), "--resume"]) == 0
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(["train", *flags, "--output-dir", str(uninterrupted)]) == 0
+    assert_bitwise_equal(adapter_tensors(killed / "adapter"), adapter_tensors(uninterrupted / "adapter"))
+    for step in ("step-00000008", "step-00000009"):
+        assert_bitwise_equal(adapter_tensors(killed / "checkpoints" / step / "adapters" / "default"),
+                             adapter_tensors(uninterrupted / "checkpoints" / step / "adapters" / "default"))
+
+    def paths(root: Path) -> list[str]:
+        return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+    assert paths(killed) == paths(uninterrupted)  # no leftover, no lock file
+
+    def records(run: Path) -> list[dict]:  # throughput is timing, the rest must agree exactly
+        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_metrics(run / "metrics.jsonl")]
+
+    assert records(killed) == records(uninterrupted)
+    assert [r["step"] for r in records(killed) if r["event"] == "train"] == list(range(1, 10))
 
 
 # ------------------------------------------------------------------------------------------------ divergence

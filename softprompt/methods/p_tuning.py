@@ -34,7 +34,7 @@ from torch import nn
 
 from softprompt.families.family import BaseModelShape
 from softprompt.methods.prompt_tuning import reference_forward
-from softprompt.methods.spec import MaterializedPrompt, MethodSpec, check_positive_int
+from softprompt.methods.spec import MaterializedPrompt, MethodSpec, check_fits_in_memory, check_positive_int
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -166,6 +166,7 @@ def build(
     config: PromptEncoderConfig, shape: BaseModelShape, word_embeddings: nn.Module, tokenizer: Any | None = None
 ) -> MLPPromptEncoder | LSTMPromptEncoder:
     """The encoder, on the device of `word_embeddings`; it needs no other initialization."""
+    check_fits_in_memory(config, shape.embedding_width, word_embeddings.weight.device)
     with torch.device(word_embeddings.weight.device):
         return empty(config, shape)
 

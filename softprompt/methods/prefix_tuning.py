@@ -39,7 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
-from softprompt.methods.spec import MaterializedPrompt, MethodSpec, check_positive_int
+from softprompt.methods.spec import MaterializedPrompt, MethodSpec, check_fits_in_memory, check_positive_int
 from softprompt.positions import position_inputs
 from softprompt.seams import cache_argument
 
@@ -144,6 +144,7 @@ def build(
     config: PrefixTuningConfig, shape: BaseModelShape, word_embeddings: nn.Module, tokenizer: Any | None = None
 ) -> PrefixTable | ProjectedPrefix:
     """The module, on the device of `word_embeddings`; it needs no other initialization."""
+    check_fits_in_memory(config, shape.prefix_width, word_embeddings.weight.device)
     with torch.device(word_embeddings.weight.device):
         return empty(config, shape)
 

@@ -44,7 +44,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
-from softprompt.methods.spec import MethodSpec, check_positive_int
+from softprompt.methods.spec import MethodSpec, check_fits_in_memory, check_positive_int
 from softprompt.positions import position_inputs
 
 IGNORE_INDEX = -100
@@ -88,6 +88,23 @@ class PromptTuningConfig:
                 f"prompt_tuning_init={self.prompt_tuning_init!r}: expected one of {choices}. "
                 "Fix: pick one of those names."
             ) from None
+        if self.prompt_tuning_init_text is not None and not isinstance(self.prompt_tuning_init_text, str):
+            raise ValueError(
+                f"prompt_tuning_init_text={self.prompt_tuning_init_text!r}: expected a string or None. Fix: quote it, "
+                "e.g. prompt_tuning_init_text='Classify if the tweet is a complaint or not:'."
+            )
+        if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
+            raise ValueError(
+                f"tokenizer_name_or_path={self.tokenizer_name_or_path!r}: expected a string (a tokenizer's hub id or "
+                "directory) or None. Fix: quote it, or leave it out."
+            )
+        if self.prompt_tuning_init is not PromptTuningInit.TEXT and self.prompt_tuning_init_text is not None:
+            raise ValueError(
+                f"prompt_tuning_init_text={self.prompt_tuning_init_text!r} with "
+                f"prompt_tuning_init={self.prompt_tuning_init.value}: the text would be ignored, since only TEXT init "
+                "starts from a text. Fix: pass prompt_tuning_init='TEXT' (--prompt-tuning-init TEXT) to start from "
+                "it, or drop the text."
+            )
         if self.prompt_tuning_init is PromptTuningInit.TEXT and not self.prompt_tuning_init_text:
             raise ValueError(
                 f"prompt_tuning_init_text={self.prompt_tuning_init_text!r} with prompt_tuning_init=TEXT: expected a "
@@ -174,6 +191,7 @@ def build(
     feeds its first layer (Gemma's embedding scale included).
     """
     device = word_embeddings.weight.device
+    check_fits_in_memory(config, shape.embedding_width, device)
     init_ids = init_token_ids(config, tokenizer)
     init_embeddings = None
     if init_ids is not None:

@@ -17,6 +17,7 @@ Shapes: P virtual tokens, L layers, K key/value heads, D head dim, C embedding w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -108,3 +109,40 @@ def check_positive_int(name: str, value: Any, example: str, allow_none: bool = F
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         none = " or None" if allow_none else ""
         raise ValueError(f"{name}={value!r}: expected a positive int{none}. Fix: pass e.g. {example}.")
+
+
+def check_fits_in_memory(config: Any, width: int, device: torch.device) -> None:
+    """Refuses a method whose ``[P, width]`` output table alone exceeds the device's memory, before allocating it.
+
+    Without this, ``num_virtual_tokens=10**9`` ends in a ``MemoryError`` (or the kernel's OOM killer) with no word
+    about which setting asked for the memory.
+
+    Args:
+        config: the method's configuration (its ``num_virtual_tokens`` is P).
+        width: the width of one output row (C, or L * 2 * K * D for a prefix).
+        device: where the table would live.
+
+    Raises:
+        ValueError: naming P, the bytes the table needs, the memory there is, and the fix.
+    """
+    needed = config.num_virtual_tokens * width * 4  # fp32
+    available = _device_memory(device)
+    if available is not None and needed > available:
+        raise ValueError(
+            f"num_virtual_tokens={config.num_virtual_tokens}: its [{config.num_virtual_tokens}, {width}] fp32 table "
+            f"needs {needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of memory on {device}. "
+            "Expected a few to a few hundred virtual tokens (the seed guides use 8 and 20). Fix: pass e.g. "
+            "num_virtual_tokens=20 (--num-virtual-tokens 20)."
+        )
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of `device` in bytes (physical memory for the CPU), or None where it cannot be read."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        if device.type == "cpu":
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError):  # no such sysconf name, or no CUDA context
+        return None
+    return None

@@ -4,15 +4,16 @@
 - ``loop.py``: `train`, the whole loop in one function (`run_loop`) over the state `setup` builds;
 - ``optimizer_step.py``: one optimizer step (accumulation, all-reduce, per-adapter normalization and clipping,
   the fp16 scaler, the NaN check);
-- ``examples.py``, ``evaluation.py``, ``metrics.py``, ``checkpoint.py``, ``run_directory.py``, ``base_model.py``:
-  the data, evaluation, the metrics log and plot, checkpoints, the run directory, the frozen base.
+- ``examples.py``, ``evaluation.py``, ``metrics.py``, ``checkpoint.py``, ``run_directory.py``, ``run_lock.py``,
+  ``base_model.py``: the data, evaluation, the metrics log and plot, checkpoints, the run directory and its lock,
+  the frozen base.
 """
 
 from softprompt.training.base_model import load_adapters, load_base_model, resolve_base_model, run_config_for_adapter
 from softprompt.training.config import ConfigError, TrainConfig
 from softprompt.training.evaluation import evaluate, evaluate_adapters, generate_labels, generate_texts
 from softprompt.training.examples import PreparedData, epoch_order, prepare_data
-from softprompt.training.loop import TrainingDivergedError, TrainResult, train
+from softprompt.training.loop import TrainingDivergedError, TrainingInterrupted, TrainResult, train
 from softprompt.training.metrics import plot_metrics, read_metrics
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "TrainingInterrupted",
     "epoch_order",
     "evaluate",
     "evaluate_adapters",

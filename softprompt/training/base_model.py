@@ -8,7 +8,6 @@ embedded tiny BLOOM (random weights, seeded), which a run saves into its directo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from softprompt.adapter_format import CONFIG_FILE as ADAPTER_CONFIG_FILE
+from softprompt.files import AdapterFormatError, read_json
 from softprompt.model import SoftPromptModel
+from softprompt.peft_format import PEFT_METHODS, is_peft_document
 from softprompt.quickstart import build_tiny_bloom, build_tokenizer
 from softprompt.training.config import ConfigError, TrainConfig, flatten_settings
 
@@ -88,16 +89,34 @@ def resolve_base_model(adapter_directory: str | Path) -> str:
     moved run) is looked for as ``base-model/`` beside the adapter or beside its parent (``adapters/<task>``).
 
     Raises:
+        AdapterFormatError: the directory or its config is missing or corrupt, or it holds a PEFT adapter.
         ValueError: nothing usable is recorded and no ``base-model/`` is found (the fix: pass --model).
     """
     directory = Path(adapter_directory)
     config_path = directory / ADAPTER_CONFIG_FILE
-    try:
-        recorded = json.loads(config_path.read_text()).get("base_model", {}).get("name_or_path")
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{config_path}: cannot read the adapter config ({error}). Fix: pass the directory save_adapter wrote."
-        ) from None
+    if not directory.is_dir():
+        raise AdapterFormatError(
+            f"{directory}: adapter directory not found. Fix: pass the directory a training run wrote "
+            "(OUTPUT_DIR/adapter, or OUTPUT_DIR/adapters/TASK)."
+        )
+    document = read_json(config_path, missing_fix="Fix: pass the directory save_adapter or softprompt train wrote.")
+    if is_peft_document(document):
+        peft_type = document.get("peft_type")
+        if peft_type not in PEFT_METHODS:
+            raise AdapterFormatError(
+                f"{config_path}: a PEFT {peft_type} adapter: expected a soft-prompt adapter (softprompt trains and "
+                f"loads prompt tuning, p-tuning and prefix tuning only; PEFT's {sorted(PEFT_METHODS)}). Fix: load it "
+                "with peft, or pass a directory that softprompt train wrote."
+            )
+        raise AdapterFormatError(
+            f"{config_path}: a PEFT {peft_type} adapter: the command line reads softprompt's format. Fix: in Python, "
+            "softprompt.load_peft_adapter(base_model, directory), then model.save_adapter(new_directory) to use it "
+            "here."
+        )
+    base_record = document.get("base_model")
+    recorded = base_record.get("name_or_path") if isinstance(base_record, dict) else None
+    if recorded is not None and not isinstance(recorded, str):
+        recorded = None
     if recorded and Path(recorded).is_dir():
         return recorded
     for candidate in (directory.parent / BASE_MODEL_DIR, directory.parent.parent / BASE_MODEL_DIR):
@@ -180,9 +199,15 @@ def run_config_for_adapter(adapter_directory: str | Path) -> TrainConfig | None:
     directory = Path(adapter_directory)
     for candidate in (directory.parent / CONFIG_FILE, directory.parent.parent / CONFIG_FILE):
         if candidate.is_file():
-            values = flatten_settings(json.loads(candidate.read_text()))
-            values.update(resume=False, overwrite=False)
-            return TrainConfig.from_dict(values, str(candidate))
+            fix = ("Fix: restore it from a copy of the run, or pass the data to evaluate on (--dataset, --text-column, "
+                   "--label-column, --split).")
+            try:
+                values = flatten_settings(read_json(candidate, error=ConfigError))
+                values.update(resume=False, overwrite=False)
+                return TrainConfig.from_dict(values, str(candidate))
+            except ConfigError as error:
+                where = "" if str(error).startswith(str(candidate)) else f"{candidate}: "
+                raise ConfigError(f"{where}{error} The run's settings there say which rows it held out. {fix}") from None
     return None
 
 

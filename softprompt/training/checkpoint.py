@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from softprompt.adapter_format import check_format_version
 from softprompt.files import atomic_write_bytes
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -49,6 +50,7 @@ FORMAT_NAME = "softprompt-checkpoint"
 FORMAT_VERSION = 1
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+DAMAGED = "The checkpoint is damaged."
 
 
 class CheckpointError(ValueError):
@@ -67,9 +69,22 @@ class Checkpoint:
     """The parsed ``state.json``."""
     tensors: dict[str, torch.Tensor]
     """The parsed ``tensors.safetensors`` (CPU)."""
+    files: frozenset[str] = frozenset()
+    """Every file the manifest lists (and that matched it), relative to the directory."""
 
     def adapter_directory(self, adapter_name: str) -> Path:
-        """Where adapter ``adapter_name`` was saved in this checkpoint."""
+        """Where adapter ``adapter_name`` was saved in this checkpoint.
+
+        Raises:
+            CheckpointError: the manifest lists no such adapter (a checkpoint of another run, or damaged).
+        """
+        listed = sorted({Path(name).parts[1] for name in self.files if Path(name).parts[0] == ADAPTERS_DIR})
+        if adapter_name not in listed:
+            raise CheckpointError(
+                f"{self.directory}: holds no adapter {adapter_name!r} (its manifest lists {listed}). The checkpoint "
+                "belongs to a run with other adapters, or is damaged. Fix: resume with the run's own settings, or "
+                "start over with --overwrite."
+            )
         return self.directory / ADAPTERS_DIR / adapter_name
 
 
@@ -152,19 +167,6 @@ def save_checkpoint(
     return final
 
 
-def remove_temporary_checkpoints(run_directory: Path) -> None:
-    """Deletes the temporary directories of checkpoints that a killed process never finished."""
-    root = run_directory / CHECKPOINTS_DIR
-    if root.is_dir():
-        for path in root.glob(".tmp-step-*"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_all_checkpoints(run_directory: Path) -> None:
-    """Deletes the run's whole ``checkpoints/`` directory (``--overwrite``)."""
-    shutil.rmtree(run_directory / CHECKPOINTS_DIR, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------- reading
 
 
@@ -187,26 +189,94 @@ def load_checkpoint(directory: Path) -> Checkpoint:
     Raises:
         CheckpointError: no manifest, a listed file missing or different from the manifest, or unreadable files.
     """
-    manifest = _read_json(directory / MANIFEST_FILE)
+    manifest_path = directory / MANIFEST_FILE
+    manifest = _read_json(manifest_path)
     if manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{directory / MANIFEST_FILE}: not a softprompt checkpoint manifest.")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_path}: not a softprompt checkpoint manifest.")
+    check_format_version(manifest.get("format_version"), FORMAT_VERSION, manifest_path, CheckpointError,
+                         DAMAGED)
+    match = _STEP_DIR.match(directory.name)
+    step = manifest.get("step")
+    if match is None or step != int(match.group(1)) or isinstance(step, bool):
         raise CheckpointError(
-            f"{directory / MANIFEST_FILE}: format_version {manifest.get('format_version')}: this softprompt reads "
-            f"versions up to {FORMAT_VERSION}. Fix: upgrade softprompt."
+            f"{manifest_path}: records step {step!r} in a directory named {directory.name!r}: expected the step of "
+            "the name. The checkpoint was renamed or damaged. Fix: give it back its name, or delete it."
         )
-    for relative, expected in manifest["files"].items():
+    files = manifest["files"]
+    for required in (STATE_FILE, TENSORS_FILE):
+        if required not in files:
+            raise CheckpointError(f"{manifest_path}: does not list {required}, which every checkpoint has. The "
+                                  "checkpoint is damaged.")
+    for relative, expected in files.items():
         path = directory / relative
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise CheckpointError(f"{manifest_path}: lists {relative!r}, a path outside the checkpoint. The "
+                                  "checkpoint is damaged or was tampered with.")
+        if not isinstance(expected, dict) or not _is_count(expected.get("bytes")) or not _is_sha256(
+                expected.get("sha256")):
+            raise CheckpointError(f"{manifest_path}: the record of {relative!r} ({expected!r}) lacks a size and a "
+                                  "SHA-256. The checkpoint is damaged.")
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the manifest but missing. The checkpoint is damaged.")
-        if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path}: size or SHA-256 differs from the manifest. The checkpoint is damaged.")
     state = _read_json(directory / STATE_FILE)
     try:
         tensors = safetensors_load((directory / TENSORS_FILE).read_bytes())
     except Exception as error:  # safetensors raises its own error type for a bad header
         raise CheckpointError(f"{directory / TENSORS_FILE}: unreadable safetensors ({error}).") from None
-    return Checkpoint(directory=directory, step=int(state["step"]), state=state, tensors=tensors)
+    check_state(state, tensors, step, directory / STATE_FILE)
+    return Checkpoint(directory=directory, step=step, state=state, tensors=tensors, files=frozenset(files))
+
+
+def check_state(state: dict[str, Any], tensors: Mapping[str, torch.Tensor], step: int, path: Path) -> None:
+    """Checks every field a resumed run reads from ``state.json`` (and the random state in the tensors).
+
+    Raises:
+        CheckpointError: naming the first field that is missing or of the wrong kind.
+    """
+    check_format_version(state.get("format_version"), FORMAT_VERSION, path, CheckpointError, DAMAGED)
+    optimizer, rng = state.get("optimizer"), state.get("rng")
+    position = state.get("position") if isinstance(state.get("position"), dict) else {}
+    order = position.get("order")
+    checks = [  # (field, its value, whether it is valid, what was expected)
+        ("format", state.get("format"), state.get("format") == FORMAT_NAME, repr(FORMAT_NAME)),
+        ("step", state.get("step"), state.get("step") == step, f"{step}, the manifest's step"),
+        ("position", state.get("position"), isinstance(state.get("position"), dict), "an object"),
+        ("position.epoch", position.get("epoch"), _is_count(position.get("epoch")), "a count"),
+        ("position.step_in_epoch", position.get("step_in_epoch"), _is_count(position.get("step_in_epoch")),
+         "a count"),
+        ("position.global_step", position.get("global_step"), position.get("global_step") == step, str(step)),
+        ("position.order", order, isinstance(order, list) and all(_is_count(index) for index in order),
+         "a list of row indices"),
+        ("metrics_bytes", state.get("metrics_bytes"), _is_count(state.get("metrics_bytes")), "a byte count"),
+        ("config", state.get("config"), isinstance(state.get("config"), dict), "the run's settings as an object"),
+        ("optimizer", optimizer, isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list),
+         "an object with param_groups"),
+        ("scheduler", state.get("scheduler"), isinstance(state.get("scheduler"), dict), "an object"),
+        ("rng", rng, isinstance(rng, dict) and {"python", "numpy"} <= set(rng),
+         "an object with the python and numpy states"),
+    ]
+    for field_name, value, valid, expected in checks:
+        if not valid:
+            raise CheckpointError(f"{path}: {field_name} is {_short(value)}: expected {expected}. The checkpoint is "
+                                  "damaged.")
+    rng_state = tensors.get("rng.torch")
+    if rng_state is None or rng_state.dtype != torch.uint8:
+        raise CheckpointError(f"{path.parent / TENSORS_FILE}: no uint8 'rng.torch' tensor. The checkpoint is damaged.")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def latest_checkpoint(run_directory: Path, on_skip: Callable[[Path, Exception], None] | None = None) -> Checkpoint | None:
@@ -379,8 +449,6 @@ __all__ = [
     "flatten_optimizer_state",
     "latest_checkpoint",
     "load_checkpoint",
-    "remove_all_checkpoints",
-    "remove_temporary_checkpoints",
     "restore_training_state",
     "save_checkpoint",
     "unflatten_optimizer_state",

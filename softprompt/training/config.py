@@ -36,6 +36,7 @@ from softprompt.training.config_values import (
     check_float,
     check_int,
     check_literals,
+    check_strings,
     read_config_file,
 )
 from softprompt.training_loss import VirtualTokenLayout
@@ -99,6 +100,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_literals(self)
+        check_strings(self)
         self.dataset = as_list(self.dataset, "dataset")
         self.text_column = as_list(self.text_column, "text_column")
         check_int("max_length", self.max_length, minimum=1)
@@ -189,6 +191,7 @@ class OptimizationConfig:
 
     def __post_init__(self) -> None:
         check_literals(self)
+        check_strings(self)
         for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "seed"):
@@ -230,6 +233,7 @@ class ExecutionConfig:
 
     def __post_init__(self) -> None:
         check_literals(self)
+        check_strings(self)
         if self.num_threads is not None:
             check_int("num_threads", self.num_threads, minimum=1)
 
@@ -248,7 +252,7 @@ class OutputConfig:
     """Complete checkpoints kept; older ones are deleted."""
 
     resume: bool = False
-    """Continue from the newest complete checkpoint in ``output_dir`` (starts fresh when there is none)."""
+    """Continue from the newest usable checkpoint in ``output_dir`` (starts fresh where there never was one)."""
 
     overwrite: bool = False
     """Start over even if ``output_dir`` holds a previous run's checkpoints (they are deleted)."""
@@ -261,6 +265,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         check_literals(self)
+        check_strings(self)
         check_int("keep_last", self.keep_last, minimum=1)
         for name in ("save_every", "num_generations"):
             check_int(name, getattr(self, name), minimum=0)
@@ -308,6 +313,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
             raise ConfigError(f"method={self.method!r}: expected one of {', '.join(METHOD_NAMES)}. Fix: pick one of those.")
+        check_strings(self)
         for name, section in SECTIONS.items():
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, section(**getattr(self, name)))

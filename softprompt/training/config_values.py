@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +71,42 @@ def check_literals(section: Any) -> None:
         if choices is not None and value is not None and value not in choices:
             raise ConfigError(
                 f"{item.name}={value!r}: expected one of {', '.join(map(str, choices))}. Fix: pick one of those."
+            )
+
+
+def check_strings(section: Any) -> None:
+    """Checks every field of a dataclass instance typed ``str`` or ``str | None``; a path object becomes its string.
+
+    A config file can hold any YAML value where a name or path belongs (``output_dir: 123`` is an int), which
+    would otherwise fail later as a TypeError far from the setting.
+
+    Raises:
+        ConfigError: naming the field, the value and the fix.
+    """
+    hints = typing.get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        hint = hints[item.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else (hint,)
+        if str not in options or any(option not in (str, type(None)) for option in options):
+            continue
+        value = getattr(section, item.name)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(section, item.name, value)
+        if value is None and type(None) in options:
+            continue
+        if not isinstance(value, str):
+            flag = f"--{item.name.replace('_', '-')}"
+            if value is None:
+                fix = f"give it a value, or leave it out for the default ({item.default!r})"
+            elif isinstance(value, (bool, int, float)):
+                fix = f"quote it in the config file ({item.name}: '{value}'), or pass {flag} on the command line"
+            else:
+                fix = f"give one string (in the config file {item.name}: NAME, or {flag} NAME)"
+            raise ConfigError(
+                f"{item.name}={value!r} ({type(value).__name__}): expected a string"
+                f"{' or nothing' if type(None) in options else ''}. Fix: {fix}."
             )
 
 

@@ -165,9 +165,23 @@ def generate_texts(
 
     Returns:
         The generated text of each prompt (new tokens only, special tokens skipped).
+
+    Raises:
+        ValueError: no prompts, a prompt that is not text or encodes to no token, or bad decoding options.
     """
     device = model.base_model.get_input_embeddings().weight.device
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts={prompts!r}: expected a non-empty list of texts. Fix: pass e.g. ['Tweet text : hi Label : '].")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts[{index}]={prompt!r}: expected a text. Fix: pass strings (--prompt TEXT).")
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    for index, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(
+                f"prompt {index + 1} ({prompts[index]!r}) encodes to no token: expected some text to continue. Fix: "
+                "pass a non-empty --prompt, e.g. --prompt 'Tweet text : my order never arrived Label : '."
+            )
     batch = to_device(collate([{"input_ids": ids} for ids in encoded], pad_token_id=tokenizer.pad_token_id), device)
     generate_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)

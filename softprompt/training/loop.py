@@ -1,13 +1,16 @@
 """The training loop: `train(config)` runs one `TrainConfig` end to end.
 
-1. `setup` checks the run directory, seeds everything, loads the frozen base (a hub id or local directory, or the
-   embedded tiny BLOOM), prepares the data (`softprompt.training.examples`), builds one adapter per task, and the
-   optimizer (AdamW over the adapters only), the linear warmup + decay schedule and, for fp16, a grad scaler: a
-   `RunState`.
-2. `train` evaluates before training, then for every epoch walks the seeded order of the training rows in
+1. `train` claims the run directory before anything is written (`softprompt.training.run_directory`): it locks it
+   for the run's duration, refuses it if it holds another run, and picks the checkpoint a ``--resume`` continues
+   from, its settings checked against the run's.
+2. `setup` seeds everything, loads the frozen base (a hub id or local directory, or the embedded tiny BLOOM),
+   prepares the data (`softprompt.training.examples`), builds one adapter per task, the optimizer (AdamW over the
+   adapters only), the linear warmup + decay schedule and, for fp16, a grad scaler, and restores the checkpoint: a
+   `RunState`. Only then, every input checked, does it write: the settings and the embedded base.
+3. `run_loop` evaluates before training, then for every epoch walks the seeded order of the training rows in
    micro-batches, takes optimizer steps (`softprompt.training.optimizer_step`), logs every step, evaluates and
    checkpoints at every epoch end and every ``save_every`` steps (`softprompt.training.checkpoint`, resumable bit
-   for bit on CPU), and finally saves the adapters, the plot and a few generations.
+   for bit on CPU), and `finish` saves the adapters, the plot and a few generations.
 
 Several processes (``torchrun``): every process holds the frozen base and the adapters and takes its share of each
 micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files. Nothing here prints:
@@ -36,6 +39,8 @@ from softprompt.model import SoftPromptModel
 from softprompt.multi_task import make_trainable
 from softprompt.quickstart import save_tiny_bloom
 from softprompt.training.base_model import cpu_threads, default_threads, load_base_model, resolve_device
+from softprompt.inputs import check_loss_implementation
+from softprompt.training.base_model import CONFIG_FILE
 from softprompt.training.checkpoint import (
     Checkpoint,
     complete_checkpoint_directories,
@@ -50,10 +55,10 @@ from softprompt.training.optimizer_step import NonFiniteStep, linear_schedule, o
 from softprompt.training.run_directory import (
     METRICS_FILE,
     PLOT_FILE,
+    RunClaim,
+    claim_run_directory,
     embedded_base_directory,
     final_adapter_directories,
-    prepare_output_dir,
-    resume_checkpoint,
     write_run_config,
 )
 
@@ -63,6 +68,11 @@ Event = dict[str, Any]
 
 class TrainingDivergedError(RuntimeError):
     """The loss (or gradient norm) became NaN or infinite; training stopped before touching the adapters."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C): a KeyboardInterrupt whose message says where the run stopped and how to
+    continue it. Everything written so far is complete (checkpoints and files are written atomically)."""
 
 
 @dataclass
@@ -116,6 +126,13 @@ class RunState:
     steps_per_epoch: int
     total_steps: int
     on_event: Callable[[Event], None] | None = None
+    checkpoint: Checkpoint | None = None
+    """The checkpoint the run continues from (already loaded into the model and optimizer), or None."""
+    start_epoch: int = 0
+    start_step: int = 0
+    """Where the loop starts: the epoch, and the optimizer steps already done in it."""
+    global_step: int = 0
+    """Optimizer steps done so far (from the checkpoint on, then counted by the loop)."""
 
     @property
     def is_main(self) -> bool:
@@ -150,59 +167,70 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
     Returns:
         The `TrainResult` (on every rank; only rank 0's paths hold files).
 
+    Nothing is written before every setting, the run directory (locked for the run's duration), the checkpoint
+    to resume from, the base model and the data have been checked: a refused or failed run leaves the directory as
+    it found it.
+
     Raises:
-        ConfigError: the output directory holds another run (without --resume / --overwrite), or a checkpoint
-            to resume from was made with other settings.
+        ConfigError: the output directory holds another run (without --resume / --overwrite), is in use by another
+            process, has no usable checkpoint to resume where starting over would lose progress, or its checkpoint
+            was made with other settings or other data.
         DataError: the data cannot be used.
         TrainingDivergedError: the loss became NaN or infinite (the last checkpoint is left as it was).
-        ValueError: the base model cannot be loaded.
+        TrainingInterrupted: Ctrl-C (a KeyboardInterrupt saying how to resume).
+        ValueError: the base model cannot be loaded, or the loss implementation cannot run on the device.
     """
     joined = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if config.execution.device != "cpu" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         joined = True
+    run = None
     try:
         started = time.perf_counter()
-        base, tokenizer, device = load_run_base(config)
-        threads = config.execution.num_threads
-        threads = threads if threads is not None else default_threads(base)
-        with cpu_threads(threads if device.type == "cpu" else config.execution.num_threads):
-            run = setup(config, base, tokenizer, device, on_event)
-            return run_loop(run, started)
+        device = resolve_device(config.execution.device)
+        check_loss_implementation(config.execution.loss_implementation, device)
+        with claim_run_directory(config, main_process_emitter(on_event)) as claim:
+            base, tokenizer = load_run_base(config)
+            threads = config.execution.num_threads
+            threads = threads if threads is not None else default_threads(base)
+            with cpu_threads(threads if device.type == "cpu" else config.execution.num_threads):
+                run = setup(config, base, tokenizer, device, claim, on_event)
+                return run_loop(run, started)
+    except KeyboardInterrupt:
+        raise interrupted(config, run) from None
     finally:
         if joined:
             dist.destroy_process_group()
 
 
-def load_run_base(config: TrainConfig) -> tuple[torch.nn.Module, Any, torch.device]:
-    """Checks the run directory, seeds every generator, loads the base; returns (base, tokenizer, device)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    prepare_output_dir(config.resolved_output_dir, config, is_main=rank == 0)
-    if dist.is_initialized():
-        dist.barrier()
-    device = resolve_device(config.execution.device)
+def main_process_emitter(on_event: Callable[[Event], None] | None) -> Callable[..., None]:
+    """``emit(event, **values)`` calling ``on_event`` on rank 0 (nothing elsewhere)."""
+    def emit(event: str, **values: Any) -> None:
+        if on_event is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            on_event({"event": event, **values})
+    return emit
+
+
+def load_run_base(config: TrainConfig) -> tuple[torch.nn.Module, Any]:
+    """Seeds every generator and loads the base; returns (base, tokenizer)."""
     torch.manual_seed(config.optimization.seed)
     random.seed(config.optimization.seed)
     np.random.seed(config.optimization.seed)
-    base, tokenizer = load_base_model(config.model, getattr(torch, config.execution.base_dtype))
-    return base, tokenizer, device
+    return load_base_model(config.model, getattr(torch, config.execution.base_dtype))
 
 
 def setup(
-    config: TrainConfig, base: torch.nn.Module, tokenizer: Any, device: torch.device,
+    config: TrainConfig, base: torch.nn.Module, tokenizer: Any, device: torch.device, claim: RunClaim,
     on_event: Callable[[Event], None] | None = None,
 ) -> RunState:
-    """The run's state: settings written, data prepared, one adapter per task, optimizer, schedule, grad scaler."""
+    """The run's state: data prepared, one adapter per task, optimizer, schedule, grad scaler, the checkpoint
+    restored; then, every check passed, the run's first writes (the settings and the embedded base)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     output_dir = config.resolved_output_dir
-    if rank == 0:
-        write_run_config(output_dir, config)
-    if config.uses_embedded_model:
-        base_directory = embedded_base_directory(output_dir)
-        if rank == 0:
-            save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
+    base_directory = embedded_base_directory(output_dir) if config.uses_embedded_model else None
+    if base_directory is not None:
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
     data = prepare_data(config, tokenizer)
     base.to(device)
@@ -235,6 +263,13 @@ def setup(
         metrics=MetricsLog(output_dir / METRICS_FILE, enabled=rank == 0),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, on_event=on_event,
     )
+    if claim.checkpoint is not None:
+        restore(run, claim.checkpoint)
+    if rank == 0:
+        claim.begin_writing(run.emit)
+        if base_directory is not None:
+            save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
+        write_run_config(output_dir, config)
     trainable_count, total_count = model.num_parameters()
     run.emit("start", output_dir=str(output_dir), base_model=run.base_name, device=str(device),
              processes=world_size, method=config.method, adapters=names, recipe=data.kind,
@@ -247,17 +282,19 @@ def run_loop(run: RunState, started: float) -> TrainResult:
     """The loop itself, from the first batch to the final adapters (see the module docstring)."""
     config, data, model = run.config, run.data, run.model
     optimization = config.optimization
-    start_epoch = start_step = global_step = 0
-    checkpoint = resume_checkpoint(run.output_dir, config, run.emit) if config.output.resume else None
+    checkpoint, start_epoch, start_step = run.checkpoint, run.start_epoch, run.start_step
     if checkpoint is not None:
-        start_epoch, start_step, global_step = restore(run, checkpoint)
-        run.metrics.truncate(int(checkpoint.state["metrics_bytes"]))  # drop what was logged after it
-        run.emit("resumed", checkpoint=str(checkpoint.directory), step=global_step, epoch=start_epoch)
+        recorded = int(checkpoint.state["metrics_bytes"])
+        found = run.metrics.resume_at(recorded)  # drops what was logged after the checkpoint
+        if found < recorded:
+            run.emit("metrics_incomplete", path=str(run.metrics.path), found=found, recorded=recorded,
+                     step=run.global_step)
+        run.emit("resumed", checkpoint=str(checkpoint.directory), step=run.global_step, epoch=start_epoch)
     else:
-        run.metrics.truncate(0)
+        run.metrics.start()
         evaluate_and_log(run, epoch=0, step=0)
 
-    bar = tqdm(total=run.total_steps, initial=global_step, desc=f"train {config.method}", unit="step",
+    bar = tqdm(total=run.total_steps, initial=run.global_step, desc=f"train {config.method}", unit="step",
                disable=not (config.output.progress and run.is_main), dynamic_ncols=True)
     rows_per_micro_batch = optimization.batch_size * run.world_size
     accumulation = optimization.gradient_accumulation_steps
@@ -266,11 +303,6 @@ def run_loop(run: RunState, started: float) -> TrainResult:
     model.train()
     for epoch in range(start_epoch, optimization.num_epochs):
         order = epoch_order(len(data.train), optimization.seed, epoch)
-        if checkpoint is not None and epoch == start_epoch and checkpoint.state["position"]["order"] != order:
-            raise ConfigError(
-                f"{checkpoint.directory}: the training data's order differs from the checkpoint's: the data changed "
-                "since it was written. Fix: resume with the same data, or start over with --overwrite."
-            )
         # Global micro-batches; process r takes rows [r * batch_size, (r + 1) * batch_size) of each.
         micro_batches = [order[i : i + rows_per_micro_batch] for i in range(0, len(order), rows_per_micro_batch)]
         for step_in_epoch in range(start_step if epoch == start_epoch else 0, run.steps_per_epoch):
@@ -282,8 +314,9 @@ def run_loop(run: RunState, started: float) -> TrainResult:
                                       [batch for batch in batches if batch is not None], loss_options,
                                       optimization.max_grad_norm, run.autocast, run.scaler, run.world_size)
             except NonFiniteStep as error:
-                raise diverged(run, error, global_step + 1, epoch) from None
-            global_step += 1
+                raise diverged(run, error, run.global_step + 1, epoch) from None
+            run.global_step += 1
+            global_step = run.global_step
             throughput = step.tokens / (time.perf_counter() - step_started)
             learning_rate = run.scheduler.get_last_lr()[0]
             run.metrics.append({"event": "train", "epoch": epoch + (step_in_epoch + 1) / run.steps_per_epoch,
@@ -301,7 +334,7 @@ def run_loop(run: RunState, started: float) -> TrainResult:
             elif config.output.save_every and global_step % config.output.save_every == 0:
                 save(run, global_step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "order": order})
     bar.close()
-    return finish(run, global_step, started, checkpoint)
+    return finish(run, started)
 
 
 def own_batch(run: RunState, global_rows: list[int]) -> dict[str, Any] | None:
@@ -346,14 +379,26 @@ def save(run: RunState, step: int, position: dict[str, Any]) -> None:
     run.barrier()
 
 
-def restore(run: RunState, checkpoint: Checkpoint) -> tuple[int, int, int]:
-    """Loads a checkpoint into the run; returns (epoch, step in that epoch, optimizer steps done)."""
+def restore(run: RunState, checkpoint: Checkpoint) -> None:
+    """Loads a checkpoint into the run and sets where the loop starts.
+
+    Raises:
+        ConfigError: the checkpoint's data position does not fit this run's data (the data changed since).
+    """
+    position = checkpoint.state["position"]
+    epoch = int(position["epoch"])
+    if epoch < run.config.optimization.num_epochs and position["order"] != epoch_order(
+            len(run.data.train), run.config.optimization.seed, epoch):
+        raise ConfigError(
+            f"{checkpoint.directory}: the training data's order differs from the checkpoint's: the data changed "
+            "since it was written. Fix: resume with the same data, or start over with --overwrite."
+        )
     for name in run.trainable:
         _, module = load_adapter_module(checkpoint.adapter_directory(name), run.model.base_model)
         run.model.prompts[name].load_state_dict(module.state_dict())
     restore_training_state(checkpoint, run.optimizer, run.scheduler, run.scaler)
-    position = checkpoint.state["position"]
-    return int(position["epoch"]), int(position["step_in_epoch"]), checkpoint.step
+    run.checkpoint, run.start_epoch, run.start_step = checkpoint, epoch, int(position["step_in_epoch"])
+    run.global_step = checkpoint.step
 
 
 def diverged(run: RunState, error: NonFiniteStep, step: int, epoch: int) -> TrainingDivergedError:
@@ -368,7 +413,23 @@ def diverged(run: RunState, error: NonFiniteStep, step: int, epoch: int) -> Trai
     )
 
 
-def finish(run: RunState, global_step: int, started: float, checkpoint: Checkpoint | None) -> TrainResult:
+def interrupted(config: TrainConfig, run: RunState | None) -> TrainingInterrupted:
+    """The error for Ctrl-C: where the run stopped and how to continue it."""
+    output_dir = config.resolved_output_dir
+    resume = f"softprompt train --config {output_dir / CONFIG_FILE} --resume"
+    if run is None or not (output_dir / CONFIG_FILE).is_file():
+        return TrainingInterrupted(f"Interrupted before training began; nothing was written to {output_dir}. Fix: run "
+                                   "the same command again.")
+    checkpoints = complete_checkpoint_directories(output_dir)
+    if checkpoints:
+        where = (f"The newest checkpoint, {checkpoints[-1]}, is complete: continue from it with `{resume}` (the same "
+                 "settings).")
+    else:
+        where = f"No checkpoint was written yet: `{resume}` starts the run again from the beginning."
+    return TrainingInterrupted(f"Interrupted at step {run.global_step} of {run.total_steps}. {where}")
+
+
+def finish(run: RunState, started: float) -> TrainResult:
     """Final adapters, plot, a few generations, the result."""
     config = run.config
     run.model.eval()
@@ -378,9 +439,11 @@ def finish(run: RunState, global_step: int, started: float, checkpoint: Checkpoi
     if run.is_main:
         for name, directory in adapter_directories.items():
             run.model.save_adapter(directory, name)
-        evaluations = [r for r in read_metrics(run.output_dir / METRICS_FILE) if r["event"] == "eval"]
-        if evaluations:  # read back, so that a resumed run reports the evaluations of its earlier part too
-            initial_eval, final_eval = evaluations[0], evaluations[-1]
+        # Read back, so that a resumed run reports the evaluations of its earlier part too; by their step, so that
+        # a log that lost its start (deleted before a resume) reports none rather than a later one as the first.
+        evaluations = [r for r in read_metrics(run.output_dir / METRICS_FILE) if r.get("event") == "eval"]
+        initial_eval = next((r for r in evaluations if r.get("step") == 0), None)
+        final_eval = next((r for r in reversed(evaluations) if r.get("step") == run.global_step), None)
         base = "the embedded tiny BLOOM" if config.uses_embedded_model else run.base_name
         plot_path = plot_metrics(run.output_dir / METRICS_FILE, run.output_dir / PLOT_FILE, f"{config.method} on {base}")
         generations = sample_generations(run.model, run.tokenizer, run.data, config.output.num_generations)
@@ -389,8 +452,8 @@ def finish(run: RunState, global_step: int, started: float, checkpoint: Checkpoi
         output_dir=run.output_dir, adapter_directories=adapter_directories,
         metrics_path=run.output_dir / METRICS_FILE, plot_path=plot_path, base_model=run.base_name,
         initial_eval=initial_eval, final_eval=final_eval, generations=generations,
-        global_step=global_step, elapsed_seconds=time.perf_counter() - started,
-        resumed_from=checkpoint.directory if checkpoint is not None else None,
+        global_step=run.global_step, elapsed_seconds=time.perf_counter() - started,
+        resumed_from=run.checkpoint.directory if run.checkpoint is not None else None,
     )
     run.emit("done", result=result)
     return result

@@ -29,13 +29,37 @@ class MetricsLog:
         self.size = 0
         """Bytes written so far: what a checkpoint records."""
 
-    def truncate(self, size: int) -> None:
-        """Cuts the file to `size` bytes (what a checkpoint recorded), dropping what was logged after it."""
+    def start(self) -> None:
+        """Starts the log empty (a run from scratch)."""
+        if self.enabled:
+            atomic_write_bytes(self.path, b"")
+        self.size = 0
+
+    def resume_at(self, size: int) -> int:
+        """Continues the log where a checkpoint left it: cut to the `size` bytes it recorded, dropping what was
+        logged after it.
+
+        A log shorter than that (deleted or cut since) is kept as it is, up to its last complete line, and never
+        padded: the records it lost are not invented.
+
+        Args:
+            size: the log's length when the checkpoint was written.
+
+        Returns:
+            The bytes the log held before (fewer than `size` when records were lost).
+        """
         if not self.enabled:
-            return
+            self.size = size
+            return size
+        found = self.path.stat().st_size if self.path.is_file() else 0
+        keep = size
+        if found < size:
+            payload = self.path.read_bytes() if found else b""
+            keep = payload.rfind(b"\n") + 1  # a torn last line would join the next record
         with open(self.path, "ab") as file:
-            file.truncate(size)
-        self.size = size
+            file.truncate(keep)
+        self.size = keep
+        return found
 
     def append(self, record: dict[str, Any]) -> None:
         """Appends one record as a JSON line (non-finite floats as null)."""
