@@ -17,6 +17,7 @@ import enum
 import inspect
 import json
 import os
+import signal
 import sys
 import textwrap
 import typing
@@ -199,6 +200,37 @@ def _format_eval(record: dict[str, Any]) -> str:
     return text
 
 
+class StopOnCtrlC:
+    """Ctrl-C during ``softprompt train``: the first asks the loop to stop before its next optimizer step, a second
+    stops at once.
+
+    A KeyboardInterrupt raised the moment the signal arrives can land inside a finalizer (a ``__del__`` that the
+    garbage collector runs), where Python swallows it and the run goes on to the end; a request the loop reads
+    between steps is never lost.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def pending(self) -> bool:
+        """Whether Ctrl-C was pressed."""
+        return self.requested
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nsoftprompt train: stopping before the next optimizer step (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopOnCtrlC":
+        self.previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Trains with the config the flags (and ``--config``) describe, printing progress; returns the exit status."""
     from tqdm.auto import tqdm
@@ -236,7 +268,8 @@ def run_train(args: argparse.Namespace) -> int:
             tqdm.write(f"checkpoint: {event['path']}")
 
     try:
-        result = train(config, on_event=on_event)
+        with StopOnCtrlC() as stop_request:
+            result = train(config, on_event=on_event, stop_requested=stop_request.pending)
     except TrainingDivergedError as error:
         print(f"softprompt train: stopped: {error}", file=sys.stderr)
         return 1

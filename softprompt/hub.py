@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 from huggingface_hub import CommitInfo, HfApi, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -96,7 +97,9 @@ def adapter_directory(name_or_path: str | os.PathLike[str], options: HubOptions 
             revision=options.revision,
             token=options.token,
             cache_dir=options.cache_dir,
-            local_files_only=options.local_files_only,
+            # Offline, only the cache can answer: said outright, a commit revision is looked up there too (1.x
+            # releases of huggingface_hub otherwise ask the network for that commit's file list, and fail).
+            local_files_only=options.local_files_only or huggingface_hub.constants.is_offline_mode(),
             allow_patterns=[prefix + file for file in ADAPTER_FILES],
         )
     except RevisionNotFoundError:

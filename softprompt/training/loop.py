@@ -126,6 +126,19 @@ class RunState:
     steps_per_epoch: int
     total_steps: int
     on_event: Callable[[Event], None] | None = None
+    stop_requested: Callable[[], bool] | None = None
+    """Asked before every optimizer step (see `train`)."""
+
+    def should_stop(self) -> bool:
+        """Whether `stop_requested` says so, on any process (one small all-reduce when there are several)."""
+        if self.stop_requested is None:
+            return False
+        requested = bool(self.stop_requested())
+        if self.world_size > 1:
+            flag = torch.tensor([int(requested)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
     checkpoint: Checkpoint | None = None
     """The checkpoint the run continues from (already loaded into the model and optimizer), or None."""
     start_epoch: int = 0
@@ -154,7 +167,11 @@ class RunState:
         return autocast(self.device, self.autocast_dtype)
 
 
-def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    on_event: Callable[[Event], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> TrainResult:
     """Runs one training run end to end (see the module docstring).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it joins the process group (gloo on CPU, NCCL on
@@ -163,6 +180,10 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
     Args:
         config: the run's settings.
         on_event: called with progress events (dicts with an ``"event"`` key); rank 0 only.
+        stop_requested: asked before every optimizer step; True stops the run there as Ctrl-C does
+            (`TrainingInterrupted`). With several processes the answer is shared, so that all stop at the same step.
+            The command line answers True after a first Ctrl-C: a KeyboardInterrupt raised inside a finalizer is
+            swallowed by Python, a request that waits for the next step is not.
 
     Returns:
         The `TrainResult` (on every rank; only rank 0's paths hold files).
@@ -196,6 +217,7 @@ def train(config: TrainConfig, on_event: Callable[[Event], None] | None = None) 
             threads = threads if threads is not None else default_threads(base)
             with cpu_threads(threads if device.type == "cpu" else config.execution.num_threads):
                 run = setup(config, base, tokenizer, device, claim, on_event)
+                run.stop_requested = stop_requested
                 return run_loop(run, started)
     except KeyboardInterrupt:
         raise interrupted(config, run) from None
@@ -306,6 +328,8 @@ def run_loop(run: RunState, started: float) -> TrainResult:
         # Global micro-batches; process r takes rows [r * batch_size, (r + 1) * batch_size) of each.
         micro_batches = [order[i : i + rows_per_micro_batch] for i in range(0, len(order), rows_per_micro_batch)]
         for step_in_epoch in range(start_step if epoch == start_epoch else 0, run.steps_per_epoch):
+            if run.should_stop():
+                raise KeyboardInterrupt  # reported by train() as TrainingInterrupted, with how to resume
             step_started = time.perf_counter()
             group = micro_batches[step_in_epoch * accumulation : (step_in_epoch + 1) * accumulation]
             batches = [own_batch(run, rows) for rows in group]
