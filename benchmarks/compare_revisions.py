@@ -1,0 +1,131 @@
+r"""The CPU training step of two revisions of softprompt, alternated on one machine: did a change move the figures?
+
+Command (from the repository root); it produced the committed result (file stem after ``#``):
+
+    python benchmarks/compare_revisions.py --base 287dd6d --rounds 3 --repeats 5   # compare_revisions_cpu_287dd6d
+
+Each revision is checked out into a temporary git worktree, and each round runs that worktree's own
+``benchmarks/train_step.py --configs cpu`` in a fresh process, base then head, so that a slow drift of a shared
+machine hits both alike. ``PYTHONPATH`` puts the worktree first, so ``import softprompt`` is that revision's
+package (checked before the first round); ``softprompt.kernels`` is the installed one, which the CPU config's
+``torch`` loss does not use. Each round's medians are read from the result file the run writes in its worktree,
+so nothing under this checkout's ``benchmarks/results/`` is touched except this script's own result.
+
+Reported per method: softprompt's median step time in every round for each revision, the median over rounds,
+head / base, and whether head's median lies inside base's range over the rounds (the run-to-run spread); PEFT's
+median over rounds beside it, as the check that the machine was the same for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import harness
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def add_worktree(revision: str, folder: Path) -> Path:
+    """Checks ``revision`` out into ``folder`` (detached) and returns the folder."""
+    subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "add", "--detach", "--quiet", str(folder), revision],
+                   check=True)
+    return folder
+
+
+def environment_for(tree: Path) -> dict[str, str]:
+    """The environment in which ``import softprompt`` is the package of ``tree``."""
+    return {**os.environ, "PYTHONPATH": str(tree)}
+
+
+def check_imports_from(tree: Path) -> None:
+    """Raises if ``import softprompt`` in ``tree``'s environment would not be ``tree``'s package."""
+    found = subprocess.run([sys.executable, "-c", "import softprompt; print(softprompt.__file__)"], cwd=tree,
+                           env=environment_for(tree), check=True, capture_output=True, text=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"in {tree}, 'import softprompt' gives {found}, not the worktree's package")
+
+
+def run_step_benchmark(tree: Path, repeats: int) -> dict[tuple[str, str], float]:
+    """Runs ``tree``'s own train_step.py once and returns its median step time per (method, library)."""
+    subprocess.run([sys.executable, "benchmarks/train_step.py", "--configs", "cpu", "--repeats", str(repeats)],
+                   cwd=tree, env=environment_for(tree), check=True, stdout=subprocess.DEVNULL)
+    rows = json.loads((tree / "benchmarks/results/train_step_cpu.json").read_text())["rows"]
+    return {(row["method"], row["library"]): row["step s (median)"] for row in rows}
+
+
+def main() -> None:
+    """Alternates the two revisions' step benchmarks and writes the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="the revision before the change (a commit, tag or branch)")
+    parser.add_argument("--head", default="HEAD", help="the revision after it (default: HEAD)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each revision, alternated")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per run (train_step.py --repeats)")
+    args = parser.parse_args()
+    command = "python " + shlex.join(sys.argv)
+    base_commit, head_commit = (
+        subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "--short", revision], check=True,
+                       capture_output=True, text=True).stdout.strip() for revision in (args.base, args.head))
+
+    with tempfile.TemporaryDirectory(prefix="compare_revisions_") as scratch:
+        trees = {"base": add_worktree(base_commit, Path(scratch) / "base"),
+                 "head": add_worktree(head_commit, Path(scratch) / "head")}
+        try:
+            for tree in trees.values():
+                check_imports_from(tree)
+            medians: dict[str, list[dict[tuple[str, str], float]]] = {"base": [], "head": []}
+            for round_index in range(args.rounds):
+                for which, tree in trees.items():
+                    medians[which].append(run_step_benchmark(tree, args.repeats))
+                    print(f"round {round_index + 1}, {which}: " + ", ".join(
+                        f"{method} {seconds:.3f} s" for (method, library), seconds in medians[which][-1].items()
+                        if library == "softprompt"), flush=True)
+        finally:
+            for tree in trees.values():
+                subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)],
+                               check=False)
+
+    rows = []
+    for method, library in medians["base"][0]:
+        if library != "softprompt":
+            continue
+        base_rounds = [result[(method, library)] for result in medians["base"]]
+        head_rounds = [result[(method, library)] for result in medians["head"]]
+        base_median, head_median = statistics.median(base_rounds), statistics.median(head_rounds)
+        rows.append({
+            "method": method,
+            f"{base_commit} per round s": ", ".join(f"{s:.3f}" for s in base_rounds),
+            f"{head_commit} per round s": ", ".join(f"{s:.3f}" for s in head_rounds),
+            f"{base_commit} s": base_median,
+            f"{head_commit} s": head_median,
+            "head / base": head_median / base_median,
+            "head inside base's range": min(base_rounds) <= head_median <= max(base_rounds),
+            "PEFT s (base runs, head runs)": ", ".join(
+                f"{statistics.median(result[(method, 'PEFT')] for result in medians[which]):.2f}"
+                for which in ("base", "head")),
+        })
+    table = harness.markdown_table(rows)
+    print(table)
+    harness.write_results(
+        f"compare_revisions_cpu_{base_commit}",
+        rows,
+        harness.machine_info("cpu"),
+        table + f"\n\nsoftprompt's median step time (train_step.py --configs cpu --repeats {args.repeats}: bloomz-560m "
+        f"shape cut to 4 layers, fp32, batch 8 x 64) of {base_commit} (base) and {head_commit} (head), "
+        f"{args.rounds} alternated runs each; the columns per round list each run's median.",
+        extra={"base": base_commit, "head": head_commit, "rounds": args.rounds, "repeats": args.repeats,
+               "medians": {which: [{f"{m} | {lib}": s for (m, lib), s in result.items()} for result in results]
+                           for which, results in medians.items()}},
+        command=command,
+    )
+
+
+if __name__ == "__main__":
+    main()
