@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per run (train_step.py --repeats)")
     args = parser.parse_args()
     command = "python " + shlex.join(sys.argv)
+    machine = harness.machine_info("cpu")  # the load average before the runs; write_results adds the one after
     base_commit, head_commit = (
         subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "--short", revision], check=True,
                        capture_output=True, text=True).stdout.strip() for revision in (args.base, args.head))
@@ -116,7 +117,7 @@ def main() -> None:
     harness.write_results(
         f"compare_revisions_cpu_{base_commit}",
         rows,
-        harness.machine_info("cpu"),
+        machine,
         table + f"\n\nsoftprompt's median step time (train_step.py --configs cpu --repeats {args.repeats}: bloomz-560m "
         f"shape cut to 4 layers, fp32, batch 8 x 64) of {base_commit} (base) and {head_commit} (head), "
         f"{args.rounds} alternated runs each; the columns per round list each run's median.",
