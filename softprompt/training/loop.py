@@ -128,17 +128,6 @@ class RunState:
     on_event: Callable[[Event], None] | None = None
     stop_requested: Callable[[], bool] | None = None
     """Asked before every optimizer step (see `train`)."""
-
-    def should_stop(self) -> bool:
-        """Whether `stop_requested` says so, on any process (one small all-reduce when there are several)."""
-        if self.stop_requested is None:
-            return False
-        requested = bool(self.stop_requested())
-        if self.world_size > 1:
-            flag = torch.tensor([int(requested)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        return requested
     checkpoint: Checkpoint | None = None
     """The checkpoint the run continues from (already loaded into the model and optimizer), or None."""
     start_epoch: int = 0
@@ -165,6 +154,17 @@ class RunState:
     def autocast(self) -> Any:
         """CUDA autocast for the forward passes (nothing on CPU)."""
         return autocast(self.device, self.autocast_dtype)
+
+    def should_stop(self) -> bool:
+        """Whether `stop_requested` says so, on any process (one small all-reduce when there are several)."""
+        if self.stop_requested is None:
+            return False
+        requested = bool(self.stop_requested())
+        if self.world_size > 1:
+            flag = torch.tensor([int(requested)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        return requested
 
 
 def train(
