@@ -3,7 +3,9 @@
 What it computes: for N rows of final hidden states ``hidden [N, C]`` (C hidden), the tied LM head
 ``weight [V, C]`` (V vocab, 250880 for BLOOM) and ``targets [N]`` (int64 class ids, ``ignore_index`` where no loss
 is wanted), the loss is the mean over non-ignored rows n of ``lse_n - logit[n, targets[n]]``, where
-``logit = hidden @ weight.T`` and ``lse_n = log(sum_v exp(logit[n, v]))``, all in fp32 whatever the input dtype.
+``logit = hidden @ weight.T`` and ``lse_n = log(sum_v exp(logit[n, v]))``, in fp32 for fp32 / fp16 / bf16 inputs
+and in fp64 for fp64 ones (the pure-torch paths; the Triton kernels take no fp64), so a float64 model's loss keeps
+float64's precision for gradient checks and exactness studies.
 The gradients are ``d logit = (softmax(logit) - onehot(targets)) / num_valid_rows``, ``grad_hidden = d logit @ weight``
 and ``grad_weight = d logit.T @ hidden``.
 
@@ -528,9 +530,16 @@ def _mean_over_valid(lse: Tensor, target_logit: Tensor, valid: Tensor) -> tuple[
     return row_loss.sum() / num_valid.clamp(min=1), num_valid
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss is computed in for inputs of `dtype`: float64 stays float64, anything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _row_scale(grad_output: Tensor, valid: Tensor, num_valid: Tensor) -> Tensor:
-    """``[N]`` fp32 d loss / d row loss: grad_output / num_valid on valid rows, 0 on ignored ones."""
-    return valid.float() * (grad_output.float() / num_valid.clamp(min=1))
+    """``[N]`` d loss / d row loss in grad_output's accumulation dtype: grad_output / num_valid on valid rows, 0 on
+    ignored ones."""
+    dtype = accumulation_dtype(grad_output.dtype)
+    return valid.to(dtype) * (grad_output.to(dtype) / num_valid.clamp(min=1))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -576,14 +585,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def _torch_chunked_forward(
     hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_chunk_size: int
 ) -> tuple[Tensor, Tensor]:
-    """``(lse, target_logit)``, fp32 ``[N]`` each, one ``[N, chunk]`` logits block at a time."""
+    """``(lse, target_logit)``, ``[N]`` each in the accumulation dtype, one ``[N, chunk]`` logits block at a time."""
     n_rows = hidden.shape[0]
-    hidden32 = hidden.float()  # [N, C]
-    running_max = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=hidden.device)
-    running_sumexp = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
-    target_logit = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    dtype = accumulation_dtype(hidden.dtype)
+    hidden_wide = hidden.to(dtype)  # [N, C]
+    running_max = torch.full((n_rows,), float("-inf"), dtype=dtype, device=hidden.device)
+    running_sumexp = torch.zeros(n_rows, dtype=dtype, device=hidden.device)
+    target_logit = torch.zeros(n_rows, dtype=dtype, device=hidden.device)
     for v0 in range(0, weight.shape[0], vocab_chunk_size):
-        logits = hidden32 @ weight[v0 : v0 + vocab_chunk_size].float().T  # [N, chunk]
+        logits = hidden_wide @ weight[v0 : v0 + vocab_chunk_size].to(dtype).T  # [N, chunk]
         chunk = logits.shape[1]
         new_max = torch.maximum(running_max, logits.amax(dim=1))  # finite from the first chunk on
         running_sumexp = running_sumexp * torch.exp(running_max - new_max) + torch.exp(
@@ -609,23 +619,24 @@ def _torch_chunked_backward(
     vocab_chunk_size: int,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Gradients chunk by chunk from the saved ``lse``; same contract as the Triton backward launcher."""
-    hidden32 = hidden.float()  # [N, C]
-    grad_hidden = torch.zeros_like(hidden32) if compute_grad_hidden else None
+    dtype = accumulation_dtype(hidden.dtype)
+    hidden_wide = hidden.to(dtype)  # [N, C]
+    grad_hidden = torch.zeros_like(hidden_wide) if compute_grad_hidden else None
     grad_weight = torch.empty_like(weight) if compute_grad_weight else None
     if compute_grad_hidden or compute_grad_weight:
         for v0 in range(0, weight.shape[0], vocab_chunk_size):
-            weight32 = weight[v0 : v0 + vocab_chunk_size].float()  # [chunk, C]
-            chunk = weight32.shape[0]
-            dlogits = torch.exp(hidden32 @ weight32.T - lse[:, None])  # [N, chunk] softmax
+            weight_wide = weight[v0 : v0 + vocab_chunk_size].to(dtype)  # [chunk, C]
+            chunk = weight_wide.shape[0]
+            dlogits = torch.exp(hidden_wide @ weight_wide.T - lse[:, None])  # [N, chunk] softmax
             local = targets - v0  # [N]
             in_chunk = (local >= 0) & (local < chunk)
             # Subtract the one-hot with a scatter rather than boolean indexing: no host sync on GPUs.
-            dlogits.scatter_add_(1, local.clamp(0, chunk - 1)[:, None], -in_chunk.float()[:, None])
+            dlogits.scatter_add_(1, local.clamp(0, chunk - 1)[:, None], -in_chunk.to(dtype)[:, None])
             dlogits *= row_scale[:, None]
             if grad_hidden is not None:
-                grad_hidden += dlogits @ weight32
+                grad_hidden += dlogits @ weight_wide
             if grad_weight is not None:
-                grad_weight[v0 : v0 + chunk] = dlogits.T @ hidden32  # [chunk, C]
+                grad_weight[v0 : v0 + chunk] = dlogits.T @ hidden_wide  # [chunk, C]
     return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None), grad_weight
 
 
@@ -649,7 +660,7 @@ def torch_fused_linear_cross_entropy(
         vocab_chunk_size: vocabulary columns per chunk; peak extra memory is about ``chunk * (N + C) * 4`` bytes.
 
     Returns:
-        The scalar fp32 mean loss over non-ignored rows; 0.0 (with zero gradients) when every row is ignored.
+        The scalar mean loss (fp32; fp64 for fp64 inputs) over non-ignored rows; 0.0 (with zero gradients) when every row is ignored.
 
     Raises:
         ValueError: shapes, dtypes, devices or target ids are not as described above.
@@ -659,7 +670,8 @@ def torch_fused_linear_cross_entropy(
 
 
 def reference_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """The naive formula with full fp32 ``[N, V]`` logits, for tests: NaN when every row is ignored.
+    """The naive formula with full ``[N, V]`` logits (fp32, fp64 for fp64 inputs), for tests: NaN when every row is
+    ignored.
 
     Args:
         hidden: ``[N, C]``.
@@ -668,9 +680,11 @@ def reference_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tens
         ignore_index: the target value that marks an ignored row.
 
     Returns:
-        ``F.cross_entropy(hidden.float() @ weight.float().T, targets, ignore_index=ignore_index)``.
+        ``F.cross_entropy(hidden.float() @ weight.float().T, targets, ignore_index=ignore_index)`` (``.double()``
+        for fp64 inputs).
     """
-    return F.cross_entropy(hidden.float() @ weight.float().T, targets, ignore_index=ignore_index)
+    dtype = accumulation_dtype(hidden.dtype)
+    return F.cross_entropy(hidden.to(dtype) @ weight.to(dtype).T, targets, ignore_index=ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -705,7 +719,7 @@ def fused_linear_cross_entropy(
         vocab_chunk_size: vocabulary columns per chunk (torch) or per program (triton).
 
     Returns:
-        The scalar fp32 mean loss over non-ignored rows.
+        The scalar mean loss (fp32; fp64 for fp64 inputs) over non-ignored rows.
 
     Raises:
         ValueError: bad shapes, dtypes, devices, target ids or ``implementation``.

@@ -9,8 +9,9 @@ The head and the loss run only on the N labelled rows (`linear_cross_entropy`), 
 chosen by the caller:
 
 - ``"torch"``: on CPU, with fp32 rows and a frozen head (the soft-prompt case), `HeadAsAttentionCrossEntropy`,
-  which reads the head once; anywhere else (GPU, fp16/bf16, a trainable head, soft-capped logits) plain ``[N, V]``
-  logits and `torch.nn.functional.cross_entropy` in fp32. The two compute the same loss and gradients.
+  which reads the head once; anywhere else (GPU, fp16/bf16/fp64, a trainable head, soft-capped logits) plain
+  ``[N, V]`` logits and `torch.nn.functional.cross_entropy` in fp32 (fp64 for a float64 model, `widened`). The two
+  compute the same loss and gradients.
 - ``"triton"``: the fused linear + cross-entropy kernel of ``softprompt.kernels`` (CUDA, or CPU under
   ``TRITON_INTERPRET=1``), which never holds ``[N, V]`` fp32 logits.
 
@@ -47,14 +48,24 @@ def next_token_targets(labels: torch.Tensor, num_virtual_positions: int) -> torc
     return padded[:, 1:]  # [B, P + T]
 
 
+def widened(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in the dtype losses are computed in: fp32 for fp32 / fp16 / bf16, fp64 kept as fp64.
+
+    transformers computes its loss on ``logits.float()``, which narrows a float64 model's logits to float32; a
+    gradient check or an exactness study of a float64 model needs float64 to stay float64.
+    """
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose target is not -100, computed in fp32 like transformers.
+    """Mean cross-entropy over positions whose target is not -100, in fp32 like transformers (fp64 for a float64
+    model, `widened`).
 
     Args:
         logits: ``[B, P + T, V]``.
         targets: ``[B, P + T]``.
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(widened(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def linear_cross_entropy(
@@ -74,7 +85,8 @@ def linear_cross_entropy(
         softcap: the family's final logit soft-capping value, or None.
 
     Returns:
-        The scalar mean loss (fp32). NaN when N = 0, like `torch.nn.functional.cross_entropy`.
+        The scalar mean loss (fp32; fp64 for a float64 model). NaN when N = 0, like
+        `torch.nn.functional.cross_entropy`.
 
     Raises:
         ValueError: an implementation other than ``"torch"`` or ``"triton"``, or ``"triton"`` with a soft-cap.
@@ -85,10 +97,10 @@ def linear_cross_entropy(
         # logits.T = W @ rows.T rather than rows @ W.T: the same product, but with the large weight as the left
         # operand CPU BLAS runs the skinny (N = 2-4 labels per row) product faster (benchmarks/head_product.py);
         # the backward keeps that form too.
-        logits = torch.mm(head_weight, rows.t()).t()  # [N, V]
+        logits = widened(torch.mm(head_weight, rows.t()).t())  # [N, V]
         if softcap is not None:
-            logits = torch.tanh(logits.float() / softcap) * softcap
-        return F.cross_entropy(logits.float(), targets)
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets)
     if implementation == "triton":
         if softcap is not None:
             raise ValueError(
@@ -98,7 +110,7 @@ def linear_cross_entropy(
         from softprompt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         if targets.numel() == 0:
-            return (rows.sum() * float("nan")).float()
+            return widened(rows.sum() * float("nan"))
         return fused_linear_cross_entropy(rows, head_weight, targets, implementation="triton")
     raise ValueError(
         f"implementation={implementation!r}: expected 'torch' or 'triton' for the label-only loss. "

@@ -86,8 +86,13 @@ def greedy_by_forward(
     return sequences
 
 
-LIBRARY_DIRECTORIES = tuple(str(Path(package.__file__).parent) + "/" for package in (softprompt, softprompt.kernels))
-"""Where softprompt's own code lives (the ``kernels/`` folder is installed as ``softprompt.kernels``)."""
+LIBRARY_DIRECTORIES = tuple(
+    sorted({str(Path(folder)) + "/" for folder in [*softprompt.__path__, *softprompt.kernels.__path__]}
+           | {str(Path(folder).resolve()) + "/" for folder in [*softprompt.__path__, *softprompt.kernels.__path__]})
+)
+"""Where softprompt's own code lives, as the interpreter names its files: the ``kernels/`` folder is installed as
+``softprompt.kernels``, a folder without ``__init__.py`` (so it has a ``__path__``, no ``__file__``), reached through
+the ``softprompt/kernels`` link in a checkout."""
 
 
 class DeprecatedCallError(AssertionError):

@@ -316,3 +316,61 @@ def test_head_split_into_vocabulary_slices_merges_exactly(num_splits):
     # Logits of order 4 (C = 16): a few fp32 ulps of the log-sum-exp and of the softmax weights.
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1), **TOLERANCE)
     torch.testing.assert_close(expected_row, torch.softmax(logits, dim=1) @ head, **TOLERANCE)
+
+
+# float64 keeps float64: ~1e-16 relative rounding per operation, a few hundred operations deep here, so 1e-12
+# relative is tight enough to fail at float32's ~1e-7 and loose enough for the summation-order differences between
+# the label-only head, the virtual-token prefix pass and the full-logits reference.
+FLOAT64_TOLERANCE = dict(rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning-mlp", "prefix"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bloom"])
+def test_a_float64_model_keeps_float64_in_every_loss_path(method, model_type):
+    from softprompt.methods import prefix_tuning, prompt_tuning
+    from softprompt.quickstart import build_tiny_model
+
+    base = build_tiny_model(model_type, VOCAB_SIZE, seed=0).double()
+    model = SoftPromptModel(base, METHODS[method]).double()  # the adapter too, so gradients are float64 end to end
+    batch = _batch([7, 4, 6], 7, labels="last2", side="right")
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # The method's plain reference forward, and a float64 cross-entropy of its own float64 logits.
+    reference = prefix_tuning if method == "prefix" else prompt_tuning
+    logits = reference.reference_forward(base, model.prompts["default"](), batch["input_ids"],
+                                         batch["attention_mask"]).logits  # [B, P + T, V] or [B, T, V]
+    assert logits.dtype == torch.float64
+    shift = logits.shape[1] - batch["labels"].shape[1]
+    targets = torch.nn.functional.pad(batch["labels"], (shift, 1), value=-100)[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    expected_gradients = torch.autograd.grad(expected, trainable)
+    for name, compute in (
+        ("compute_loss", lambda: model.compute_loss(*inputs)),
+        ("compute_loss sequence layout", lambda: model.compute_loss(*inputs, virtual_token_layout="sequence")),
+        ("forward", lambda: model(*inputs).loss),
+    ):
+        loss = compute()
+        assert loss.dtype == torch.float64, name
+        torch.testing.assert_close(loss, expected, **FLOAT64_TOLERANCE, msg=lambda m: f"{name}: {m}")
+        # Gradients where the base's own layers stay float64: Llama's RMSNorm and BLOOM's eager softmax compute in
+        # float32 inside transformers, so their gradients agree only to ~1e-7 between two graphs (the prefix route
+        # sums the rows' gradients before those layers, the reference after); GPT-2's layers are float64 throughout.
+        if model_type == "gpt2" or name != "compute_loss":
+            for gradient, wanted in zip(torch.autograd.grad(loss, trainable), expected_gradients):
+                torch.testing.assert_close(gradient, wanted, **FLOAT64_TOLERANCE, msg=lambda m: f"{name} grad: {m}")
+
+
+def test_float64_would_fail_at_float32_precision():
+    # The tolerance above can tell the two apart: the same loss computed through float32 logits is ~1e-7 off.
+    base = build_tiny_bloom(VOCAB_SIZE, hidden_size=32, n_layer=2, n_head=4, seed=0).double()
+    model = SoftPromptModel(base, softprompt.PrefixTuningConfig(num_virtual_tokens=5))
+    batch = _batch([7, 4, 6], 7, labels="last2", side="right")
+    full = model(batch["input_ids"], batch["attention_mask"])
+    targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:].flatten()
+    logits = full.logits.flatten(0, 1)
+    exact = torch.nn.functional.cross_entropy(logits, targets)
+    narrowed = torch.nn.functional.cross_entropy(logits.float(), targets).double()
+    assert not torch.allclose(narrowed, exact, **FLOAT64_TOLERANCE)
+    torch.testing.assert_close(model.compute_loss(batch["input_ids"], batch["attention_mask"], batch["labels"]),
+                               exact, **FLOAT64_TOLERANCE)

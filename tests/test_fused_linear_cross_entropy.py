@@ -283,3 +283,24 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
         fused_linear_cross_entropy(
             torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 3]), implementation="triton"
         )
+
+
+def test_float64_inputs_keep_float64_in_the_torch_path_and_the_reference():
+    # A float64 model's loss must not be narrowed to float32: against the float64 formula the chunked torch path
+    # agrees to ~1e-15 (summation order over C = 64 and V = 3001), far below float32's ~1e-7; the Triton kernels take
+    # no float64 and say so.
+    hidden, weight, targets = make_inputs(7, 64, 3001, torch.float64, weight_requires_grad=True, ignored=(2,))
+    valid = targets != -100
+    logits = hidden @ weight.T  # [N, V] float64
+    exact = (torch.logsumexp(logits[valid], dim=1) - logits[valid].gather(1, targets[valid, None]).squeeze(1)).mean()
+    exact_gradients = torch.autograd.grad(exact, [hidden, weight])
+    for loss in (torch_fused_linear_cross_entropy(hidden, weight, targets, vocab_chunk_size=512),
+                 reference_linear_cross_entropy(hidden, weight, targets)):
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, exact, rtol=1e-13, atol=0)
+        for gradient, expected in zip(torch.autograd.grad(loss, [hidden, weight]), exact_gradients):
+            assert gradient.dtype == torch.float64
+            torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-15)
+    if flce._TRITON_AVAILABLE:
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            fused_linear_cross_entropy(hidden, weight, targets, implementation="triton")

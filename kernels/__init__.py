@@ -1,1 +1,0 @@
-"""Triton kernels with pure-torch references, installed as ``softprompt.kernels``."""
