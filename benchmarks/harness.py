@@ -15,10 +15,12 @@ API:
   load average at the start; `write_results` adds the load average at the end).
 - `matmul_peak_gflops(device, dtype)`: the measured GEMM rate, the "peak" that step FLOPs are compared with.
 - `build_random_bloom(shape, num_layers, dtype, device, seed)`: a BLOOM of a published shape with random weights;
-  `build_random_model(name_or_config, num_layers, ...)` the same for any supported family's model.
+  `build_random_model(name_or_config, num_layers, ...)` the same for any supported family's model;
+  `narrow_config(family)` the deep, narrow model of the launch-bound configs.
+- `ops_per_call(fn)`: the aten ops (kernel launches on a GPU) one call dispatches.
 - Training steps (``train_step.py``, ``profile_step.py``, ``scaling.py``): `STEP_CONFIGS`, `METHODS` (factories of
-  fresh softprompt configs), `prepare_batch`, `peft_config_for(config)` (a fresh PEFT config for a softprompt one),
-  `copy_prompt_weights(ours, theirs)`, `training_steps(...)` -> both libraries' step callables,
+  fresh softprompt configs), `prepare_batch`, `training_steps(...)` -> both libraries' step callables (PEFT's
+  configuration and weights from ``peft_reference.py``, shared with the tests),
   `default_implementation(device)`.
 - `write_results(name, rows, machine, markdown_table)` -> writes ``benchmarks/results/<name>.json`` and ``.md``.
 - `markdown_table(rows, columns)`, `line_chart(path, panels)` (matplotlib, Agg backend: no display needed).
@@ -483,7 +485,23 @@ def random_batch(
 # -------------------------------------------------------------------------------------------------- training steps
 
 
+def narrow_config(family: str) -> Any:
+    """The launch-bound configs' deep, narrow model: 24 layers of width 64 and a 4096-token vocabulary, where a
+    small batch costs more in op launches than in arithmetic (a GPU's small-batch regime, on CPU)."""
+    from transformers import LlamaConfig
+
+    if family == "bloom":
+        return bloom_config(64, 24, 4, vocab_size=4096)
+    return LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=256, num_hidden_layers=24,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+
+
 STEP_CONFIGS: dict[str, dict[str, Any]] = {
+    "launch-bound": dict(model=narrow_config("bloom"), label="BLOOM 24 x 64 (V 4096)", device="cpu",
+                         num_layers=None, dtype=torch.float32, batch_size=16, num_tokens=64, min_tokens=None),
+    "launch-bound-llama": dict(model=narrow_config("llama"), label="Llama 24 x 64, 4 heads / 2 key-value (V 4096)",
+                               device="cpu", num_layers=None, dtype=torch.float32, batch_size=16, num_tokens=64,
+                               min_tokens=None),
     "cpu": dict(model="bigscience/bloomz-560m", device="cpu", num_layers=4, dtype=torch.float32, batch_size=8,
                 num_tokens=64, min_tokens=None),
     "cpu-padded": dict(model="bigscience/bloomz-560m", device="cpu", num_layers=4, dtype=torch.float32,
@@ -510,7 +528,8 @@ METHODS: dict[str, Callable[[], Any]] = {
     ),
     "prefix tuning (20)": lambda: softprompt.PrefixTuningConfig(num_virtual_tokens=20),
 }
-"""The benchmarked methods by label, each a factory of a fresh softprompt config (PEFT's: `peft_config_for`)."""
+"""The benchmarked methods by label, each a factory of a fresh softprompt config (PEFT's:
+`peft_reference.peft_config_for`)."""
 
 
 def prepare_batch(setup: dict[str, Any], vocab_size: int, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -527,40 +546,6 @@ def prepare_batch(setup: dict[str, Any], vocab_size: int, device: torch.device |
     return batch
 
 
-def peft_config_for(config: Any) -> Any:
-    """A fresh PEFT configuration equal to a softprompt one (same field names, PEFT's classes, CAUSAL_LM).
-
-    Fresh on every call: ``get_peft_model`` fills a config's unset fields (``num_layers``, ``token_dim``,
-    ``base_model_name_or_path``, ...) in place from the first model it wraps, so a reused config would carry one
-    model's shape to the next.
-
-    Raises:
-        ValueError: not a softprompt config.
-    """
-    import peft
-
-    from softprompt.methods import method_of
-
-    spec = method_of(config)  # PEFT's config classes carry the same names and fields as ours
-    fields = {name: getattr(getattr(config, name), "value", getattr(config, name)) for name in spec.peft_fields}
-    return getattr(peft, type(config).__name__)(task_type=peft.TaskType.CAUSAL_LM, **fields)
-
-
-def copy_prompt_weights(ours: Any, theirs: Any, adapter_name: str = "default") -> None:
-    """Gives PEFT's adapter softprompt's weights (PEFT's state-dict names are ours under ``prompt_encoder.<name>.``).
-
-    Raises:
-        RuntimeError: a softprompt tensor PEFT does not have, or a PEFT adapter tensor left without a value.
-    """
-    prefix = f"prompt_encoder.{adapter_name}."
-    state = {prefix + key: value for key, value in ours.prompts[adapter_name].state_dict().items()}
-    result = theirs.load_state_dict(state, strict=False)
-    missing = [key for key in result.missing_keys if key.startswith(prefix)]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"PEFT's adapter did not take softprompt's weights: missing {missing}, "
-                           f"unexpected {result.unexpected_keys}")
-
-
 def default_implementation(device: torch.device | str) -> str:
     """`compute_loss`'s implementation by device: ``triton`` on CUDA, ``torch`` elsewhere."""
     return "triton" if torch.device(device).type == "cuda" else "torch"
@@ -571,16 +556,16 @@ def training_steps(
     config: Any,
     batch: dict[str, torch.Tensor],
     implementation: str,
-    virtual_token_layout: str = "prefix",
+    virtual_token_layout: str = "auto",
     compile_mode: str | None = None,
     compile_peft: bool = False,
     lr: float = 1e-3,
-) -> dict[str, Callable[[], float]]:
+) -> tuple[dict[str, Callable[[], float]], str]:
     """One training step (zero_grad, forward, backward, AdamW step) of each library, on the same frozen `base`.
 
     softprompt's step is ``SoftPromptModel(base, config).compute_loss(**batch, ...)``; PEFT's is
-    ``get_peft_model(base, peft_config_for(config))(**batch).loss``, its documented training call. Both adapters
-    start from the same weights (seed 0, `copy_prompt_weights`).
+    ``get_peft_model(base, peft_config)(**batch).loss``, its documented training call. Both adapters start from
+    the same weights (seed 0, `peft_reference.peft_twin`).
 
     Args:
         base: the frozen base model, shared (one copy of the weights).
@@ -593,14 +578,14 @@ def training_steps(
         lr: AdamW's learning rate.
 
     Returns:
-        ``{"softprompt": step, "PEFT": step}``, each step returning its loss; the models and optimizers live in them.
+        ``{"softprompt": step, "PEFT": step}``, each step returning its loss (the models and optimizers live in
+        them), and the virtual-token layout softprompt's step runs (what ``"auto"`` chose).
     """
-    from peft import get_peft_model
+    from peft_reference import peft_twin
 
     torch.manual_seed(0)
     ours = softprompt.SoftPromptModel(base, config)
-    theirs = get_peft_model(base, peft_config_for(config))
-    copy_prompt_weights(ours, theirs)
+    theirs = peft_twin(ours, base, share_base=True).train()
     if compile_mode:
         ours.compile_decoder(mode=compile_mode, dynamic=False)
         if compile_peft:
@@ -626,7 +611,38 @@ def training_steps(
         their_optimizer.step()
         return loss.item()
 
-    return {"softprompt": our_step, "PEFT": their_step}
+    layout = virtual_token_layout
+    if layout == "auto":
+        from softprompt.training_loss import layout_for
+
+        layout = layout_for(ours.frozen, ours.row_layout(batch["input_ids"].shape[0], None), batch["input_ids"].device)
+    return {"softprompt": our_step, "PEFT": their_step}, layout
+
+
+class _OpCounter:
+    """Counts the aten ops dispatched while active (every op of the forward, the backward and the optimizer step:
+    each is one kernel launch on a GPU)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count = 0
+        self.mode = Mode()
+
+
+def ops_per_call(fn: Callable[[], Any]) -> int:
+    """How many aten ops one call of `fn` dispatches (`_OpCounter`)."""
+    counter = _OpCounter()
+    with counter.mode:
+        fn()
+    return counter.count
 
 
 # ---------------------------------------------------------------------------------------------------------- results

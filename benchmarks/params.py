@@ -27,6 +27,7 @@ import sys
 from peft import get_peft_model
 
 import harness
+import peft_reference
 from softprompt.families import FAMILIES, family_of
 from softprompt.families.bloom import BLOOM_SHAPES, bloom_config
 from softprompt.params import SEED_CONFIGS, base_model_config, meta_base_model, parameter_counts
@@ -47,9 +48,9 @@ for model_name, base_config in models.items():
     ours = parameter_counts(base_config, SEED_CONFIGS)
     shape = family_of(base_config).shape(base_config)
     for count, config in zip(ours, SEED_CONFIGS.values()):
-        peft_default = get_peft_model(meta_base_model(base_config), harness.peft_config_for(config))
+        peft_default = get_peft_model(meta_base_model(base_config), peft_reference.peft_config_for(config))
         peft_trainable, peft_total = peft_default.get_nb_trainable_parameters()
-        peft_config = harness.peft_config_for(config)
+        peft_config = peft_reference.peft_config_for(config)
         if not hasattr(config, "prefix_projection") and shape.embedding_width != shape.hidden_size:
             peft_config.token_dim = shape.embedding_width  # what PEFT needs to run on narrow embeddings
         fixed = get_peft_model(meta_base_model(base_config), peft_config).get_nb_trainable_parameters()

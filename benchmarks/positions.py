@@ -15,14 +15,13 @@ Writes ``benchmarks/results/positions_cpu.json`` and ``.md``.
 
 from __future__ import annotations
 
-import copy
 import shlex
 import sys
 
 import torch
-from peft import get_peft_model
 
 import harness
+import peft_reference
 import softprompt
 from softprompt.families import FAMILIES
 from softprompt.quickstart import build_tiny_model
@@ -49,12 +48,7 @@ for family in FAMILIES:
             torch.manual_seed(1)
             ours = softprompt.SoftPromptModel(base, make_config())
             prefix = isinstance(ours.active_config, softprompt.PrefixTuningConfig)
-            peft_config = harness.peft_config_for(make_config())
-            if not prefix and ours.shape.embedding_width != ours.shape.hidden_size:
-                peft_config.token_dim = ours.shape.embedding_width  # OPT: PEFT runs only with the embedding width
-            theirs = get_peft_model(copy.deepcopy(base), peft_config)
-            harness.copy_prompt_weights(ours, theirs)
-            theirs.eval()
+            theirs = peft_reference.peft_twin(ours, base)  # OPT's narrow embeddings: token_dim set, as PEFT needs
             offset = 0 if prefix else ours.active_config.num_virtual_tokens
             worst = {"softprompt": 0.0, "PEFT": 0.0}
             with torch.no_grad():

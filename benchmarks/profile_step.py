@@ -48,7 +48,7 @@ machine = harness.machine_info(device)
 base = harness.build_random_model(setup["model"], setup["num_layers"], setup["dtype"], device, seed=0)
 batch = harness.prepare_batch(setup, base.config.vocab_size, device)
 our_config = METHODS[args.method]()
-steps = harness.training_steps(base, our_config, batch, implementation, compile_mode=args.compile)
+steps, _ = harness.training_steps(base, our_config, batch, implementation, compile_mode=args.compile)
 suffix = (f"_compiled-{args.compile}" if args.compile else "") + (
     f"_{implementation}-implementation" if implementation != harness.default_implementation(device) else "")
 

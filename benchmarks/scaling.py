@@ -61,7 +61,7 @@ def time_point(base, method: str, batch_size: int, num_tokens: int, num_virtual:
     device = base.device
     batch = harness.random_batch(batch_size, num_tokens, base.config.vocab_size, harness.NUM_LABEL_TOKENS,
                                  device=device)
-    steps = harness.training_steps(base, CONFIG_CLASSES[method](num_virtual_tokens=num_virtual), batch,
+    steps, _ = harness.training_steps(base, CONFIG_CLASSES[method](num_virtual_tokens=num_virtual), batch,
                                    implementation)
     timings = harness.time_alternating(steps, 1, repeats, harness.default_sync(device))
     del steps

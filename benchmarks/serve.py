@@ -40,7 +40,7 @@ from peft import PeftModel
 import harness
 import softprompt
 from softprompt import SoftPromptModel
-from softprompt.injection import prefix_for_rows
+from softprompt.routes import prefix_for_rows
 
 NUM_LAYERS = 4
 NUM_PROMPTS = 64  # M
@@ -80,7 +80,7 @@ export_dir = Path(tempfile.mkdtemp(prefix="serve_peft_"))
 peft_models: dict[str, PeftModel] = {}
 peft_model_of: dict[str, PeftModel] = {}
 for name in names:
-    model.save_peft_adapter(export_dir / name, name)
+    model.save_pretrained(export_dir, selected_adapters=[name], format="peft")  # export_dir/<name> (not "default")
     family = ADAPTERS[name].method
     if family not in peft_models:
         peft_models[family] = PeftModel.from_pretrained(base, export_dir / name, adapter_name=name).eval()
@@ -118,7 +118,8 @@ for num_adapters in ADAPTER_COUNTS:
     same_ids = (softprompt_generate(row_names) == peft_generate(row_names)).all(dim=1).float().mean().item()
     start = time.perf_counter()
     with torch.no_grad():
-        prefix_for_rows(model, model.row_layout(NUM_PROMPTS, row_names).as_prefix, torch.float32)
+        layout = model.row_layout(NUM_PROMPTS, row_names)
+        prefix_for_rows(model.frozen, layout.as_prefix, model._entries(layout, None), torch.float32)
     prefix_seconds = time.perf_counter() - start
     timings = harness.time_alternating(
         {"softprompt": lambda: softprompt_generate(row_names), "peft": lambda: peft_generate(row_names)},

@@ -117,7 +117,7 @@ def results_suffix(args: argparse.Namespace, implementation: str, device: torch.
     suffix = ""
     if args.compile:
         suffix += f"_compiled-{args.compile}" + ("-both" if args.compile_peft else "")
-    if args.virtual_token_layout != "prefix":
+    if args.virtual_token_layout != "auto":
         suffix += f"_{args.virtual_token_layout}-layout"
     if implementation != harness.default_implementation(device):
         suffix += f"_{implementation}-implementation"
@@ -136,8 +136,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each library first")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps of each library")
     parser.add_argument("--implementation", default=None, help="compute_loss implementation (default: by device)")
-    parser.add_argument("--virtual-token-layout", default="prefix", choices=["prefix", "sequence"],
-                        help="compute_loss's virtual_token_layout (prompt tuning, p-tuning)")
+    parser.add_argument("--virtual-token-layout", default="auto", choices=["auto", "prefix", "sequence"],
+                        help="compute_loss's virtual_token_layout (prompt tuning, p-tuning); auto: the library's choice")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help="torch.compile softprompt's decoder passes with this mode (e.g. reduce-overhead, "
                              "default); PEFT's step as well with --compile-peft")
@@ -165,11 +165,12 @@ def main() -> None:
         rows = []
         for method in args.methods:
             our_config = METHODS[method]()
-            steps = harness.training_steps(base, our_config, batch, implementation, args.virtual_token_layout,
+            steps, layout = harness.training_steps(base, our_config, batch, implementation, args.virtual_token_layout,
                                            args.compile, args.compile_peft)
             if device.type == "cpu":
                 harness.wait_until_idle(max_wait_s=args.wait_idle)
             first_losses = {name: step() for name, step in steps.items()}  # also the first warm-up step
+            ops = {name: harness.ops_per_call(step) for name, step in steps.items()}  # a second warm-up step
             timings = harness.time_alternating(steps, max(args.warmup - 1, 0), args.repeats, sync)
             memory = {}
             for name, step in steps.items():
@@ -183,6 +184,9 @@ def main() -> None:
                 row = {
                     "method": method,
                     "library": name,
+                    "layout": layout if name == "softprompt" else "sequence",
+                    "ops/step": ops[name],
+                    "ops vs PEFT": ops[name] / ops["PEFT"],
                     "step s (median)": timing.median,
                     "spread s": timing.spread,
                     "tokens/s": num_token_slots / timing.median,
@@ -200,8 +204,8 @@ def main() -> None:
             del steps
             gc.collect()
 
-        columns = ["method", "library", "step s (median)", "spread s", "tokens/s", "speedup vs PEFT", "peak MiB",
-                   "memory vs PEFT", "required GFLOP", "% of matmul peak"]
+        columns = ["method", "library", "layout", "ops/step", "ops vs PEFT", "step s (median)", "spread s",
+                   "tokens/s", "speedup vs PEFT", "peak MiB", "memory vs PEFT", "required GFLOP", "% of matmul peak"]
         table = harness.markdown_table(rows, columns)
         print(table)
         harness.write_results(
@@ -211,7 +215,7 @@ def main() -> None:
             table + f"\n\nMeasured GEMM peak: {peak_gflops:.0f} GFLOP/s "
             f"({'fp32' if device.type == 'cpu' else 'bf16'}). "
             f"Batch {setup['batch_size']} x {setup['num_tokens']}, {NUM_LABEL_TOKENS} label tokens per row, "
-            f"{setup['model']} shape, {base.config.num_hidden_layers} layers, {str(setup['dtype']).removeprefix('torch.')}, "
+            f"{setup.get('label', setup['model'])} shape, {base.config.num_hidden_layers} layers, {str(setup['dtype']).removeprefix('torch.')}, "
             f"compute_loss implementation "
             f"'{implementation}', virtual-token layout '{args.virtual_token_layout}'; median of {args.repeats} "
             f"alternating steps after {args.warmup} warm-up step(s) of each library."

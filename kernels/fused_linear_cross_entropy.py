@@ -292,8 +292,12 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return None
 
 
-def _validate_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int) -> None:
+def _validate_inputs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int, reduction: str = "mean"
+) -> None:
     """Shape, dtype and value checks shared by both implementations (one host sync for the target range)."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'none' (the row losses).")
     if hidden.dim() != 2:
         raise ValueError(
             f"hidden has shape {tuple(hidden.shape)}: expected [N, C] (N rows, C hidden). "
@@ -543,38 +547,46 @@ def _row_scale(grad_output: Tensor, valid: Tensor, num_valid: Tensor) -> Tensor:
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` (see the module docstring), through the Triton launchers or
-    their pure-torch twins: both compute per-row ``(lse, target logit)`` forward and the gradients from ``lse``
-    backward, so only the two functions differ."""
+    """Cross-entropy of ``hidden @ weight.T`` (see the module docstring), through the Triton launchers or their
+    pure-torch twins: both compute per-row ``(lse, target logit)`` forward and the gradients from ``lse`` backward,
+    so only the two functions differ. ``reduction`` ``"mean"`` gives the mean over valid rows, ``"none"`` the
+    ``[N]`` row losses (0 on ignored rows)."""
 
     @staticmethod
     def forward(
         ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, vocab_chunk_size: int,
-        implementation: str,
+        implementation: str, reduction: str = "mean",
     ):
         forward_terms, _ = _IMPLEMENTATIONS[implementation]
         lse, target_logit = forward_terms(hidden, weight, targets, vocab_chunk_size=vocab_chunk_size)
         valid = targets != ignore_index  # [N]
         loss, num_valid = _mean_over_valid(lse, target_logit, valid)
         ctx.save_for_backward(hidden, weight, targets, lse, valid, num_valid)
-        ctx.vocab_chunk_size, ctx.implementation = vocab_chunk_size, implementation
+        ctx.vocab_chunk_size, ctx.implementation, ctx.reduction = vocab_chunk_size, implementation, reduction
+        if reduction == "none":
+            return torch.where(valid, lse - target_logit, 0.0)  # [N]
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         hidden, weight, targets, lse, valid, num_valid = ctx.saved_tensors
         _, gradients = _IMPLEMENTATIONS[ctx.implementation]
+        if ctx.reduction == "none":  # d loss / d row loss is the incoming gradient of each row
+            dtype = accumulation_dtype(grad_output.dtype)
+            row_scale = valid.to(dtype) * grad_output.to(dtype)
+        else:
+            row_scale = _row_scale(grad_output, valid, num_valid)
         grad_hidden, grad_weight = gradients(
             hidden,
             weight,
             targets,
             lse,
-            _row_scale(grad_output, valid, num_valid),
+            row_scale,
             compute_grad_hidden=ctx.needs_input_grad[0],
             compute_grad_weight=ctx.needs_input_grad[1],
             vocab_chunk_size=ctx.vocab_chunk_size,
         )
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -648,7 +660,8 @@ _IMPLEMENTATIONS = {
 
 
 def torch_fused_linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100, vocab_chunk_size: int = 4096
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100, vocab_chunk_size: int = 4096,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
     """The chunked online-log-sum-exp loss in plain PyTorch (what CPU training without Triton uses).
 
@@ -658,15 +671,17 @@ def torch_fused_linear_cross_entropy(
         targets: ``[N]`` int64 class ids, ``ignore_index`` where no loss is wanted.
         ignore_index: the target value that marks an ignored row.
         vocab_chunk_size: vocabulary columns per chunk; peak extra memory is about ``chunk * (N + C) * 4`` bytes.
+        reduction: ``"mean"`` or ``"none"`` (the ``[N]`` row losses, 0 on ignored rows).
 
     Returns:
-        The scalar mean loss (fp32; fp64 for fp64 inputs) over non-ignored rows; 0.0 (with zero gradients) when every row is ignored.
+        The scalar mean loss (fp32; fp64 for fp64 inputs) over non-ignored rows; 0.0 (with zero gradients) when every
+        row is ignored. With ``reduction="none"``, the row losses.
 
     Raises:
         ValueError: shapes, dtypes, devices or target ids are not as described above.
     """
-    _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size)
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, "torch")
+    _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size, reduction)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, "torch", reduction)
 
 
 def reference_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -700,6 +715,7 @@ def fused_linear_cross_entropy(
     implementation: Literal["triton", "torch"],
     ignore_index: int = -100,
     vocab_chunk_size: int = 4096,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, never holding ``[N, V]`` fp32 logits.
 
@@ -717,9 +733,10 @@ def fused_linear_cross_entropy(
             ``TRITON_INTERPRET=1``) or ``"torch"`` (the same chunked math in PyTorch, any device).
         ignore_index: the target value that marks an ignored row.
         vocab_chunk_size: vocabulary columns per chunk (torch) or per program (triton).
+        reduction: ``"mean"`` or ``"none"`` (the ``[N]`` row losses, 0 on ignored rows).
 
     Returns:
-        The scalar mean loss (fp32; fp64 for fp64 inputs) over non-ignored rows.
+        The scalar mean loss (fp32; fp64 for fp64 inputs) over non-ignored rows, or the row losses.
 
     Raises:
         ValueError: bad shapes, dtypes, devices, target ids or ``implementation``.
@@ -731,8 +748,8 @@ def fused_linear_cross_entropy(
             f"implementation={implementation!r}: expected 'triton' or 'torch'. "
             "Fix: 'triton' on GPUs with triton installed, 'torch' anywhere."
         )
-    _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size)
-    if implementation == "torch":
-        return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, "torch")
-    _check_kernel_inputs(hidden, weight)
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, "triton")
+    _validate_inputs(hidden, weight, targets, ignore_index, vocab_chunk_size, reduction)
+    if implementation == "triton":
+        _check_kernel_inputs(hidden, weight)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, vocab_chunk_size, implementation,
+                                            reduction)

@@ -21,7 +21,8 @@
   prefix tuning, the encoder's weights), so training resumes exactly where it stopped. PEFT drops the encoder and
   keeps only its output, so a PEFT p-tuning adapter cannot be trained further the same way.
 - ``materialized``: the module's output, ``[P, C]`` virtual tokens or ``[P, L * 2 * K * D]`` prefix, so that
-  inference needs no encoder (`load_adapter_module(..., materialized_only=True)`).
+  inference needs no encoder (`read(..., materialized_only=True)`); absent for methods whose output is not one
+  table (`MethodSpec.materialized`).
 
 Files written by softprompt before it knew other families record only ``hidden_size``, ``num_layers`` and
 ``num_heads`` of their (BLOOM) base; the other dimensions follow from those as they do for BLOOM.
@@ -39,6 +40,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers import PreTrainedModel
@@ -50,11 +52,10 @@ from softprompt.files import (
     BaseModelMismatchError,
     atomic_write_bytes,
     atomic_write_json,
-    read_json,
     read_safetensors,
     sha256_of,
 )
-from softprompt.methods import METHODS, MaterializedPrompt, SoftPromptConfig, materialize, method_of
+from softprompt.methods import METHODS, MaterializedPrompt, SoftPromptConfig, method_of
 from softprompt.version import __version__
 
 FORMAT_NAME = "softprompt-adapter"
@@ -122,7 +123,11 @@ def save_adapter(directory: str | Path, config: SoftPromptConfig, module: nn.Mod
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"prompt.{key}": value.detach().float().cpu().contiguous() for key, value in module.state_dict().items()}
-    tensors["materialized"] = materialize(module).cpu()
+    spec = method_of(config)
+    if isinstance(module, MaterializedPrompt) or spec.materialized is not None:
+        with torch.no_grad():
+            output = module() if isinstance(module, MaterializedPrompt) else spec.materialized(module)
+        tensors["materialized"] = output.detach().to(torch.float32, copy=True).cpu()
     # One metadata entry: safetensors writes several in an order that changes from one save to the next, and the
     # same adapter must give the same bytes (hub uploads, hashes). The format version is in the JSON.
     payload = safetensors_bytes(tensors, metadata={"format": FORMAT_NAME})
@@ -242,46 +247,31 @@ def weights_record(record: dict[str, Any], config_path: Path) -> tuple[str, int,
     return name, size, digest
 
 
-def load_adapter_module(
-    directory: str | Path, base_model: PreTrainedModel, materialized_only: bool = False
+def read(
+    directory: Path, document: dict[str, Any], base_model: PreTrainedModel, materialized_only: bool = False
 ) -> tuple[SoftPromptConfig, nn.Module]:
-    """Reads an adapter directory into its config and module (fp32, on the base model's device).
+    """Reads an adapter in softprompt's format into its config and module (fp32, on the base model's device).
 
     Args:
         directory: written by `save_adapter`.
+        document: its ``adapter_config.json``, already read and recognised as this format
+            (`softprompt.pretrained.adapter_format_of`).
         base_model: the base it is loaded onto; its shape must match the recorded one.
         materialized_only: build a `MaterializedPrompt` from the stored output (inference without the encoder).
 
     Raises:
-        AdapterFormatError: missing, truncated or corrupt files; an unknown format, version or method; a field of the
-            wrong kind; a weights record without its size and SHA-256; non-finite or non-float tensors; stored
-            shapes that do not fit the config; or another base shape.
+        AdapterFormatError: missing, truncated or corrupt files; an unknown version or method; a field of the wrong
+            kind; a weights record without its size and SHA-256; non-finite or non-float tensors; stored shapes that
+            do not fit the config; or another base shape.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterFormatError(f"{directory}: adapter directory not found. Fix: pass the directory save_adapter wrote.")
     config_path = directory / CONFIG_FILE
-    document = read_json(
-        config_path,
-        missing_fix=f"Fix: point to a directory written by save_adapter (it holds {CONFIG_FILE} and {WEIGHTS_FILE}).",
-    )
-    if document.get("format") != FORMAT_NAME:
-        hint = ""
-        if "peft_type" in document:
-            prompt_learning = {spec.peft_type for spec in METHODS.values()}
-            hint = (" It looks like a PEFT adapter: use softprompt.load_peft_adapter, or SoftPromptModel.from_pretrained, "
-                    "which reads both formats."
-                    if document["peft_type"] in prompt_learning else
-                    f" It is a PEFT {document['peft_type']} adapter, not a soft prompt (softprompt loads PEFT's "
-                    f"{sorted(prompt_learning)} only).")
-        raise AdapterFormatError(f"{config_path}: format {document.get('format')!r}: expected {FORMAT_NAME!r}.{hint}")
     check_format_version(document.get("format_version"), FORMAT_VERSION, config_path, AdapterFormatError)
     for key, kind in (("method", str), ("config", dict), ("base_model", dict), ("weights", dict),
                       ("encoder_weights", bool)):
         if not isinstance(document.get(key), kind):
             raise AdapterFormatError(
                 f"{config_path}: {key} is {document.get(key)!r}: expected a JSON {_JSON_KINDS[kind]}. The file was "
-                "edited or not written by softprompt. Fix: re-save the adapter (SoftPromptModel.save_adapter)."
+                "edited or not written by softprompt. Fix: re-save the adapter (SoftPromptModel.save_pretrained)."
             )
     config = config_from_dict(document["method"], dict(document["config"]), str(config_path))
     spec = method_of(config)
@@ -289,8 +279,6 @@ def load_adapter_module(
     weights_name, weights_bytes, weights_sha256 = weights_record(document["weights"], config_path)
     weights_path = directory / weights_name
     tensors = read_safetensors(weights_path, weights_bytes, weights_sha256)
-    if "materialized" not in tensors:
-        raise AdapterFormatError(f"{weights_path}: the tensor 'materialized' is missing.")
     for name, tensor in tensors.items():
         if not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
             problem = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else "NaN or infinite values"
@@ -298,16 +286,20 @@ def load_adapter_module(
                 f"{weights_path}: tensor {name!r} holds {problem}: expected finite floating-point weights. Fix: the "
                 "adapter is damaged or was saved from a run that diverged; re-save it from a good checkpoint."
             )
-    output_shape = (config.num_virtual_tokens, spec.output_width(shape))
-    if tuple(tensors["materialized"].shape) != output_shape:
-        raise AdapterFormatError(
-            f"{weights_path}: 'materialized' has shape {tuple(tensors['materialized'].shape)}: expected "
-            f"[num_virtual_tokens, width] = {output_shape} for this {config.method} config on this base. Fix: the "
-            "weights and the config come from different adapters; re-save the adapter."
-        )
-    if materialized_only or not document.get("encoder_weights", True):
-        module: nn.Module = MaterializedPrompt(tensors["materialized"])
-        state = {"embedding.weight": tensors["materialized"]}
+    materialized = tensors.get("materialized")
+    if materialized is None and (spec.materialized is not None or materialized_only or not document["encoder_weights"]):
+        raise AdapterFormatError(f"{weights_path}: the tensor 'materialized' is missing.")
+    if materialized is not None:
+        output_shape = (config.num_virtual_tokens, spec.output_width(shape))
+        if tuple(materialized.shape) != output_shape:
+            raise AdapterFormatError(
+                f"{weights_path}: 'materialized' has shape {tuple(materialized.shape)}: expected "
+                f"[num_virtual_tokens, width] = {output_shape} for this {config.method} config on this base. Fix: "
+                "the weights and the config come from different adapters; re-save the adapter."
+            )
+    if materialized_only or not document["encoder_weights"]:
+        module: nn.Module = MaterializedPrompt(materialized)
+        state = {"embedding.weight": materialized}
     else:
         module = spec.empty(config, shape)
         state = {key.removeprefix("prompt."): value for key, value in tensors.items() if key.startswith("prompt.")}

@@ -1,19 +1,17 @@
 """Generation: every row's adapter as a key/value prefix, then transformers' own ``generate``.
 
-Virtual tokens come first and attention is causal, so their keys and values do not depend on the text: one
-batch-1 pass of each adapter's P virtual tokens gives them (`softprompt.injection.prefix_for_rows`, the training
-loss's prefix route), and a prefix-tuning adapter's keys and values are its output. The batch's prefix goes into an
+Every adapter that takes slots enters as keys and values (`softprompt.routes.prefix_for_rows`): they go into an
 ordinary ``DynamicCache`` (it must grow as tokens are generated) with the mask over prefix + text; transformers
 builds each step's positions from that mask, which gives every row the positions it has alone
-(`softprompt.positions`). Every decoding option of transformers keeps working (greedy, sampling, beams, repetition
-penalty, ...), and only real token ids come back.
+(`softprompt.positions`). Attention patches stay installed for the whole call. Every decoding option of
+transformers keeps working (greedy, sampling, beams, repetition penalty, ...), and only real token ids come back.
 
 Shapes: B batch, T tokens, P prefix slots, L layers, K key/value heads, D head dim, C embedding width, V vocab.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,49 +20,44 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from softprompt.injection import PromptedModel, prefix_for_rows
-from softprompt.inputs import check_generate_options, check_model_inputs
+from softprompt.entries import Entry
+from softprompt.frozen import FrozenModel
+from softprompt.inputs import check_generate_options
 from softprompt.positions import check_positions
+from softprompt.routes import patches, prefix_for_rows
+from softprompt.rows import RowLayout
 from softprompt.seams import cache_argument
 
 
 @torch.no_grad()
 def generate(
-    model: PromptedModel,
+    frozen: FrozenModel,
+    layout: RowLayout,
+    entries: Mapping[str, Entry],
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    adapter_names: Sequence[str | None] | None = None,
+    attention_mask: torch.Tensor,
     **generate_kwargs: Any,
 ) -> torch.Tensor | ModelOutput:
-    """`SoftPromptModel.generate` (see there for the arguments)."""
-    if "inputs_embeds" in generate_kwargs:
-        raise ValueError(
-            "generate(inputs_embeds=...) is not supported: pass input_ids, the adapters add the soft prompt."
-        )
-    base = model.base_model
-    check_model_inputs(base, input_ids, attention_mask)
+    """`SoftPromptModel.generate` on checked inputs (see there for the arguments)."""
+    base = frozen.base_model
     check_generate_options(generate_kwargs)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    layout = model.row_layout(input_ids.shape[0], adapter_names)
-    dtype = base.get_input_embeddings().weight.dtype
-    prefix, prefix_mask, _ = prefix_for_rows(model, layout.as_prefix, dtype)
-    mask = torch.cat([prefix_mask.to(attention_mask.dtype), attention_mask], dim=1)  # [B, P + T]
+    prefix = prefix_for_rows(frozen, layout.as_prefix, entries, frozen.dtype)
+    mask = torch.cat([prefix.mask.to(attention_mask.dtype), attention_mask], dim=1)  # [B, P + T]
     generation_config = generate_kwargs.get("generation_config", base.generation_config)
     new_tokens = generate_kwargs.get("max_new_tokens", generation_config.max_new_tokens)
     if new_tokens is None:  # transformers' other limit: max_length counts the input too
         new_tokens = max(0, generate_kwargs.get("max_length", generation_config.max_length) - input_ids.shape[1])
-    check_positions(model.family, base.config, mask, new_tokens=new_tokens)
+    check_positions(frozen.family, base.config, mask, new_tokens=new_tokens)
     # generate() repeats every row of the inputs this many times (beams / return sequences) but cannot know how to
     # repeat a cache it is handed, so the cache is repeated the same way here.
     num_beams = generate_kwargs.get("num_beams", generation_config.num_beams) or 1
     num_sequences = generate_kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1
     repeats = max(num_beams, num_sequences)
     cache = DynamicCache(config=base.config)
-    if prefix is not None:
-        for layer, past in enumerate(prefix.layers):  # keys and values, each [B, K, P, D]
-            cache.update(past.keys.repeat_interleave(repeats, dim=0), past.values.repeat_interleave(repeats, dim=0), layer)
-    with cpu_head_with_weight_on_the_left(base):
+    if prefix.keys is not None:
+        for layer, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):  # each [B, K, P, D]
+            cache.update(keys.repeat_interleave(repeats, dim=0), values.repeat_interleave(repeats, dim=0), layer)
+    with cpu_head_with_weight_on_the_left(base), patches(layout, entries, repeats):
         return base.generate(input_ids=input_ids, attention_mask=mask, **cache_argument(base, cache), **generate_kwargs)
 
 

@@ -15,11 +15,13 @@ Shapes: B batch, T tokens, V vocabulary (the base model's embedding rows).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+
+from softprompt.seams import NEW_CACHE_NAME, OLD_CACHE_NAME
 
 IGNORE_INDEX = -100
 """The label of a position without a loss (the transformers and PyTorch convention)."""
@@ -116,6 +118,78 @@ def check_labels(base_model: PreTrainedModel, labels: Any, input_ids: torch.Tens
         )
 
 
+def check_adapter_names_argument(adapter_names: Any, batch_size: int, active: str) -> list[str | None]:
+    """One adapter name (or None, the base model alone) per row: `active` for every row when `adapter_names` is
+    None.
+
+    Raises:
+        ValueError: a single string, or not one name per row.
+    """
+    if adapter_names is None:
+        return [active] * batch_size
+    if isinstance(adapter_names, str):
+        raise ValueError(
+            f"adapter_names={adapter_names!r}: expected a list with one name per row (None for the base model "
+            f"alone), got a single string. Fix: adapter_names=[{adapter_names!r}] * {batch_size}."
+        )
+    names = list(adapter_names)
+    if len(names) != batch_size:
+        raise ValueError(
+            f"adapter_names has {len(names)} entries for a batch of {batch_size} rows: expected one name per "
+            "row (None for the base model alone)."
+        )
+    return names
+
+
+def check_loaded_names(names: Iterable[Any], loaded: Iterable[str], allow_none: bool = True) -> None:
+    """Checks that every name is one of the `loaded` adapters' (or None, the base model alone, where allowed).
+
+    Raises:
+        ValueError: naming the unknown names and the loaded ones.
+    """
+    loaded = sorted(loaded)
+    unknown = sorted({name for name in names if not (name is None and allow_none) and name not in loaded}, key=repr)
+    if unknown:
+        none = " (None means the base model alone)" if allow_none else ""
+        raise ValueError(
+            f"Unknown adapter name(s) {unknown}: loaded adapters are {loaded}{none}. Fix: load_adapter(directory, "
+            "name) first, or fix the name."
+        )
+
+
+def check_task_ids(task_ids: Any, batch_size: int) -> torch.Tensor | None:
+    """Each row's task id (multitask prompt tuning) as a CPU long tensor ``[B]``, or None.
+
+    Raises:
+        ValueError: not an integer tensor with one entry per row.
+    """
+    if task_ids is None:
+        return None
+    if not torch.is_tensor(task_ids) or task_ids.shape != (batch_size,) or task_ids.is_floating_point():
+        raise ValueError(
+            f"task_ids={task_ids!r}: expected an integer tensor [B] = [{batch_size}], one task per row. Fix: "
+            "task_ids=torch.tensor([...]) with one entry per row."
+        )
+    return task_ids.long().cpu()
+
+
+def check_new_adapter_name(adapter_name: object, loaded: Iterable[str]) -> None:
+    """Checks that `adapter_name` can name one more adapter beside the `loaded` ones.
+
+    Raises:
+        ValueError: not a non-empty string without ``.`` (it becomes a module name), or already loaded.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(
+            f"adapter_name={adapter_name!r}: expected a non-empty string without '.'. Fix: e.g. 'complaints'."
+        )
+    loaded = sorted(loaded)
+    if adapter_name in loaded:
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is already loaded (loaded: {loaded}). Fix: pick another name."
+        )
+
+
 def _check_id_tensor(name: str, value: Any, device: torch.device) -> None:
     """A ``[B, T]`` integer tensor with B >= 1, on `device`."""
     if not torch.is_tensor(value):
@@ -150,6 +224,29 @@ _GENERATE_INTEGERS = {
 """Integer options of transformers' ``generate`` and their smallest allowed value."""
 
 
+_INPUTS_FORWARD_CANNOT_TAKE = frozenset(
+    {"inputs_embeds", OLD_CACHE_NAME, NEW_CACHE_NAME, "position_ids", "cache_position", "output_attentions",
+     "output_hidden_states"}
+)
+"""Keyword arguments of a transformers causal LM that `SoftPromptModel.forward` refuses rather than drop."""
+
+
+def check_forward_options(options: Mapping[str, Any]) -> None:
+    """Refuses model inputs `SoftPromptModel.forward` would drop (it builds embeddings, cache and positions itself);
+    other extra keys (``num_items_in_batch``, which trainers pass) are accepted and ignored.
+
+    Raises:
+        ValueError: naming them and the fix.
+    """
+    refused = sorted(set(options) & _INPUTS_FORWARD_CANNOT_TAKE)
+    if refused:
+        raise ValueError(
+            f"SoftPromptModel.forward got {', '.join(refused)}: it builds the embeddings, the cache and the "
+            "positions itself from input_ids and attention_mask, so these would be ignored. Fix: pass input_ids "
+            "(and attention_mask); for decoding use SoftPromptModel.generate."
+        )
+
+
 def check_generate_options(options: Mapping[str, Any]) -> None:
     """Checks the decoding options softprompt hands transformers' ``generate``.
 
@@ -159,9 +256,13 @@ def check_generate_options(options: Mapping[str, Any]) -> None:
         options: ``generate``'s keyword arguments.
 
     Raises:
-        ValueError: an option of the wrong type or outside its range (the message names the option, its flag and
-            the fix).
+        ValueError: ``inputs_embeds`` (the adapters make the soft prompt), or an option of the wrong type or outside
+            its range (the message names the option, its flag and the fix).
     """
+    if "inputs_embeds" in options:
+        raise ValueError(
+            "generate(inputs_embeds=...) is not supported: pass input_ids, the adapters add the soft prompt."
+        )
     for name, minimum in _GENERATE_INTEGERS.items():
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):

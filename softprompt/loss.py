@@ -57,15 +57,23 @@ def widened(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-def cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean cross-entropy over positions whose target is not -100, in fp32 like transformers (fp64 for a float64
     model, `widened`).
 
     Args:
         logits: ``[B, P + T, V]``.
         targets: ``[B, P + T]``.
+        weights: ``[B, P + T]`` each position's weight, or None; weighted terms are still averaged over the number
+            of labelled positions (PEFT's CPT loss), not over the weights' sum.
     """
-    return F.cross_entropy(widened(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX)
+    if weights is None:
+        return F.cross_entropy(widened(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX)
+    losses = F.cross_entropy(widened(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none")  # [B * (P + T)], 0 where ignored
+    return (losses * weights.flatten().to(losses.dtype)).sum() / (targets != IGNORE_INDEX).sum()
 
 
 def linear_cross_entropy(
@@ -75,7 +83,8 @@ def linear_cross_entropy(
     implementation: LossImplementation = "torch",
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``rows @ head_weight.T`` against `targets`: the LM head and loss on selected rows.
+    """Cross-entropy of ``rows @ head_weight.T`` against `targets`, row by row: the LM head and loss on selected
+    rows only.
 
     Args:
         rows: ``[N, C]`` final hidden states (after the final norm) of the N labelled positions.
@@ -85,22 +94,21 @@ def linear_cross_entropy(
         softcap: the family's final logit soft-capping value, or None.
 
     Returns:
-        The scalar mean loss (fp32; fp64 for a float64 model). NaN when N = 0, like
-        `torch.nn.functional.cross_entropy`.
+        ``[N]`` the row losses (fp32; fp64 for a float64 model).
 
     Raises:
         ValueError: an implementation other than ``"torch"`` or ``"triton"``, or ``"triton"`` with a soft-cap.
     """
     if implementation == "torch":
         if softcap is None and _one_pass_head_applies(rows, head_weight):
-            return HeadAsAttentionCrossEntropy.apply(rows, targets, head_weight)
+            return HeadAsAttentionCrossEntropy.apply(rows, targets, head_weight)  # [N]
         # logits.T = W @ rows.T rather than rows @ W.T: the same product, but with the large weight as the left
         # operand CPU BLAS runs the skinny (N = 2-4 labels per row) product faster (benchmarks/head_product.py);
         # the backward keeps that form too.
         logits = widened(torch.mm(head_weight, rows.t()).t())  # [N, V]
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, reduction="none")  # [N]
     if implementation == "triton":
         if softcap is not None:
             raise ValueError(
@@ -109,9 +117,7 @@ def linear_cross_entropy(
             )
         from softprompt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
-        if targets.numel() == 0:
-            return widened(rows.sum() * float("nan"))
-        return fused_linear_cross_entropy(rows, head_weight, targets, implementation="triton")
+        return fused_linear_cross_entropy(rows, head_weight, targets, implementation="triton", reduction="none")
     raise ValueError(
         f"implementation={implementation!r}: expected 'torch' or 'triton' for the label-only loss. "
         "Fix: pass one of those ('full' is the full-logits path of SoftPromptModel.forward)."
@@ -123,14 +129,13 @@ def _one_pass_head_applies(rows: torch.Tensor, head_weight: torch.Tensor) -> boo
     return (
         rows.device.type == "cpu"
         and rows.dtype == head_weight.dtype == torch.float32
-        and rows.shape[0] > 0
         and not head_weight.requires_grad
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
 
 
 class HeadAsAttentionCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``rows @ W.T`` for a frozen head ``W [V, C]``, in one pass over W (CPU, fp32).
+    """Row cross-entropies ``[N]`` of ``rows @ W.T`` for a frozen head ``W [V, C]``, in one pass over W (CPU, fp32).
 
     The loss of row n is ``lse_n - rows_n . W[t_n]`` with ``lse_n = log sum_v exp(rows_n . W_v)``, and its
     gradient is ``sum_v softmax_v W_v - W[t_n]``: the mean of the head's rows under the row's own softmax, minus
@@ -145,16 +150,18 @@ class HeadAsAttentionCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] == 0:  # the flash-attention kernel takes no empty query
+            ctx.save_for_backward(torch.zeros_like(rows))
+            return rows.new_zeros(0)
         expected_row, lse = _softmax_weighted_head_rows(rows, head_weight, torch.get_num_threads())
         target_rows = head_weight[targets]  # [N, C]
-        loss = (lse - (rows * target_rows).sum(dim=1)).mean()
         ctx.save_for_backward(expected_row - target_rows)  # [N, C]: d row loss / d row
-        return loss
+        return lse - (rows * target_rows).sum(dim=1)  # [N]
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (row_gradient,) = ctx.saved_tensors
-        return grad_output * row_gradient / row_gradient.shape[0], None, None
+        return grad_output[:, None] * row_gradient, None, None
 
 
 def _softmax_weighted_head_rows(

@@ -32,13 +32,12 @@ Shapes: B batch, T tokens.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from softprompt.loss import IGNORE_INDEX, LossImplementation
+from softprompt.loss import LossImplementation
 from softprompt.model import SoftPromptModel
 from softprompt.training_loss import VirtualTokenLayout
 
@@ -102,27 +101,16 @@ def make_trainable(model: SoftPromptModel, adapter_names: Iterable[str | None]) 
 def labelled_positions(
     model: SoftPromptModel, labels: torch.Tensor, adapter_names: Sequence[str | None]
 ) -> torch.Tensor:
-    """How many positions of each row carry a loss, ``[B]``.
+    """How many positions of each row carry a loss, ``[B]`` (`SoftPromptModel.labelled_positions`).
 
     A causal LM scores token t + 1 from position t, so a row's first real token is scored only when something
-    comes before it: the last virtual token of prompt tuning and p-tuning. Prefix tuning and the base model add no
+    comes before it: the last virtual token of a virtual-token method. Prefix tuning and the base model add no
     position, so their first token is never scored.
-
-    Args:
-        labels: ``[B, T]``, -100 where no loss is wanted.
-        adapter_names: one name (or None) per row.
 
     Raises:
         ValueError: ``adapter_names`` does not have one entry per row, or names an adapter that is not loaded.
     """
-    if isinstance(adapter_names, str) or len(adapter_names) != labels.shape[0]:
-        raise ValueError(
-            f"adapter_names={adapter_names!r} for a batch of {labels.shape[0]} rows: expected a list with one "
-            "name per row (None for the base model alone)."
-        )
-    first_token_scored = model.row_layout(labels.shape[0], adapter_names).first_token_scored
-    scored = labels != IGNORE_INDEX  # [B, T]
-    return scored[:, 1:].sum(dim=1) + (scored[:, 0] & torch.tensor(first_token_scored, device=labels.device))
+    return model.labelled_positions(labels, adapter_names)
 
 
 def multi_adapter_loss(
@@ -133,156 +121,24 @@ def multi_adapter_loss(
     adapter_names: Sequence[str | None],
     reduction: Reduction = "adapter_mean",
     implementation: LossImplementation = "torch",
-    virtual_token_layout: VirtualTokenLayout = "prefix",
+    virtual_token_layout: VirtualTokenLayout = "auto",
 ) -> torch.Tensor:
-    """The loss of a batch whose rows use different adapters, in one forward pass.
-
-    Args:
-        input_ids: ``[B, T]``.
-        attention_mask: ``[B, T]`` or None.
-        labels: ``[B, T]``, -100 where no loss is wanted.
-        adapter_names: one adapter name (or None) per row.
-        reduction: ``"adapter_mean"``, ``"sum"`` or ``"mean"``; see the module docstring.
-        implementation: passed to `SoftPromptModel.compute_loss`.
-        virtual_token_layout: passed to `SoftPromptModel.compute_loss`.
-
-    Returns:
-        A scalar: the batch's mean loss (``"adapter_mean"``, ``"mean"``) or summed loss (``"sum"``).
+    """The loss of a batch whose rows use different adapters, in one forward pass
+    (`SoftPromptModel.compute_loss` with a `reduction`; see the module docstring for the three).
 
     Raises:
         ValueError: an unknown reduction, or an adapter name that is not loaded.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}. Fix: pass one of those.")
-    counts = labelled_positions(model, labels, adapter_names)  # [B]
-    total = counts.sum()
-
-    def mean_loss() -> torch.Tensor:
-        return model.compute_loss(
-            input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout
-        )
-
-    if reduction == "mean":
-        return mean_loss()
-    if reduction == "sum":
-        return mean_loss() * total
-    # The mean's gradient reaches adapter a scaled by n_a / N (its share of the labelled positions); scaling the
-    # gradient that leaves its module by N / n_a undoes exactly that and leaves the other adapters alone.
-    scales = {}
-    for name in dict.fromkeys(n for n in adapter_names if n is not None):
-        count = sum(int(c) for c, n in zip(counts.tolist(), adapter_names) if n == name)
-        scales[name] = float(total) / count if count else 0.0
-    with _gradient_scaled(model, scales):
-        return mean_loss()
-
-
-def gradient_isolation_errors(
-    model: SoftPromptModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor,
-    adapter_names: Sequence[str | None],
-) -> dict[str, float]:
-    """Checks that each trainable adapter's gradient from the mixed batch comes only from its own rows.
-
-    Compares, under the summed loss, each adapter's gradient from the whole batch with the sum of the gradients of
-    its rows run one at a time (each row keeps its own padding, so only the other rows differ). Leaves ``.grad``
-    untouched.
-
-    Args:
-        input_ids: ``[B, T]``.
-        attention_mask: ``[B, T]`` or None.
-        labels: ``[B, T]``.
-        adapter_names: one name (or None) per row.
-
-    Returns:
-        Adapter name -> largest absolute difference over its parameters, divided by the largest absolute entry of
-        its rows' gradient (a summed gradient's rounding follows the size of its largest entries). About 1e-7 in
-        fp32 when the adapter is isolated.
-
-    Raises:
-        ValueError: no adapter of the batch has a trainable parameter.
-    """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    trained = {
-        name: [p for p in model.prompts[name].parameters() if p.requires_grad]
-        for name in dict.fromkeys(n for n in adapter_names if n is not None)
-        if name in model.prompts
-    }
-    trained = {name: parameters for name, parameters in trained.items() if parameters}
-    if not trained:
-        raise ValueError(
-            f"No adapter of the batch ({sorted({n for n in adapter_names if n is not None})}) has a trainable "
-            "parameter. Fix: make_trainable(model, names) first."
-        )
-    mixed_loss = multi_adapter_loss(model, input_ids, attention_mask, labels, adapter_names, reduction="sum")
-    mixed = _gradients(mixed_loss, trained)
-    alone = {name: [torch.zeros_like(p) for p in parameters] for name, parameters in trained.items()}
-    for row, name in enumerate(adapter_names):
-        if name not in trained:
-            continue
-        rows = slice(row, row + 1)
-        loss = multi_adapter_loss(model, input_ids[rows], attention_mask[rows], labels[rows], [name], reduction="sum")
-        for total, gradient in zip(alone[name], _gradients(loss, {name: trained[name]})[name]):
-            total += gradient
-    errors = {}
-    for name in trained:
-        scale = max(float(gradient.abs().max()) for gradient in alone[name])
-        difference = max(float((a - b).abs().max()) for a, b in zip(mixed[name], alone[name]))
-        errors[name] = difference / scale if scale > 0 else difference
-    return errors
-
-
-def _gradients(loss: torch.Tensor, parameters: Mapping[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
-    flat = [p for group in parameters.values() for p in group]
-    gradients = torch.autograd.grad(loss, flat, allow_unused=True)
-    gradients = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, gradients)]
-    out, start = {}, 0
-    for name, group in parameters.items():
-        out[name] = gradients[start : start + len(group)]
-        start += len(group)
-    return out
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by a constant."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.scale = scale
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return gradient * ctx.scale, None
-
-
-@contextmanager
-def _gradient_scaled(model: SoftPromptModel, scales: Mapping[str, float]) -> Iterator[None]:
-    """While active, each named adapter's output carries its gradient scale into the autograd graph.
-
-    The scale is recorded in the graph at forward time, so the backward pass may run later, outside this block,
-    and gradient accumulation over several batches stays correct.
-    """
-    handles = [
-        model.prompts[name].register_forward_hook(
-            lambda module, inputs, output, scale=scale: _ScaleGradient.apply(output, scale)
-        )
-        for name, scale in scales.items()
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout,
+                              reduction=reduction)
 
 
 __all__ = [
     "REDUCTIONS",
     "Reduction",
     "adapter_names_for_tasks",
-    "gradient_isolation_errors",
     "labelled_positions",
     "make_trainable",
     "multi_adapter_loss",

@@ -18,7 +18,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from softprompt.families import known_config, known_model_names
-from softprompt.methods import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SoftPromptConfig
+from softprompt.methods import SoftPromptConfig
+from softprompt.methods.p_tuning import PromptEncoderConfig
+from softprompt.methods.prefix_tuning import PrefixTuningConfig
+from softprompt.methods.prompt_tuning import PromptTuningConfig
 from softprompt.model import SoftPromptModel
 
 

@@ -1,8 +1,10 @@
 """Reading and writing Hugging Face PEFT's adapter format, without importing peft.
 
-A PEFT prompt-learning adapter directory holds ``adapter_config.json`` (``peft_type`` PROMPT_TUNING, P_TUNING or
-PREFIX_TUNING, ``task_type`` CAUSAL_LM, the method's fields, and the base's shape as ``token_dim``, ``num_layers``,
-``num_attention_heads``) and ``adapter_model.safetensors`` with one fp32 tensor, ``prompt_embeddings``:
+A PEFT prompt-learning adapter directory holds ``adapter_config.json`` (``peft_type``, ``task_type`` CAUSAL_LM, the
+method's fields, and the base's shape as ``token_dim``, ``num_layers``, ``num_attention_heads``) and
+``adapter_model.safetensors``. Which tensors that holds, and how a module is made from them, is each method's
+(`MethodSpec.peft_tensors`, ``peft_state``, ``peft_module``); for the first three it is one fp32 tensor,
+``prompt_embeddings``:
 
 - prompt tuning: the ``[P, C]`` table;
 - p-tuning: the encoder's output ``[P, C]`` (the MLP/LSTM weights are not saved);
@@ -11,7 +13,7 @@ PREFIX_TUNING, ``task_type`` CAUSAL_LM, the method's fields, and the base's shap
 For a prefix, PEFT records ``token_dim`` = K * D and ``num_attention_heads`` = K, one layer's key/value width and
 heads (the two differ from the hidden size and the query heads in grouped-query models). So PEFT adapters of
 p-tuning and projected prefix tuning come back as a `MaterializedPrompt`: usable as they are, trainable only as a
-plain table. Which method a PEFT type is, and which fields it shares, comes from the method registry.
+plain table.
 
 Shapes: P virtual tokens, L layers, K key/value heads, D head dim, C embedding width.
 """
@@ -25,50 +27,37 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers import PreTrainedModel
 
-from softprompt.adapter_format import FORMAT_NAME, config_from_dict, trained_on
+from softprompt.adapter_format import config_from_dict, trained_on
 from softprompt.families import family_of
 from softprompt.files import (
     AdapterFormatError,
     BaseModelMismatchError,
     atomic_write_bytes,
     atomic_write_json,
-    read_json,
     read_safetensors,
 )
-from softprompt.methods import METHODS, MethodSpec, SoftPromptConfig, materialize, method_of
+from softprompt.methods import METHODS, MethodSpec, SoftPromptConfig, method_of
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_TENSOR = "prompt_embeddings"
 PEFT_METHODS: dict[str, MethodSpec] = {spec.peft_type: spec for spec in METHODS.values()}
 """Our methods by PEFT's ``peft_type``."""
 
 
-def is_peft_document(document: dict[str, Any]) -> bool:
-    """Whether an ``adapter_config.json`` document is PEFT's (it names a ``peft_type``)."""
-    return "peft_type" in document
+def read(directory: Path, document: dict[str, Any], base_model: PreTrainedModel) -> tuple[SoftPromptConfig, nn.Module]:
+    """Reads a PEFT adapter directory into our config and module (fp32, on the base's device).
 
-
-def read_peft_adapter(base_model: PreTrainedModel, peft_directory: str | Path) -> tuple[SoftPromptConfig, nn.Module]:
-    """Reads a PEFT prompt-learning adapter directory into our config and module (fp32, on the base's device).
+    Args:
+        directory: the adapter directory.
+        document: its ``adapter_config.json``, already read and recognised as PEFT's with a known ``peft_type``
+            (`softprompt.pretrained.adapter_format_of`).
+        base_model: the base it is loaded onto.
 
     Raises:
-        AdapterFormatError: missing or corrupt files, an unsupported PEFT method or task, or another base shape.
+        AdapterFormatError: missing or corrupt files, an unsupported task, tensors of other names or shapes than
+            the config implies, or another base shape (`BaseModelMismatchError`).
     """
-    directory = Path(peft_directory)
     config_path = directory / PEFT_CONFIG_FILE
-    document = read_json(config_path, missing_fix=f"Fix: point to a PEFT adapter directory (it holds {PEFT_CONFIG_FILE}).")
-    peft_type = document.get("peft_type")
-    if peft_type not in PEFT_METHODS:
-        hint = (
-            " It is in softprompt's own format: use SoftPromptModel.from_pretrained, which reads both formats."
-            if document.get("format") == FORMAT_NAME
-            else ""
-        )
-        raise AdapterFormatError(
-            f"{config_path}: peft_type {peft_type!r}: expected one of {sorted(PEFT_METHODS)} (softprompt reads PEFT's "
-            f"prompt-learning adapters only).{hint}"
-        )
     if document.get("task_type") not in (None, "CAUSAL_LM"):
         raise AdapterFormatError(f"{config_path}: task_type {document.get('task_type')!r}: expected 'CAUSAL_LM'.")
     if document.get("num_transformer_submodules", 1) != 1:
@@ -76,23 +65,18 @@ def read_peft_adapter(base_model: PreTrainedModel, peft_directory: str | Path) -
             f"{config_path}: num_transformer_submodules {document['num_transformer_submodules']}: expected 1 "
             "(a decoder-only model)."
         )
-    spec = PEFT_METHODS[peft_type]
+    spec = PEFT_METHODS[document["peft_type"]]
     fields = {key: document[key] for key in spec.peft_fields if document.get(key) is not None}
     config = config_from_dict(spec.name, fields, str(config_path))
 
     shape = family_of(base_model.config).shape(base_model.config)
-    width_name, heads_name = (
-        ("hidden_size", "num_heads") if spec.enters_as == "embeddings" else ("key/value width K x D", "num_key_value_heads")
-    )
-    recorded = {
-        width_name: (document.get("token_dim"), spec.peft_token_dim(shape)),
-        "num_layers": (document.get("num_layers"), shape.num_layers),
-        heads_name: (document.get("num_attention_heads"), spec.peft_num_attention_heads(shape)),
-    }
+    names = {"token_dim": "hidden_size" if spec.enters_as == "virtual_tokens" else "key/value width K x D",
+             "num_attention_heads": "num_heads" if spec.enters_as == "virtual_tokens" else "num_key_value_heads",
+             "num_layers": "num_layers"}
     mismatches = [
-        f"{key} {value} (adapter) vs {actual} (base model)"
-        for key, (value, actual) in recorded.items()
-        if value is not None and value != actual
+        f"{names[key]} {document.get(key)} (adapter) vs {actual} (base model)"
+        for key, actual in spec.peft_shape_fields(shape).items()
+        if document.get(key) is not None and document.get(key) != actual
     ]
     if mismatches:
         raise BaseModelMismatchError(
@@ -104,17 +88,18 @@ def read_peft_adapter(base_model: PreTrainedModel, peft_directory: str | Path) -
 
     weights_path = directory / PEFT_WEIGHTS_FILE
     tensors = read_safetensors(weights_path, record="the PEFT adapter config")
-    if PEFT_TENSOR not in tensors:
-        raise AdapterFormatError(f"{weights_path}: tensor {PEFT_TENSOR!r} missing; found {sorted(tensors)}.")
-    table = tensors[PEFT_TENSOR].float()
-    expected = (config.num_virtual_tokens, spec.output_width(shape))
-    if tuple(table.shape) != expected:
-        width = "C" if spec.enters_as == "embeddings" else "L * 2 * K * D"
-        raise AdapterFormatError(
-            f"{weights_path}: {PEFT_TENSOR} has shape {tuple(table.shape)}: expected [num_virtual_tokens, {width}] = "
-            f"{expected}."
-        )
-    return config, spec.from_table(config, shape, table).to(base_model.get_input_embeddings().weight.device)
+    expected = spec.expected_peft_tensors(config, shape)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterFormatError(f"{weights_path}: tensor {missing[0]!r} missing; found {sorted(tensors)}.")
+    for name, wanted in expected.items():
+        if tuple(tensors[name].shape) != tuple(wanted):
+            raise AdapterFormatError(
+                f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}: expected {tuple(wanted)} for this "
+                f"{spec.name} config on this base."
+            )
+    tables = {name: tensors[name].float() for name in expected}
+    return config, spec.peft_module(config, shape, tables).to(base_model.get_input_embeddings().weight.device)
 
 
 def peft_config_document(config: SoftPromptConfig, base_model: PreTrainedModel) -> dict[str, Any]:
@@ -126,20 +111,18 @@ def peft_config_document(config: SoftPromptConfig, base_model: PreTrainedModel) 
         "base_model_name_or_path": getattr(base_model.config, "_name_or_path", None) or None,
         "inference_mode": True,
         "modules_to_save": None,
-        "num_attention_heads": spec.peft_num_attention_heads(shape),
-        "num_layers": shape.num_layers,
-        "num_transformer_submodules": 1,
-        "num_virtual_tokens": config.num_virtual_tokens,
         "peft_type": spec.peft_type,
         "revision": None,
         "task_type": "CAUSAL_LM",
-        "token_dim": spec.peft_token_dim(shape),
+        **spec.peft_shape_fields(shape),
     }
+    if spec.enters_as != "attention":  # PEFT's prompt-learning fields
+        document.update(num_transformer_submodules=1, num_virtual_tokens=config.num_virtual_tokens)
     for key in spec.peft_fields:
         value = getattr(config, key)
         document[key] = getattr(value, "value", value)
     if "encoder_hidden_size" in spec.peft_fields and config.encoder_hidden_size is None:
-        document["encoder_hidden_size"] = spec.peft_token_dim(shape)  # PEFT's default, written out as PEFT does
+        document["encoder_hidden_size"] = spec.peft_shape_fields(shape)["token_dim"]  # PEFT's default, written out
     return dict(sorted(document.items()))
 
 
@@ -153,7 +136,8 @@ def save_peft_adapter(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = safetensors_bytes({PEFT_TENSOR: materialize(module).cpu()}, metadata={"format": "pt"})
+    state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in method_of(config).peft_state(module).items()}
+    payload = safetensors_bytes(state, metadata={"format": "pt"})
     atomic_write_bytes(directory / PEFT_WEIGHTS_FILE, payload)
     atomic_write_json(directory / PEFT_CONFIG_FILE, peft_config_document(config, base_model))
     return directory

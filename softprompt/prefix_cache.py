@@ -1,15 +1,11 @@
-"""How a prefix reaches the frozen model: a read-only transformers `Cache`.
+"""How a prefix reaches the frozen model in a forward pass: a read-only transformers `Cache`.
 
 transformers' attention layers ask their cache for "the past keys and values, and the current ones": each layer
 calls ``cache.update(current_keys, current_values, layer)`` and attends to what it returns. `PrefixCache` answers
 ``cat(prefix, current)`` and stores nothing. Because it never grows, a layer recomputed by gradient checkpointing
 sees exactly what it saw the first time, which makes prefixes safe under checkpointing (PEFT's growing
-``DynamicCache`` is not), and the same cache object serves every micro-batch of a step.
-
-Every adapter reaches the model this way in softprompt's engine: prefix tuning's trainable keys and values, and, in
-the training loss and in generation, the keys and values that prompt tuning's and p-tuning's virtual tokens produce
-(see `softprompt.model`). Generation hands transformers an ordinary ``DynamicCache`` started from the same keys and
-values instead, since it must grow.
+``DynamicCache`` is not). Generation starts an ordinary ``DynamicCache`` from the same keys and values instead,
+since it must grow (`softprompt.generation`).
 
 Shapes: B batch, T tokens, P prefix slots, L layers, K key/value heads, D head dim.
 """
@@ -67,23 +63,14 @@ class _ReadOnlyPrefixLayer(CacheLayerMixin):
 
 
 class PrefixCache(Cache):
-    """A read-only transformers `Cache` holding one prefix per layer; used for the forward (training) pass.
-
-    Generation uses an ordinary `DynamicCache` started from the same keys and values instead, since it must grow.
+    """A read-only transformers `Cache` holding one prefix per layer.
 
     Args:
-        keys: ``[L, B, K, P, D]`` (or ``[L, K, P, D]``, shared by the whole batch, with `batch_size`).
+        keys: ``[L, B, K, P, D]`` (a broadcast view is fine: each layer's concatenation makes the only copy).
         values: same shape as `keys`.
-        batch_size: B, to broadcast an unbatched prefix over the batch.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch_size: int | None = None):
-        if keys.dim() == 4:
-            if batch_size is None:
-                raise ValueError("An unbatched prefix [L, K, P, D] needs batch_size.")
-            # expand is a view: the [B, K, P, D] copies are made only by the concatenation inside each layer.
-            keys = keys.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # [L, B, K, P, D]
-            values = values.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__(layers=[_ReadOnlyPrefixLayer(k, v) for k, v in zip(keys, values)])
 
 

@@ -1,16 +1,15 @@
-"""PEFT's names for saving, loading and sharing adapters: ``save_pretrained``, ``from_pretrained``, ``load_adapter``,
-``push_to_hub``.
+"""PEFT's names for saving, loading and sharing adapters, and the one place that tells the two formats apart.
 
-- Two formats, told apart by ``adapter_config.json`` (both formats name their config so): softprompt's
-  (``softprompt/adapter_format.py``) records ``"format": "softprompt-adapter"``, PEFT's
-  (``softprompt/peft_format.py``) a ``peft_type``. Loading reads either; saving writes softprompt's unless
+- Two formats, told apart by ``adapter_config.json`` (both formats name their config so), here only
+  (`adapter_format_of`): softprompt's (``softprompt/adapter_format.py``) records ``"format": "softprompt-adapter"``,
+  PEFT's (``softprompt/peft_format.py``) a ``peft_type``. Loading reads either; saving writes softprompt's unless
   ``format="peft"`` is asked for.
 - PEFT's layout: the adapter named ``default`` at the top of the directory, every other adapter in a subdirectory
   of its name (loaded back with ``subfolder=<name>``).
 - An adapter is named by a local directory or a hub repository id (``softprompt/hub.py``).
 
-`softprompt.model.SoftPromptModel` delegates its saving and loading methods here; the functions take the model (or
-its class) as an argument, so this module never imports `softprompt.model`.
+`softprompt.model.SoftPromptModel` delegates its saving and loading methods here; the functions take the model as
+an argument, so this module never imports `softprompt.model`.
 """
 
 from __future__ import annotations
@@ -28,10 +27,9 @@ from transformers import PreTrainedModel
 from softprompt import adapter_format, peft_format
 from softprompt.adapter_format import CONFIG_FILE, FORMAT_NAME
 from softprompt.files import AdapterFormatError, atomic_write_bytes, read_json
-from softprompt.hub import HubOptions, adapter_directory, is_repository_id, upload_folder
+from softprompt.hub import DEFAULT_ADAPTER, HubOptions, adapter_directory, is_repository_id, model_card, upload_folder
 from softprompt.methods import SoftPromptConfig
-from softprompt.model_card import DEFAULT_ADAPTER, model_card
-from softprompt.rows import check_new_adapter_name
+from softprompt.peft_format import PEFT_METHODS
 
 AdapterFormat = Literal["softprompt", "peft"]
 ADAPTER_FORMATS: tuple[str, ...] = get_args(AdapterFormat)
@@ -81,12 +79,16 @@ def _no_config_message(directory: Path) -> str:
     )
 
 
-def adapter_format_of(directory: Path) -> AdapterFormat:
-    """The format of the adapter in `directory`, recognised from its ``adapter_config.json``.
+def adapter_format_of(directory: Path) -> tuple[AdapterFormat | None, dict[str, Any]]:
+    """The format of the adapter in `directory`, recognised from its ``adapter_config.json``, and that document.
+
+    Returns:
+        (``"softprompt"``, ``"peft"`` for a PEFT adapter of a method softprompt has, or None for anything else:
+        another PEFT method such as LoRA, or neither format; the document).
 
     Raises:
-        AdapterFormatError: no such directory or config (the message says what the directory holds instead), a
-            config that is not JSON, or one of neither format.
+        AdapterFormatError: no such directory or config (the message says what the directory holds instead), or a
+            config that is not a JSON object.
     """
     if not directory.is_dir():
         raise AdapterFormatError(
@@ -97,10 +99,38 @@ def adapter_format_of(directory: Path) -> AdapterFormat:
         raise AdapterFormatError(_no_config_message(directory))
     document = read_json(config_path)
     if document.get("format") == FORMAT_NAME:
-        return "softprompt"
-    if peft_format.is_peft_document(document):
-        return "peft"
-    raise AdapterFormatError(
+        return "softprompt", document
+    peft_type = document.get("peft_type")
+    if isinstance(peft_type, str) and peft_type in PEFT_METHODS:
+        return "peft", document
+    return None, document
+
+
+def refusal(config_path: Path, document: dict[str, Any], wanted: str | None) -> AdapterFormatError:
+    """Why the adapter config `document` cannot be read as `wanted` (a format, or None for either), and the fix."""
+    peft_type = document.get("peft_type")
+    other_peft = "peft_type" in document and not (isinstance(peft_type, str) and peft_type in PEFT_METHODS)
+    kind = f"a PEFT {peft_type} adapter" if isinstance(peft_type, str) else "a PEFT adapter of another kind"
+    soft_prompts = f"softprompt trains and loads soft prompts only; PEFT's {sorted(PEFT_METHODS)}"
+    if wanted == "softprompt":
+        hint = ""
+        if "peft_type" in document:
+            hint = (f" It is {kind}, not a soft prompt ({soft_prompts})." if other_peft else
+                    " It looks like a PEFT adapter: use SoftPromptModel.from_pretrained, which reads both formats.")
+        return AdapterFormatError(f"{config_path}: format {document.get('format')!r}: expected {FORMAT_NAME!r}.{hint}")
+    if wanted == "peft" and not other_peft:
+        hint = (" It is in softprompt's own format: use SoftPromptModel.from_pretrained, which reads both formats."
+                if document.get("format") == FORMAT_NAME else "")
+        return AdapterFormatError(
+            f"{config_path}: peft_type {peft_type!r}: expected one of {sorted(PEFT_METHODS)} (softprompt reads PEFT's "
+            f"prompt-learning adapters only).{hint}"
+        )
+    if other_peft:
+        return AdapterFormatError(
+            f"{config_path}: {kind}: expected a soft-prompt adapter ({soft_prompts}). Fix: load it with peft, or "
+            "pass a soft-prompt adapter."
+        )
+    return AdapterFormatError(
         f"{config_path}: neither softprompt's adapter format (\"format\": {FORMAT_NAME!r}) nor PEFT's (a "
         f"\"peft_type\"); found the keys {sorted(document)}. Fix: point to a directory written by save_pretrained "
         "or by PEFT."
@@ -108,20 +138,49 @@ def adapter_format_of(directory: Path) -> AdapterFormat:
 
 
 def read_adapter(
-    directory: Path, base_model: PreTrainedModel, formats: tuple[str, ...] = ADAPTER_FORMATS
+    directory: str | os.PathLike[str], base_model: PreTrainedModel, format: str | None = None,
+    materialized_only: bool = False,
 ) -> tuple[SoftPromptConfig, nn.Module]:
-    """Reads the adapter in `directory` into its config and module, in whichever of `formats` it is.
+    """Reads the adapter in `directory` into its config and module, in whichever format it is.
 
-    With a single format in `formats`, that format's reader runs directly (and says so when the directory holds
-    the other format).
+    Args:
+        directory: the adapter's directory.
+        base_model: the base it is loaded onto (its shape is checked).
+        format: accept only this format (``softprompt`` or ``peft``); None: either.
+        materialized_only: softprompt's format only: the stored output as a fixed table, without the encoder.
 
     Raises:
-        AdapterFormatError: see `adapter_format_of` and the readers; `BaseModelMismatchError` for another base shape.
+        AdapterFormatError: see `adapter_format_of`, `refusal` and the readers; `BaseModelMismatchError` for another
+            base shape.
     """
-    format = adapter_format_of(directory) if len(formats) > 1 else formats[0]
-    if format == "peft":
-        return peft_format.read_peft_adapter(base_model, directory)
-    return adapter_format.load_adapter_module(directory, base_model)
+    if format is not None:
+        check_format(format)
+    directory = Path(directory)
+    found, document = adapter_format_of(directory)
+    if found is None or (format is not None and found != format):
+        raise refusal(directory / CONFIG_FILE, document, format)
+    if found == "peft":
+        return peft_format.read(directory, document, base_model)
+    return adapter_format.read(directory, document, base_model, materialized_only)
+
+
+def read_pretrained(
+    base_model: PreTrainedModel, model_id: str | os.PathLike[str], format: str | None = None, **hub_options: Any
+) -> tuple[SoftPromptConfig, nn.Module]:
+    """The adapter at `model_id`, a directory or hub id in either format (or `format` only), for `base_model`.
+
+    Args:
+        base_model: the base it is loaded onto.
+        model_id: a directory or a hub repository id.
+        format: accept only this format; None: either.
+        **hub_options: `softprompt.hub.HubOptions` fields (``revision``, ``token``, ``cache_dir``, ``subfolder``,
+            ``local_files_only``).
+
+    Raises:
+        AdapterFormatError: see `softprompt.hub.adapter_directory` and `read_adapter`.
+    """
+    directory = adapter_directory(model_id, HubOptions(**hub_options))
+    return read_adapter(directory, base_model, format)
 
 
 @dataclass(frozen=True)
@@ -141,73 +200,26 @@ def recorded_base_model(directory: Path) -> BaseModelRecord:
     Raises:
         AdapterFormatError: as `adapter_format_of`.
     """
-    format = adapter_format_of(directory)
-    document = read_json(directory / CONFIG_FILE)
+    format, document = adapter_format_of(directory)
+    if format is None:
+        raise refusal(directory / CONFIG_FILE, document, None)
     if format == "peft":
-        return BaseModelRecord(document.get("base_model_name_or_path") or None, document.get("revision") or None)
-    return BaseModelRecord(dict(document.get("base_model") or {}).get("name_or_path") or None, None)
+        name, revision = document.get("base_model_name_or_path"), document.get("revision")
+        return BaseModelRecord(name if isinstance(name, str) and name else None,
+                               revision if isinstance(revision, str) and revision else None)
+    recorded = document.get("base_model")
+    name = recorded.get("name_or_path") if isinstance(recorded, dict) else None
+    return BaseModelRecord(name if isinstance(name, str) and name else None, None)
 
 
-def _check_base_model(base_model: object) -> None:
+def check_base_model(base_model: object) -> None:
+    """Raises TypeError unless `base_model` is a transformers model."""
     if not isinstance(base_model, PreTrainedModel):
         raise TypeError(
             f"base_model={type(base_model).__name__}: expected a transformers causal LM. Fix: pass "
             "AutoModelForCausalLM.from_pretrained(name_or_path), or let AutoSoftPromptModelForCausalLM.from_pretrained"
             "(adapter) load the base model the adapter records."
         )
-
-
-def load_adapter(
-    model: nn.Module,
-    model_id: str | os.PathLike[str],
-    adapter_name: str,
-    is_trainable: bool = False,
-    formats: tuple[str, ...] = ADAPTER_FORMATS,
-    **hub_options: Any,
-) -> None:
-    """Adds the adapter at `model_id` (a directory or hub id, either format) to `model` as `adapter_name`.
-
-    Args:
-        model: the `SoftPromptModel` to add it to.
-        model_id: a directory or a hub repository id.
-        adapter_name: the name it gets; checked before anything is fetched.
-        is_trainable: leave its parameters trainable; frozen otherwise, as in PEFT.
-        formats: the formats accepted.
-        **hub_options: `softprompt.hub.HubOptions` fields (``revision``, ``token``, ``cache_dir``, ``subfolder``,
-            ``local_files_only``).
-
-    Raises:
-        ValueError: the name is taken or invalid. AdapterFormatError: see `softprompt.hub.adapter_directory` and
-            `read_adapter`.
-    """
-    check_new_adapter_name(adapter_name, model.prompts)
-    directory = adapter_directory(model_id, HubOptions(**hub_options))
-    config, module = read_adapter(directory, model.base_model, formats)
-    module.requires_grad_(is_trainable)
-    model.add_adapter(adapter_name, config, module=module)
-
-
-def from_pretrained(
-    model_class: type,
-    base_model: PreTrainedModel,
-    model_id: str | os.PathLike[str],
-    adapter_name: str = DEFAULT_ADAPTER,
-    is_trainable: bool = False,
-    formats: tuple[str, ...] = ADAPTER_FORMATS,
-    **hub_options: Any,
-) -> nn.Module:
-    """A `model_class` (`SoftPromptModel`) on `base_model` whose first adapter is read from `model_id`, bit-exactly
-    as it was saved; arguments as in `load_adapter`.
-
-    Raises:
-        TypeError: `base_model` is not a transformers model. ValueError, AdapterFormatError: as `load_adapter`.
-    """
-    _check_base_model(base_model)
-    check_new_adapter_name(adapter_name, ())
-    directory = adapter_directory(model_id, HubOptions(**hub_options))
-    config, module = read_adapter(directory, base_model, formats)
-    module.requires_grad_(is_trainable)
-    return model_class.from_module(base_model, config, module, adapter_name)
 
 
 def _selected(model: nn.Module, selected_adapters: object) -> list[str]:
@@ -299,7 +311,7 @@ def push_to_hub(
         token: a hub token; None: the stored login.
         revision: the branch to commit to (created when missing); None: ``main``.
         create_pr: open a pull request instead of committing to the branch.
-        write_model_card: write ``README.md`` (`softprompt.model_card`); False keeps the repository's own card.
+        write_model_card: write ``README.md`` (`softprompt.hub.model_card`); False keeps the repository's own card.
 
     Returns:
         huggingface_hub's ``CommitInfo``.

@@ -1,35 +1,23 @@
-"""Where each row's adapter sits in a batch: one layout built per batch, read by every injection route.
+"""Where each row's adapter sits in a batch: one layout per call, built by the model and read by every route.
 
 Every row of a batch may use its own adapter, of any method and length, or none (the base model alone). An
-adapter of P_a virtual tokens or prefix positions occupies the last P_a of P slots in front of its row's text, P
-being the longest adapter in the batch; the P - P_a slots before them are hidden by the attention mask. Hidden
-slots receive no attention and shift no position (`softprompt.positions`), so each row computes what it computes
-alone.
-
-Two routes read the layout:
-
-- the sequence route (`SoftPromptModel.forward`, PEFT's layout): virtual tokens in the sequence, ``in_sequence``
-  slots, and prefix-tuning keys and values in the cache, ``in_cache`` slots;
-- the prefix route (the training loss, generation): every adapter as keys and values in the cache, ``as_prefix``
-  slots (virtual tokens come first and attention is causal, so their keys and values do not depend on the text).
-
-The layout also holds the first-token rule: a causal LM scores token t + 1 from position t, so a row's first real
-token is scored only when a virtual token comes before it in its own sequence.
+adapter of P_a virtual tokens or prefix slots occupies the last P_a of P slots in front of its row's text, P being
+the longest adapter in the batch; the P - P_a slots before them are hidden by the attention mask. Hidden slots
+receive no attention and shift no position (`softprompt.positions`), so each row computes what it computes alone.
+Adapters that enter inside attention take no slot (``patched``).
 
 Shapes: B batch, P slots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from softprompt.methods.spec import EntrySeam
-
-IGNORE_INDEX = -100
-"""The label of a position without a loss."""
+from softprompt.entries import EntryKind
+from softprompt.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -64,10 +52,11 @@ class Slots:
         """Writes each adapter's values into its rows' last P_a slots of `into` (zeros elsewhere stay).
 
         Args:
-            values: each adapter's values, shaped as `into` without the batch dimension and with P_a slots.
+            values: each adapter's values, shaped as `into` but with its R rows at `batch_dim` (or 1, broadcast to
+                them) and P_a slots at `slot_dim`.
             into: the zero-filled batch tensor, with B at `batch_dim` and P at `slot_dim`.
             batch_dim: where B is in `into`.
-            slot_dim: where P is in `into` (counted in `into`).
+            slot_dim: where P is in `into`.
 
         Returns:
             `into`, filled.
@@ -76,7 +65,7 @@ class Slots:
             index: list[slice | torch.Tensor] = [slice(None)] * into.dim()
             index[batch_dim] = torch.tensor(rows, device=into.device)
             index[slot_dim] = slice(self.length - self.lengths[name], None)
-            into[tuple(index)] = values[name].unsqueeze(batch_dim).to(into.dtype)
+            into[tuple(index)] = values[name].to(into.dtype)
         return into
 
 
@@ -87,43 +76,56 @@ class RowLayout:
     names: list[str | None]
     """One adapter name per row; None for the base model alone."""
     in_sequence: Slots
-    """Adapters whose virtual tokens enter the sequence (sequence route)."""
+    """Adapters whose virtual tokens enter the sequence (the sequence layout, `SoftPromptModel.forward`)."""
     in_cache: Slots
-    """Adapters whose keys and values enter the cache (sequence route)."""
+    """Adapters whose keys and values enter the cache (the sequence layout)."""
     as_prefix: Slots
-    """Every adapter, as keys and values in the cache (prefix route)."""
+    """Every slot-taking adapter as keys and values in the cache (the prefix layout: virtual tokens run once)."""
+    patched: dict[str, list[int]]
+    """Adapters that enter inside attention, and their rows."""
     first_token_scored: list[bool]
-    """Per row: whether its first real token is scored, i.e. whether its adapter puts virtual tokens in front of
-    it. Prefix tuning and the base model add no position before the text, so nothing scores its first token."""
+    """Per row: whether its first real token is scored. A causal LM scores token t + 1 from position t, so a row's
+    first token is scored only when its adapter puts a virtual token in front of it."""
 
     @classmethod
-    def of(cls, names: Sequence[str | None], lengths: Mapping[str, int], seams: Mapping[str, EntrySeam]) -> "RowLayout":
+    def of(cls, names: Sequence[str | None], lengths: Mapping[str, int], kinds: Mapping[str, EntryKind]) -> "RowLayout":
         """The layout of a batch.
 
         Args:
             names: one adapter name (or None) per row.
-            lengths: each adapter's number of virtual tokens or prefix positions.
-            seams: each adapter's entry seam, ``embeddings`` or ``key_values``.
+            lengths: each adapter's slots (virtual tokens or prefix positions; 0 for attention patches).
+            kinds: each adapter's entry kind.
         """
         names = list(names)
+        rows: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            if name is not None:
+                rows.setdefault(name, []).append(row)
 
-        def slots(group: set[str | None]) -> Slots:
-            rows: dict[str, list[int]] = {}
-            for row, name in enumerate(names):
-                if name is not None and name in group:
-                    rows.setdefault(name, []).append(row)
-            own = {name: lengths[name] for name in rows}
-            return Slots(max(own.values(), default=0), rows, own, len(names))
+        def slots(group: set[str]) -> Slots:
+            own = {name: rows[name] for name in rows if name in group}
+            return Slots(max((lengths[name] for name in own), default=0), own,
+                         {name: lengths[name] for name in own}, len(names))
 
-        present = {name for name in names if name is not None}
-        embeddings = {name for name in present if seams[name] == "embeddings"}
+        virtual = {name for name in rows if kinds[name] == "virtual_tokens"}
+        key_values = {name for name in rows if kinds[name] == "key_values"}
         return cls(
             names=names,
-            in_sequence=slots(embeddings),
-            in_cache=slots(present - embeddings),
-            as_prefix=slots(present),
-            first_token_scored=[name in embeddings for name in names],
+            in_sequence=slots(virtual),
+            in_cache=slots(key_values),
+            as_prefix=slots(virtual | key_values),
+            patched={name: rows[name] for name in rows if kinds[name] == "attention"},
+            first_token_scored=[name in virtual for name in names],
         )
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters present, in order of their first row."""
+        return list(dict.fromkeys(name for name in self.names if name is not None))
+
+    def rows_of(self, name: str) -> list[int]:
+        """The rows that use adapter `name`."""
+        return [row for row, row_name in enumerate(self.names) if row_name == name]
 
     def first_token_mask(self, device: torch.device) -> torch.Tensor | None:
         """``[B]`` bool of `first_token_scored`, or None when every row scores its first token (no tensor is built:
@@ -132,53 +134,11 @@ class RowLayout:
             return None
         return torch.tensor(self.first_token_scored, device=device)
 
-
-def without_padding_columns(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Drops the leading and trailing columns that are padding in every row and whose loss terms are all -100.
-
-    A column hidden in every row is a key no real token attends to, and it moves no position (positions count
-    visible slots); what it computes matters only through the label it predicts. Column j predicts
-    ``labels[:, j + 1]`` (``labels[:, 0]`` is predicted by the virtual tokens, which stay), so leading columns
-    ``0..k-1`` go when ``labels[:, 1..k]`` are all -100, and trailing columns ``j..`` when ``labels[:, j..]`` are.
-
-    Args:
-        input_ids: ``[B, T]``.
-        attention_mask: ``[B, T]``.
-        labels: ``[B, T]``.
-
-    Returns:
-        The three ``[B, T']`` tensors (views), T' <= T.
-    """
-    num_tokens = input_ids.shape[1]
-    real = (attention_mask != 0).any(dim=0)  # [T]
-    scored = (labels != IGNORE_INDEX).any(dim=0)  # [T]
-    if not bool(real.any()):
-        return input_ids, attention_mask, labels
-    real_columns = real.nonzero().flatten()
-    scored_after_first = scored[1:].nonzero().flatten() + 1
-    scored_columns = scored.nonzero().flatten()
-    first_scored = int(scored_after_first[0]) if len(scored_after_first) else num_tokens
-    start = min(int(real_columns[0]), first_scored - 1)
-    stop = max(int(real_columns[-1]), int(scored_columns[-1]) if len(scored_columns) else -1) + 1
-    if start == 0 and stop == num_tokens:
-        return input_ids, attention_mask, labels
-    return input_ids[:, start:stop], attention_mask[:, start:stop], labels[:, start:stop]
-
-
-def check_new_adapter_name(adapter_name: object, loaded: Iterable[str]) -> None:
-    """Checks that `adapter_name` can name one more adapter beside the `loaded` ones.
-
-    Raises:
-        ValueError: not a non-empty string without ``.`` (it becomes a module name), or already loaded.
-    """
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(
-            f"adapter_name={adapter_name!r}: expected a non-empty string without '.'. Fix: e.g. 'complaints'."
-        )
-    loaded = sorted(loaded)
-    if adapter_name in loaded:
-        raise ValueError(
-            f"adapter_name={adapter_name!r} is already loaded (loaded: {loaded}). Fix: pick another name."
-        )
+    def labelled_positions(self, labels: torch.Tensor) -> torch.Tensor:
+        """``[B]`` how many positions of each row carry a loss (the first token only where it is scored)."""
+        scored = labels != IGNORE_INDEX  # [B, T]
+        first = scored[:, 0]
+        mask = self.first_token_mask(labels.device)
+        if mask is not None:
+            first = first & mask
+        return scored[:, 1:].sum(dim=1) + first

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import peft
 import torch
+from huggingface_hub import scan_cache_dir
+from huggingface_hub.file_download import repo_folder_name
+from peft import TaskType
+from torch import nn
 
 import softprompt
 import softprompt.kernels
+from softprompt import SoftPromptModel
+from softprompt.families import FAMILIES
 
 # The tiny model's embedding matrix has rows past the tokenizer's vocabulary, like BLOOM's (250880 rows for
 # 250680 ids), so that SAMPLE_VOCAB init can be checked to avoid them.
@@ -142,18 +151,201 @@ def deprecations_from_softprompt_fail() -> Iterator[None]:
         yield
 
 
-FAMILY_MODEL_TYPES = [
-    "bloom",
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "gpt2",
-    "opt",
-    "gpt_neox",
-]
-"""The test fixture's list of families (transformers ``model_type``): adding a family is its file in
-``softprompt/families/`` and its entry here; tests/test_families.py runs every check on each."""
+FAMILY_MODEL_TYPES = [model_type for family in FAMILIES for model_type in family.model_types]
+"""Every supported family's transformers ``model_type``, from the family registry (``softprompt/families/``):
+tests/test_families.py runs every check on each."""
+
+
+def base_state_fingerprint(model) -> str:
+    """A hash of every base-model tensor of a SoftPromptModel: equal before and after training proves the base was
+    not touched."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.base_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gradient_isolation_errors(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    adapter_names: Sequence[str | None],
+) -> dict[str, float]:
+    """Checks that each trainable adapter's gradient from the mixed batch comes only from its own rows.
+
+    Compares, under the summed loss, each adapter's gradient from the whole batch with the sum of the gradients of
+    its rows run one at a time (each row keeps its own padding, so only the other rows differ). Leaves ``.grad``
+    untouched.
+
+    Args:
+        input_ids: ``[B, T]``.
+        attention_mask: ``[B, T]`` or None.
+        labels: ``[B, T]``.
+        adapter_names: one name (or None) per row.
+
+    Returns:
+        Adapter name -> largest absolute difference over its parameters, divided by the largest absolute entry of
+        its rows' gradient (a summed gradient's rounding follows the size of its largest entries). About 1e-7 in
+        fp32 when the adapter is isolated.
+
+    Raises:
+        ValueError: no adapter of the batch has a trainable parameter.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    trained = {
+        name: [p for p in model.prompts[name].parameters() if p.requires_grad]
+        for name in dict.fromkeys(n for n in adapter_names if n is not None)
+        if name in model.prompts
+    }
+    trained = {name: parameters for name, parameters in trained.items() if parameters}
+    if not trained:
+        raise ValueError(
+            f"No adapter of the batch ({sorted({n for n in adapter_names if n is not None})}) has a trainable "
+            "parameter. Fix: make_trainable(model, names) first."
+        )
+    errors = dict.fromkeys(trained, 0.0)
+    for layout in ("prefix", "sequence"):  # each layout places the rows' adapters its own way
+        mixed_loss = model.compute_loss(input_ids, attention_mask, labels, adapter_names, reduction="sum",
+                                        virtual_token_layout=layout)
+        mixed = _gradients(mixed_loss, trained)
+        alone = {name: [torch.zeros_like(p) for p in parameters] for name, parameters in trained.items()}
+        for row, name in enumerate(adapter_names):
+            if name not in trained:
+                continue
+            rows = slice(row, row + 1)
+            loss = model.compute_loss(input_ids[rows], attention_mask[rows], labels[rows], [name], reduction="sum",
+                                      virtual_token_layout=layout)
+            for total, gradient in zip(alone[name], _gradients(loss, {name: trained[name]})[name]):
+                total += gradient
+        for name in trained:
+            scale = max(float(gradient.abs().max()) for gradient in alone[name])
+            difference = max(float((a - b).abs().max()) for a, b in zip(mixed[name], alone[name]))
+            errors[name] = max(errors[name], difference / scale if scale > 0 else difference)
+    return errors
+
+
+def _gradients(loss: torch.Tensor, parameters: Mapping[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
+    flat = [p for group in parameters.values() for p in group]
+    gradients = torch.autograd.grad(loss, flat, allow_unused=True)
+    gradients = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, gradients)]
+    out, start = {}, 0
+    for name, group in parameters.items():
+        out[name] = gradients[start : start + len(group)]
+        start += len(group)
+    return out
+
+
+# ------------------------------------------------------------------ method variants, shared by the format and PEFT tests
+
+INIT_TEXT = "Is this a complaint ?"  # 7 tokens: fewer than the 13 virtual tokens below
+
+VARIANTS = {
+    "prompt-random": (
+        softprompt.PromptTuningConfig(num_virtual_tokens=6),
+        lambda: peft.PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6),
+    ),
+    "prompt-text": (
+        softprompt.PromptTuningConfig(
+            num_virtual_tokens=13, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT
+        ),
+        None,  # built in the test: PEFT needs the tokenizer saved on disk
+    ),
+    "prompt-sample-vocab": (
+        softprompt.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"),
+        lambda: peft.PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"
+        ),
+    ),
+    "p-tuning-mlp": (
+        softprompt.PromptEncoderConfig(num_virtual_tokens=7, encoder_hidden_size=16),
+        lambda: peft.PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=7, encoder_hidden_size=16),
+    ),
+    "p-tuning-lstm": (
+        softprompt.PromptEncoderConfig(
+            num_virtual_tokens=7, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
+        ),
+        lambda: peft.PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=7,
+            encoder_hidden_size=16,
+            encoder_reparameterization_type="LSTM",
+        ),
+    ),
+    "prefix": (
+        softprompt.PrefixTuningConfig(num_virtual_tokens=5),
+        lambda: peft.PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
+    ),
+    "prefix-projection": (
+        softprompt.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24),
+        lambda: peft.PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24
+        ),
+    ),
+}
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32, same weights, possibly other summation order (see test_methods_vs_peft.py)
+CONFIGS = {name: config for name, (config, _) in VARIANTS.items() if name != "prompt-text"}
+
+
+
+def trained_a_little(model: SoftPromptModel, batch) -> SoftPromptModel:
+    """Two optimizer steps, so that saved weights differ from any initialization."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model
+
+
+# ------------------------------------------------------------------ saved adapters
+
+FORMATS = ["softprompt", "peft"]
+FILES = {
+    "softprompt": ["adapter.safetensors", "adapter_config.json"],
+    "peft": ["adapter_config.json", "adapter_model.safetensors"],
+}
+
+
+def prompt_of(batch):
+    return {key: batch[key] for key in ("input_ids", "attention_mask")}
+
+
+def assert_same_outputs(loaded: SoftPromptModel, model: SoftPromptModel, batch) -> None:
+    """Bit for bit: logits and greedy ids."""
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    assert torch.equal(
+        loaded.generate(**prompt_of(batch), max_new_tokens=4, eos_token_id=None),
+        model.generate(**prompt_of(batch), max_new_tokens=4, eos_token_id=None),
+    )
+
+
+# ------------------------------------------------------------------ the hub cache
+
+def commit_to_cache(cache: Path, repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)) -> str:
+    """Puts every file under `folder` into `cache` as one commit of `repo_id`, the way huggingface_hub stores a
+    download (blobs by content hash, snapshot links to them, refs naming the commit); returns the commit hash."""
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    commit = digest.hexdigest()
+    for path in files:
+        payload = path.read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(payload).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(payload)
+        link = storage / "snapshots" / commit / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    cached = {repo.repo_id: repo for repo in scan_cache_dir(cache).repos}  # huggingface_hub reads the layout back
+    assert commit in {revision.commit_hash for revision in cached[repo_id].revisions}
+    return commit

@@ -10,46 +10,32 @@ import torch
 from peft import PeftModel
 
 import softprompt
-from softprompt import AdapterFormatError, SoftPromptModel, load_peft_adapter
-from softprompt.adapter_format import load_adapter_module
+from softprompt import AdapterFormatError, SoftPromptModel
+from softprompt.pretrained import read_adapter
 from softprompt.methods import MaterializedPrompt
 from softprompt.quickstart import build_tiny_bloom
 
-from helpers import greedy_by_forward
-from test_methods_vs_peft import VARIANTS, peft_twin
-
-TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32, same weights, possibly other summation order (see test_methods_vs_peft)
-CONFIGS = {name: config for name, (config, _) in VARIANTS.items() if name != "prompt-text"}
-
-
-def trained_a_little(model: SoftPromptModel, batch) -> SoftPromptModel:
-    """Two optimizer steps, so that saved weights differ from any initialization."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        optimizer.zero_grad()
-        model(**batch).loss.backward()
-        optimizer.step()
-    return model
-
+from helpers import CONFIGS, TOLERANCE, VARIANTS, greedy_by_forward, trained_a_little
+from peft_reference import peft_twin
 
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_save_then_load_is_bit_exact(variant, tiny_bloom, tokenizer, batch, tmp_path):
     torch.manual_seed(0)
     model = trained_a_little(SoftPromptModel(tiny_bloom, copy.deepcopy(CONFIGS[variant]), tokenizer=tokenizer), batch)
-    model.save_adapter(tmp_path / "adapter")
-    loaded = SoftPromptModel.from_adapter(tiny_bloom, tmp_path / "adapter", is_trainable=True)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "adapter", is_trainable=True, format="softprompt")
     assert loaded.active_config == model.active_config
     saved_state, loaded_state = model.prompts.state_dict(), loaded.prompts.state_dict()
     assert saved_state.keys() == loaded_state.keys()
     for key in saved_state:
         assert torch.equal(saved_state[key], loaded_state[key]), key
     assert all(p.requires_grad for p in loaded.prompts.parameters())
-    assert not any(p.requires_grad for p in SoftPromptModel.from_adapter(tiny_bloom, tmp_path / "adapter").parameters())
+    assert not any(p.requires_grad for p in SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "adapter", format="softprompt").parameters())
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     # Inference needs no encoder: the stored output alone gives the same logits. Bit for bit (rtol=0, atol=0): the
     # stored table holds the encoder's output exactly, and the base model then runs the same operations on it.
-    config, materialized = load_adapter_module(tmp_path / "adapter", tiny_bloom, materialized_only=True)
+    config, materialized = read_adapter(tmp_path / "adapter", tiny_bloom, materialized_only=True)
     assert isinstance(materialized, MaterializedPrompt)
     only_output = SoftPromptModel.from_module(tiny_bloom, config, materialized, "default")
     with torch.no_grad():
@@ -58,7 +44,7 @@ def test_save_then_load_is_bit_exact(variant, tiny_bloom, tokenizer, batch, tmp_
 
 def test_adapter_files_are_safetensors_and_documented_json(tiny_bloom, tmp_path):
     model = SoftPromptModel(tiny_bloom, softprompt.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8))
-    model.save_adapter(tmp_path)
+    model.save_pretrained(tmp_path)
     document = json.loads((tmp_path / "adapter_config.json").read_text())
     assert document["format"] == "softprompt-adapter" and document["format_version"] == 1
     assert document["method"] == "p_tuning" and document["library_version"] == softprompt.__version__
@@ -76,7 +62,7 @@ def test_adapter_files_are_safetensors_and_documented_json(tiny_bloom, tmp_path)
 def test_export_to_peft_loads_in_peft_with_equal_outputs(variant, tiny_bloom, tokenizer, batch, tmp_path):
     torch.manual_seed(0)
     model = trained_a_little(SoftPromptModel(tiny_bloom, copy.deepcopy(CONFIGS[variant]), tokenizer=tokenizer), batch)
-    model.save_peft_adapter(tmp_path / "peft")
+    model.save_pretrained(tmp_path / "peft", format="peft")
     theirs = PeftModel.from_pretrained(copy.deepcopy(tiny_bloom), tmp_path / "peft").eval()
     num_virtual = 0 if model.active_config.method == "prefix_tuning" else model.active_config.num_virtual_tokens
     with torch.no_grad():
@@ -90,9 +76,10 @@ def test_export_to_peft_loads_in_peft_with_equal_outputs(variant, tiny_bloom, to
 def test_import_from_peft_equals_peft(variant, tiny_bloom, tokenizer, batch, tmp_path):
     config, make_peft_config = VARIANTS[variant]
     torch.manual_seed(0)
-    theirs = peft_twin(SoftPromptModel(tiny_bloom, copy.deepcopy(config), tokenizer=tokenizer), make_peft_config(), tiny_bloom)
+    theirs = peft_twin(SoftPromptModel(tiny_bloom, copy.deepcopy(config), tokenizer=tokenizer), tiny_bloom,
+                       peft_config=make_peft_config())
     theirs.save_pretrained(tmp_path / "peft")  # PEFT stores only the encoder's output
-    ours = load_peft_adapter(tiny_bloom, tmp_path / "peft")
+    ours = SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "peft", format="peft")
     assert ours.active_config.num_virtual_tokens == config.num_virtual_tokens
     with torch.no_grad():
         our_output, their_output = ours(**batch), theirs(**batch)
@@ -110,9 +97,9 @@ def test_several_adapters_share_one_frozen_base(tiny_bloom, batch, tmp_path):
     torch.manual_seed(0)
     first = SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=4))
     second = SoftPromptModel(tiny_bloom, softprompt.PrefixTuningConfig(num_virtual_tokens=3))
-    first.save_adapter(tmp_path / "first")
-    second.save_adapter(tmp_path / "second")
-    model = SoftPromptModel.from_adapter(tiny_bloom, tmp_path / "first", adapter_name="first", is_trainable=True)
+    first.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second")
+    model = SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "first", adapter_name="first", is_trainable=True, format="softprompt")
     model.load_adapter(tmp_path / "second", "second", is_trainable=True)
     base_parameters = sum(p.numel() for p in tiny_bloom.parameters())
     assert model.num_parameters()[1] == base_parameters + 4 * 32 + 3 * 2 * 2 * 32  # the base counted once
@@ -138,7 +125,7 @@ def test_several_adapters_share_one_frozen_base(tiny_bloom, batch, tmp_path):
 
 @pytest.fixture
 def saved(tiny_bloom, tmp_path):
-    SoftPromptModel(tiny_bloom, softprompt.PrefixTuningConfig(num_virtual_tokens=3)).save_adapter(tmp_path / "a")
+    SoftPromptModel(tiny_bloom, softprompt.PrefixTuningConfig(num_virtual_tokens=3)).save_pretrained(tmp_path / "a")
     return tmp_path / "a"
 
 
@@ -146,7 +133,7 @@ def test_adapter_for_another_base_shape_is_refused(saved):
     other = build_tiny_bloom(300, hidden_size=48, n_layer=3, n_head=4)
     with pytest.raises(AdapterFormatError, match=r"adapter_config.json: adapter made for another base model shape: "
                        r"hidden_size 32 \(adapter\) vs 48 \(base model\); num_layers 2 \(adapter\) vs 3"):
-        SoftPromptModel.from_adapter(other, saved)
+        SoftPromptModel.from_pretrained(other, saved, format="softprompt")
 
 
 def test_weights_file_outside_the_adapter_directory_is_refused(saved, tiny_bloom):
@@ -155,14 +142,14 @@ def test_weights_file_outside_the_adapter_directory_is_refused(saved, tiny_bloom
     document["weights"]["file"] = "../elsewhere.safetensors"
     config_path.write_text(json.dumps(document))
     with pytest.raises(AdapterFormatError, match=r"weights file '\.\./elsewhere\.safetensors': expected a file name"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
 
 
 def test_truncated_safetensors_is_refused(saved, tiny_bloom):
     weights = saved / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(AdapterFormatError, match=r"adapter.safetensors: 100 bytes, but the adapter config records \d+: the file is truncated"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
 
 
 def test_truncated_safetensors_without_recorded_size_is_refused(saved, tiny_bloom):
@@ -174,7 +161,7 @@ def test_truncated_safetensors_without_recorded_size_is_refused(saved, tiny_bloo
     weights = saved / "adapter.safetensors"
     weights.write_bytes(weights.read_bytes()[:-7])
     with pytest.raises(AdapterFormatError, match=r"lacks a valid size \('bytes'.*and SHA-256 .*Fix: re-save"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
 
 
 def test_corrupt_safetensors_of_the_same_size_is_refused(saved, tiny_bloom):
@@ -183,18 +170,18 @@ def test_corrupt_safetensors_of_the_same_size_is_refused(saved, tiny_bloom):
     payload[-1] ^= 0xFF
     weights.write_bytes(bytes(payload))
     with pytest.raises(AdapterFormatError, match="SHA-256 differs"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
 
 
 def test_missing_files_are_named(saved, tiny_bloom, tmp_path):
     with pytest.raises(AdapterFormatError, match=r"nowhere: adapter directory not found"):
-        SoftPromptModel.from_adapter(tiny_bloom, tmp_path / "nowhere")
+        SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "nowhere", format="softprompt")
     (saved / "adapter.safetensors").unlink()
     with pytest.raises(AdapterFormatError, match=r"a/adapter.safetensors: file not found"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
     (saved / "adapter_config.json").unlink()
     with pytest.raises(AdapterFormatError, match=r"a/adapter_config.json: file not found"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
 
 
 def test_unknown_method_and_corrupt_json_are_refused(saved, tiny_bloom):
@@ -202,34 +189,34 @@ def test_unknown_method_and_corrupt_json_are_refused(saved, tiny_bloom):
     document["method"] = "lora"
     (saved / "adapter_config.json").write_text(json.dumps(document))
     with pytest.raises(AdapterFormatError, match=r"unknown method 'lora': expected one of \['p_tuning', 'prefix_tuning', 'prompt_tuning'\]"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
     (saved / "adapter_config.json").write_text('{"format": "softprompt-adap')
     with pytest.raises(AdapterFormatError, match="adapter_config.json: not valid JSON"):
-        SoftPromptModel.from_adapter(tiny_bloom, saved)
+        SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
 
 
 def test_peft_directory_given_to_our_loader_gets_a_hint(tiny_bloom, tmp_path):
-    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_peft_adapter(tmp_path)
-    with pytest.raises(AdapterFormatError, match="looks like a PEFT adapter: use softprompt.load_peft_adapter"):
-        SoftPromptModel.from_adapter(tiny_bloom, tmp_path)
+    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path, format="peft")
+    with pytest.raises(AdapterFormatError, match="looks like a PEFT adapter: use SoftPromptModel.from_pretrained"):
+        SoftPromptModel.from_pretrained(tiny_bloom, tmp_path, format="softprompt")
 
 
 def test_peft_adapter_for_another_base_is_refused(tiny_bloom, tmp_path):
-    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_peft_adapter(tmp_path)
+    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path, format="peft")
     message = (r"adapter made for another base model shape: hidden_size 32 \(adapter\) vs 48 \(base model\)\. "
                r"Its base model's name was not recorded\. Fix: load it onto a base model of the adapter's shape")
     with pytest.raises(AdapterFormatError, match=message):
-        load_peft_adapter(build_tiny_bloom(300, hidden_size=48, n_layer=2, n_head=4), tmp_path)
+        SoftPromptModel.from_pretrained(build_tiny_bloom(300, hidden_size=48, n_layer=2, n_head=4), tmp_path, format="peft")
 
 
 def test_saving_replaces_files_atomically_and_leaves_no_temporaries(tiny_bloom, tmp_path):
     model = SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2))
-    model.save_adapter(tmp_path)
+    model.save_pretrained(tmp_path)
     with torch.no_grad():
         model.prompts["default"].embedding.weight.add_(1.0)
-    model.save_adapter(tmp_path)
+    model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    loaded = SoftPromptModel.from_adapter(tiny_bloom, tmp_path)
+    loaded = SoftPromptModel.from_pretrained(tiny_bloom, tmp_path, format="softprompt")
     assert torch.equal(loaded.prompts["default"].embedding.weight, model.prompts["default"].embedding.weight)
 
 
@@ -237,7 +224,7 @@ def test_saved_files_get_ordinary_permissions(tiny_bloom, tmp_path):
     import os
     import stat
 
-    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_adapter(tmp_path)
+    SoftPromptModel(tiny_bloom, softprompt.PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(tmp_path)
     umask = os.umask(0)
     os.umask(umask)
     for path in tmp_path.iterdir():

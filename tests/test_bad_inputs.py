@@ -34,7 +34,6 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from transformers import AutoModelForCausalLM
 
-import softprompt
 from softprompt import AdapterFormatError, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SoftPromptModel
 from softprompt.cli import main
 from softprompt.data import DataError, collate
@@ -530,12 +529,12 @@ def _(env):
 
 
 def load(env: Env, directory: Path | None = None) -> None:
-    SoftPromptModel.from_adapter(env.base, directory or env.adapter)
+    SoftPromptModel.from_pretrained(env.base, directory or env.adapter, format="softprompt")
 
 
 def save_p_tuning(env: Env) -> Path:
     directory = env.root / "p-tuning"
-    SoftPromptModel(env.base, PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=16)).save_adapter(directory)
+    SoftPromptModel(env.base, PromptEncoderConfig(num_virtual_tokens=20, encoder_hidden_size=16)).save_pretrained(directory)
     return directory
 
 
@@ -622,19 +621,19 @@ for id, prepare, message in [
 
 
 @case("adapter: a PEFT directory given to softprompt's loader", AdapterFormatError,
-      r"looks like a PEFT adapter: use softprompt\.load_peft_adapter",
-      prepare=lambda env: SoftPromptModel(env.base, PromptTuningConfig(num_virtual_tokens=2)).save_peft_adapter(
-          env.root / "peft"))
+      r"looks like a PEFT adapter: use SoftPromptModel\.from_pretrained",
+      prepare=lambda env: SoftPromptModel(env.base, PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(
+          env.root / "peft", format="peft"))
 def _(env):
     load(env, env.root / "peft")
 
 
 @case("adapter: a PEFT adapter for another base shape", AdapterFormatError,
       r"adapter made for another base model shape: hidden_size 64 \(adapter\) vs 48 \(base model\)",
-      prepare=lambda env: SoftPromptModel(env.base, PromptTuningConfig(num_virtual_tokens=2)).save_peft_adapter(
-          env.root / "peft"))
+      prepare=lambda env: SoftPromptModel(env.base, PromptTuningConfig(num_virtual_tokens=2)).save_pretrained(
+          env.root / "peft", format="peft"))
 def _(env):
-    softprompt.load_peft_adapter(build_tiny_bloom(300, hidden_size=48, n_layer=2, n_head=4), env.root / "peft")
+    SoftPromptModel.from_pretrained(build_tiny_bloom(300, hidden_size=48, n_layer=2, n_head=4), env.root / "peft", format="peft")
 
 
 # ------------------------------------------------------------------------------------------------ the Python API

@@ -149,7 +149,7 @@ def loss_and_accuracy_row_by_row(adapter: Path, base_directory: Path, rows: list
 
     tokenizer = AutoTokenizer.from_pretrained(base_directory)
     base = AutoModelForCausalLM.from_pretrained(base_directory).eval()
-    model = SoftPromptModel.from_adapter(base, adapter).eval()
+    model = SoftPromptModel.from_pretrained(base, adapter, format="softprompt").eval()
     targets = [tokenizer(row[label_column], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for row in rows]
     max_new_tokens = max(len(target) for target in targets)

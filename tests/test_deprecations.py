@@ -8,6 +8,7 @@ import inspect
 import warnings
 
 import pytest
+import torch
 
 import softprompt
 from softprompt import SoftPromptModel
@@ -33,8 +34,8 @@ def test_forward_loss_generate_save_and_load_raise_no_deprecation_warning(method
         model.compute_loss(**batch, virtual_token_layout="sequence").backward()
         model.generate(**prompt, max_new_tokens=3)
         model.generate(**prompt, max_new_tokens=3, num_beams=2, adapter_names=["default", None, "default"])
-        model.save_adapter(tmp_path / "adapter")
-        reloaded = SoftPromptModel.from_adapter(tiny_bloom, tmp_path / "adapter")
+        model.save_pretrained(tmp_path / "adapter")
+        reloaded = SoftPromptModel.from_pretrained(tiny_bloom, tmp_path / "adapter", format="softprompt")
         reloaded(**batch)
         reloaded.generate(**prompt, max_new_tokens=3)
     deprecations = [
@@ -65,3 +66,22 @@ def test_a_deprecation_raised_under_softprompts_call_fails_the_test(tiny_bloom, 
         model(**batch)
     with pytest.warns(FutureWarning, match="old_name"):
         tiny_bloom(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_the_one_format_names_of_earlier_versions_still_work_and_name_their_replacement(tiny_bloom, batch, tmp_path):
+    # The README once used these; they now warn (from softprompt's code, so the caller sees the caller's line) and do
+    # what the PEFT names do.
+    model = SoftPromptModel(tiny_bloom, copy.deepcopy(CONFIGS["prefix"]))
+    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    expected = model(**prompt).logits
+    with pytest.warns(DeprecationWarning, match=r"save_adapter\(directory\) is deprecated: use save_pretrained"):
+        model.save_adapter(tmp_path / "ours")
+    with pytest.warns(DeprecationWarning, match=r'save_peft_adapter\(directory\) is deprecated: use save_pretrained\('
+                                                r'directory, format="peft"\)'):
+        model.save_peft_adapter(tmp_path / "peft")
+    with pytest.warns(DeprecationWarning, match=r"from_adapter is deprecated: use SoftPromptModel.from_pretrained"):
+        assert torch.equal(SoftPromptModel.from_adapter(tiny_bloom, tmp_path / "ours")(**prompt).logits, expected)
+    with pytest.warns(DeprecationWarning, match=r"from_peft_adapter is deprecated"):
+        assert torch.equal(SoftPromptModel.from_peft_adapter(tiny_bloom, tmp_path / "peft")(**prompt).logits, expected)
+    with pytest.warns(DeprecationWarning, match=r"load_peft_adapter is deprecated"):
+        assert torch.equal(softprompt.load_peft_adapter(tiny_bloom, tmp_path / "peft")(**prompt).logits, expected)

@@ -23,11 +23,12 @@ import softprompt
 from softprompt import SoftPromptModel, UnsupportedModelError, supported_model_types
 from softprompt.families import family_named
 from softprompt.methods.prefix_tuning import merge_key_values
-from softprompt.multi_task import gradient_isolation_errors, make_trainable
+from softprompt.multi_task import make_trainable
 from softprompt.quickstart import build_tiny_model
 from softprompt.seams import cache_argument, enable_activation_checkpointing
 
-from helpers import FAMILY_MODEL_TYPES, greedy_by_forward
+from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward
+from peft_reference import peft_config_for, peft_twin
 
 # fp32 on CPU. Both sides run the same kernels on the same numbers; what differs is summation order (another batch
 # size, key length or cache split), a few ulps of logits of order 1-10 (measured: <= 2e-6 over these families).
@@ -50,25 +51,6 @@ VARIANTS = {
 
 def tiny_base(model_type: str) -> torch.nn.Module:
     return build_tiny_model(model_type, VOCAB_SIZE, seed=0)
-
-
-def peft_config(config, model) -> peft.PeftConfig:
-    """PEFT's config of the same name and fields. For virtual tokens narrower than the hidden size (OPT's
-    project_in models), PEFT needs ``token_dim`` set to the embedding width: its default, the hidden size, fails."""
-    fields = {key: getattr(value, "value", value) for key, value in vars(config).items()}
-    shape = family_named(model.config.model_type).shape(model.config)
-    if not isinstance(config, softprompt.PrefixTuningConfig) and shape.embedding_width != shape.hidden_size:
-        fields["token_dim"] = shape.embedding_width
-    return getattr(peft, type(config).__name__)(task_type=TaskType.CAUSAL_LM, **fields)
-
-
-def peft_twin(ours: SoftPromptModel, base, name: str = "default") -> peft.PeftModel:
-    """PEFT on a copy of the same base, holding adapter `name`'s weights."""
-    twin = get_peft_model(copy.deepcopy(base), peft_config(ours.adapter_configs[name], base))
-    state = {f"prompt_encoder.default.{key}": value for key, value in ours.prompts[name].state_dict().items()}
-    missing, unexpected = twin.load_state_dict(state, strict=False)
-    assert not unexpected and all("prompt_encoder" not in key for key in missing)
-    return twin.eval()
 
 
 def num_virtual(config) -> int:
@@ -121,7 +103,9 @@ def test_every_method_equals_peft(model_type, variant, padding):
     real = batch["attention_mask"].bool()
     offset = num_virtual(VARIANTS[variant])
     torch.testing.assert_close(our_output.logits[real], their_output.logits[:, offset:][real], **TOLERANCE)
-    torch.testing.assert_close(ours.compute_loss(**batch), their_output.loss, **TOLERANCE)
+    for layout in ("prefix", "sequence"):
+        torch.testing.assert_close(ours.compute_loss(**batch, virtual_token_layout=layout), their_output.loss,
+                                   **TOLERANCE, msg=layout)
 
     our_output.loss.backward()
     their_output.loss.backward()
@@ -312,7 +296,7 @@ def test_prefix_tuning_under_gradient_checkpointing_is_exact(model_type):
 
     def loss_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
         model.zero_grad()
-        loss = model.compute_loss(**batch)
+        loss = model.compute_loss(**batch, virtual_token_layout="prefix")
         loss.backward()
         return loss.detach(), model.prompts["default"].embedding.weight.grad.clone()
 
@@ -343,13 +327,13 @@ def test_adapters_round_trip_through_both_formats(model_type, variant, tmp_path)
     offset = num_virtual(model.active_config)
     with torch.no_grad():
         expected = model(**batch).logits
-        model.save_adapter(tmp_path / "ours")
-        assert torch.equal(SoftPromptModel.from_adapter(base, tmp_path / "ours")(**batch).logits, expected)
-        model.save_peft_adapter(tmp_path / "to-peft")
+        model.save_pretrained(tmp_path / "ours")
+        assert torch.equal(SoftPromptModel.from_pretrained(base, tmp_path / "ours", format="softprompt")(**batch).logits, expected)
+        model.save_pretrained(tmp_path / "to-peft", format="peft")
         peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "to-peft").eval()
         torch.testing.assert_close(peft_loaded(**batch).logits[:, offset:][real], expected[real], **TOLERANCE)
         peft_twin(model, base).save_pretrained(tmp_path / "from-peft")
-        imported = softprompt.load_peft_adapter(base, tmp_path / "from-peft")
+        imported = SoftPromptModel.from_pretrained(base, tmp_path / "from-peft", format="peft")
         torch.testing.assert_close(imported(**batch).logits[real], expected[real], **TOLERANCE)
 
 
@@ -421,7 +405,7 @@ def test_parameter_counts_of_a_real_model_of_every_family_equal_pefts(name):
     config = base_model_config(name)
     for count, seed_config in zip(parameter_counts(config, SEED_CONFIGS), SEED_CONFIGS.values()):
         meta = meta_base_model(config)
-        expected = get_peft_model(meta, peft_config(seed_config, meta)).get_nb_trainable_parameters()
+        expected = get_peft_model(meta, peft_config_for(seed_config, meta)).get_nb_trainable_parameters()
         assert (count.trainable, count.total) == expected, (name, count.label)
 
 

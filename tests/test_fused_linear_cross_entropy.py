@@ -304,3 +304,24 @@ def test_float64_inputs_keep_float64_in_the_torch_path_and_the_reference():
     if flce._TRITON_AVAILABLE:
         with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             fused_linear_cross_entropy(hidden, weight, targets, implementation="triton")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("weight_requires_grad", [False, True], ids=["frozen-weight", "weight-grad"])
+@pytest.mark.parametrize("n_rows, channels, vocab, vocab_chunk_size, ignored", SHAPES)
+def test_row_losses_match_the_reference(implementation, weight_requires_grad, n_rows, channels, vocab,
+                                        vocab_chunk_size, ignored):
+    # reduction="none": each row's loss (0 on ignored rows), and a backward that weighs each row by its own incoming
+    # gradient, which is what weighted losses (CPT's decay, per-adapter means) need.
+    hidden, weight, targets = make_inputs(n_rows, channels, vocab, torch.float32,
+                                          weight_requires_grad=weight_requires_grad, ignored=ignored)
+    row_weights = torch.linspace(0.5, 2.0, n_rows, device=DEVICE)
+    expected = torch.nn.functional.cross_entropy(hidden.float() @ weight.float().T, targets, reduction="none")
+    wrt = (hidden, weight) if weight.requires_grad else (hidden,)
+    expected_grads = torch.autograd.grad((expected * row_weights).sum() / n_rows, wrt)
+    losses = fused_linear_cross_entropy(hidden, weight, targets, implementation=implementation,
+                                        vocab_chunk_size=vocab_chunk_size, reduction="none")
+    assert losses.shape == (n_rows,)
+    torch.testing.assert_close(losses, expected, rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    for grad, expected_grad in zip(torch.autograd.grad((losses * row_weights).sum() / n_rows, wrt), expected_grads):
+        assert_grad_close(grad, expected_grad, torch.float32)

@@ -10,16 +10,13 @@ environment, and any attempt to open a socket fails the test."""
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
 import socket
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, scan_cache_dir
-from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -27,36 +24,12 @@ import softprompt
 from softprompt import AdapterFormatError, AutoSoftPromptModelForCausalLM, SoftPromptModel
 from softprompt.quickstart import save_tiny_bloom
 
-from test_adapter_format import TOLERANCE, trained_a_little
-from test_pretrained import FILES, FORMATS, assert_same_outputs
+from helpers import FILES, FORMATS, TOLERANCE, assert_same_outputs, commit_to_cache, trained_a_little
 
 ADAPTER_ID = "softprompt-tests/complaints"
 BASE_ID = "softprompt-tests/tiny-bloom"
 
 
-def commit_to_cache(cache: Path, repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)) -> str:
-    """Puts every file under `folder` into `cache` as one commit of `repo_id`, the way huggingface_hub stores a
-    download (blobs by content hash, snapshot links to them, refs naming the commit); returns the commit hash."""
-    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
-    digest = hashlib.sha1()
-    for path in files:
-        digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
-    commit = digest.hexdigest()
-    for path in files:
-        payload = path.read_bytes()
-        blob = storage / "blobs" / hashlib.sha256(payload).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(payload)
-        link = storage / "snapshots" / commit / path.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / ref).write_text(commit)
-    cached = {repo.repo_id: repo for repo in scan_cache_dir(cache).repos}  # huggingface_hub reads the layout back
-    assert commit in {revision.commit_hash for revision in cached[repo_id].revisions}
-    return commit
 
 
 @pytest.fixture

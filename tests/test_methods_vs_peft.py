@@ -24,67 +24,13 @@ from softprompt import SoftPromptModel
 
 from transformers import DynamicCache
 
-from helpers import UNUSED_EMBEDDING_ROWS, greedy_by_forward, left_padded_batch
+from helpers import INIT_TEXT, UNUSED_EMBEDDING_ROWS, VARIANTS, greedy_by_forward, left_padded_batch
+from peft_reference import peft_twin
 from softprompt.seams import cache_argument
 
 # fp32 on CPU: both libraries run the same kernels in the same order for the frozen model, so differences come
 # only from a different summation order in the loss or the cache concatenation, a few ulps of values of order 1-10.
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-INIT_TEXT = "Is this a complaint ?"  # 7 tokens: fewer than the 13 virtual tokens below
-
-VARIANTS = {
-    "prompt-random": (
-        softprompt.PromptTuningConfig(num_virtual_tokens=6),
-        lambda: peft.PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6),
-    ),
-    "prompt-text": (
-        softprompt.PromptTuningConfig(
-            num_virtual_tokens=13, prompt_tuning_init="TEXT", prompt_tuning_init_text=INIT_TEXT
-        ),
-        None,  # built in the test: PEFT needs the tokenizer saved on disk
-    ),
-    "prompt-sample-vocab": (
-        softprompt.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"),
-        lambda: peft.PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"
-        ),
-    ),
-    "p-tuning-mlp": (
-        softprompt.PromptEncoderConfig(num_virtual_tokens=7, encoder_hidden_size=16),
-        lambda: peft.PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=7, encoder_hidden_size=16),
-    ),
-    "p-tuning-lstm": (
-        softprompt.PromptEncoderConfig(
-            num_virtual_tokens=7, encoder_hidden_size=16, encoder_reparameterization_type="LSTM"
-        ),
-        lambda: peft.PromptEncoderConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=7,
-            encoder_hidden_size=16,
-            encoder_reparameterization_type="LSTM",
-        ),
-    ),
-    "prefix": (
-        softprompt.PrefixTuningConfig(num_virtual_tokens=5),
-        lambda: peft.PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
-    ),
-    "prefix-projection": (
-        softprompt.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24),
-        lambda: peft.PrefixTuningConfig(
-            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=24
-        ),
-    ),
-}
-
-
-def peft_twin(ours: SoftPromptModel, peft_config, base) -> peft.PeftModel:
-    """A PEFT model on a copy of the same base, holding our adapter's weights."""
-    twin = get_peft_model(copy.deepcopy(base), peft_config)
-    state = {f"prompt_encoder.default.{key}": value for key, value in ours.prompts["default"].state_dict().items()}
-    missing, unexpected = twin.load_state_dict(state, strict=False)
-    assert not unexpected and all("prompt_encoder" not in key for key in missing)
-    return twin.eval()
-
 
 @pytest.fixture
 def text_peft_config(tokenizer, tmp_path):
@@ -104,7 +50,7 @@ def test_loss_logits_gradients_and_generation_equal_peft(variant, tiny_bloom, to
     make_peft_config = make_peft_config or text_peft_config
     torch.manual_seed(0)
     ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config), tokenizer=tokenizer)
-    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    theirs = peft_twin(ours, tiny_bloom, peft_config=make_peft_config())
     num_virtual = 0 if config.method == "prefix_tuning" else config.num_virtual_tokens
 
     our_output = ours(**batch)
@@ -135,7 +81,7 @@ def test_right_padding_equals_peft(variant, tiny_bloom, tokenizer):
     config, make_peft_config = VARIANTS[variant]
     torch.manual_seed(0)
     ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config))
-    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    theirs = peft_twin(ours, tiny_bloom, peft_config=make_peft_config())
     left = left_padded_batch(tokenizer, ["a short one", "a somewhat longer sentence than that"])
     right = {key: torch.stack([row.roll(-int((mask == 0).sum())) for row, mask in zip(value, left["attention_mask"])])
              for key, value in left.items()}  # the same rows, padding moved to the right
@@ -184,7 +130,7 @@ def test_beams_and_sampling_equal_the_base_model_generating_from_pefts_prompt(va
     config, make_peft_config = VARIANTS[variant]
     torch.manual_seed(0)
     ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config))
-    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    theirs = peft_twin(ours, tiny_bloom, peft_config=make_peft_config())
     prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
     options = dict(options, max_new_tokens=10, eos_token_id=None, pad_token_id=tiny_bloom.config.pad_token_id)
     torch.manual_seed(1)
@@ -207,7 +153,7 @@ def test_greedy_options_equal_pefts_forward_token_by_token(variant, options, tin
     config, make_peft_config = VARIANTS[variant]
     torch.manual_seed(0)
     ours = SoftPromptModel(tiny_bloom, copy.deepcopy(config))
-    theirs = peft_twin(ours, make_peft_config(), tiny_bloom)
+    theirs = peft_twin(ours, tiny_bloom, peft_config=make_peft_config())
     prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
     options = {"eos_token_id": None, **options, "pad_token_id": tiny_bloom.config.pad_token_id}
     our_ids = ours.generate(**prompt, max_new_tokens=10, do_sample=False, **options)

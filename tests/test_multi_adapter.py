@@ -17,16 +17,16 @@ import copy
 import peft
 import pytest
 import torch
-from peft import TaskType, get_peft_model
+from peft import TaskType
 from transformers import BloomConfig, BloomForCausalLM
 from transformers.models.bloom import modeling_bloom
 
 import softprompt
 from softprompt import SoftPromptModel
-from helpers import greedy_by_forward
+from helpers import gradient_isolation_errors, greedy_by_forward
+from peft_reference import peft_twin
 from softprompt.multi_task import (
     adapter_names_for_tasks,
-    gradient_isolation_errors,
     labelled_positions,
     make_trainable,
     multi_adapter_loss,
@@ -169,15 +169,6 @@ def only_rows(labels: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return kept
 
 
-def peft_twin(model: SoftPromptModel, name: str, base: BloomForCausalLM) -> peft.PeftModel:
-    """A PEFT model on a copy of the same base, holding adapter `name`'s weights."""
-    twin = get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[name]())
-    state = {f"prompt_encoder.default.{key}": value for key, value in model.prompts[name].state_dict().items()}
-    missing, unexpected = twin.load_state_dict(state, strict=False)
-    assert not unexpected and all("prompt_encoder" not in key for key in missing)
-    return twin.eval()
-
-
 def assert_gradients_close(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
     """TOLERANCE relative to the gradient's largest entry: a summed gradient adds many terms, and its rounding
     follows the size of its largest entries (up to ~30 here), not the size of each entry."""
@@ -237,7 +228,10 @@ def test_each_row_of_a_mixed_batch_has_its_loss_alone(model, batch):
         full = model(**inputs, labels=labels, adapter_names=NAMES).loss
         torch.testing.assert_close(full, weighted, **TOLERANCE)
         # compute_loss (LM head on the labelled rows only) is the same loss.
-        torch.testing.assert_close(model.compute_loss(**inputs, labels=labels, adapter_names=NAMES), full, **TOLERANCE)
+        for layout in ("prefix", "sequence"):
+            torch.testing.assert_close(
+                model.compute_loss(**inputs, labels=labels, adapter_names=NAMES, virtual_token_layout=layout), full,
+                **TOLERANCE, msg=layout)
 
 
 def test_first_token_of_a_prefix_or_base_row_is_not_scored_beside_virtual_tokens(model, batch):
@@ -265,7 +259,7 @@ def test_mixed_batch_equals_peft_for_each_adapter(name, model, batch, base):
     """PEFT runs one adapter per call: its rows of the same left-padded batch (full width, labels on every real
     token, the padded rows' first token included) against the same rows inside our mixed batch."""
     rows = [row for row, n in enumerate(NAMES) if n == name]
-    twin = peft_twin(model, name, base)
+    twin = peft_twin(model, base, name, peft_config=PEFT_CONFIGS[name]())
     num_virtual = 0 if ADAPTERS[name].method == "prefix_tuning" else ADAPTERS[name].num_virtual_tokens
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
     sub = {key: value[rows] for key, value in batch.items()}

@@ -12,7 +12,7 @@ from huggingface_hub import HfApi
 
 from softprompt.quickstart import save_tiny_bloom
 
-from test_hub import commit_to_cache
+from helpers import commit_to_cache
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HUB_NAME = 'model_name = "bigscience/bloomz-560m"'

@@ -347,16 +347,16 @@ def test_sigkill_during_every_kind_of_write_then_resume_is_bit_identical_and_lea
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"count": 0}
-    original = SoftPromptModel.compute_loss
+    original = SoftPromptModel.summed_loss  # what a training step calls
 
     def poisoned(self, *args, **kwargs):
-        loss = original(self, *args, **kwargs)
+        loss, counts = original(self, *args, **kwargs)
         if not self.training:  # evaluation
-            return loss
+            return loss, counts
         calls["count"] += 1
-        return loss * float("nan") if calls["count"] == 5 else loss  # the 5th micro-batch = step 5
+        return (loss * float("nan") if calls["count"] == 5 else loss), counts  # the 5th micro-batch = step 5
 
-    monkeypatch.setattr(SoftPromptModel, "compute_loss", poisoned)
+    monkeypatch.setattr(SoftPromptModel, "summed_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 5 .*step-00000004, is untouched"):
         train(short_config(tmp_path, num_epochs=2, save_every=2))

@@ -1,7 +1,7 @@
 """The soft-prompt methods: one file each, and this registry, which everything that must choose a method reads.
 
-Adding a method is one file in this folder ending with a `MethodSpec`, and one line in `METHODS` below: the model,
-both adapter formats, the training config and the command line find it here.
+Adding a method is one file in this folder ending with a `MethodSpec`, and one entry in `METHODS` below: the model,
+both adapter formats, the training config, the command line and the package's exports find it here.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ from __future__ import annotations
 from typing import Any, Union
 
 from softprompt.methods import p_tuning, prefix_tuning, prompt_tuning
-from softprompt.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
-from softprompt.methods.prefix_tuning import PrefixTuningConfig
-from softprompt.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from softprompt.methods.spec import MaterializedPrompt, MethodSpec, materialize
 
 METHODS: dict[str, MethodSpec] = {
@@ -19,8 +16,14 @@ METHODS: dict[str, MethodSpec] = {
 }
 """Every method by its name (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``)."""
 
-SoftPromptConfig = Union[PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig]
+PUBLIC_CLASSES: dict[str, type] = {cls.__name__: cls for spec in METHODS.values() for cls in spec.exports}
+"""Every method's public classes (its config and enums) by name: what ``softprompt`` exports for them."""
+
+SoftPromptConfig = Union[tuple(spec.config_class for spec in METHODS.values())]  # type: ignore[valid-type]
 """Any method's configuration."""
+
+# The configs and enums under their own names here too (``from softprompt.methods import PromptTuningConfig``).
+globals().update(PUBLIC_CLASSES)
 
 
 def method_of(config: Any) -> MethodSpec:
@@ -56,15 +59,12 @@ def method_named(name: str) -> MethodSpec:
 
 __all__ = [
     "METHODS",
+    "PUBLIC_CLASSES",
     "MaterializedPrompt",
     "MethodSpec",
-    "PrefixTuningConfig",
-    "PromptEncoderConfig",
-    "PromptEncoderReparameterizationType",
-    "PromptTuningConfig",
-    "PromptTuningInit",
     "SoftPromptConfig",
     "materialize",
     "method_named",
     "method_of",
+    *PUBLIC_CLASSES,
 ]

@@ -9,8 +9,8 @@ input. The paper found this trains more stably than a free table. Only the table
 training is done the encoder's output is a fixed ``[P, C]`` tensor and the encoder can be dropped (softprompt's
 adapter format stores both, so that training can resume exactly; PEFT keeps only the output).
 
-How it enters the model: exactly as prompt tuning's table does, the encoder's output in its place
-(`reference_forward` is prompt tuning's, see ``softprompt/methods/prompt_tuning.py``).
+How it enters the model: exactly as prompt tuning's table does, the encoder's output in its place (`enter` and
+`reference_forward` are prompt tuning's, see ``softprompt/methods/prompt_tuning.py``).
 
 The encoders, as two small classes:
 
@@ -31,10 +31,18 @@ from typing import Any, ClassVar
 import torch
 from einops import rearrange
 from torch import nn
+from transformers import PreTrainedModel
 
+from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
-from softprompt.methods.prompt_tuning import reference_forward
-from softprompt.methods.spec import MaterializedPrompt, MethodSpec, check_fits_in_memory, check_positive_int
+from softprompt.methods.prompt_tuning import enter, reference_forward
+from softprompt.methods.spec import (
+    MaterializedPrompt,
+    MethodSpec,
+    check_fits_in_memory,
+    check_positive_int,
+    from_prompt_embeddings,
+)
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -163,11 +171,13 @@ def empty(config: PromptEncoderConfig, shape: BaseModelShape) -> MLPPromptEncode
 
 
 def build(
-    config: PromptEncoderConfig, shape: BaseModelShape, word_embeddings: nn.Module, tokenizer: Any | None = None
+    config: PromptEncoderConfig, base_model: PreTrainedModel, tokenizer: Any | None = None
 ) -> MLPPromptEncoder | LSTMPromptEncoder:
-    """The encoder, on the device of `word_embeddings`; it needs no other initialization."""
-    check_fits_in_memory(config, shape.embedding_width, word_embeddings.weight.device)
-    with torch.device(word_embeddings.weight.device):
+    """The encoder, on the base's device; it needs no other initialization."""
+    shape = family_of(base_model.config).shape(base_model.config)
+    device = base_model.get_input_embeddings().weight.device
+    check_fits_in_memory(config, shape.embedding_width, device)
+    with torch.device(device):
         return empty(config, shape)
 
 
@@ -180,10 +190,10 @@ METHOD = MethodSpec(
     name="p_tuning",
     cli_name="p-tuning",
     config_class=PromptEncoderConfig,
-    enters_as="embeddings",
+    enters_as="virtual_tokens",
     build=build,
     empty=empty,
-    from_table=from_table,
+    enter=enter,
     peft_type="P_TUNING",
     peft_fields=(
         "num_virtual_tokens",
@@ -193,6 +203,9 @@ METHOD = MethodSpec(
         "encoder_dropout",
     ),
     default_num_virtual_tokens=20,
+    peft_module=from_prompt_embeddings(from_table),
+    reference_forward=reference_forward,
+    exports=(PromptEncoderConfig, PromptEncoderReparameterizationType),
 )
 
 __all__ = [

@@ -20,8 +20,9 @@ How it enters the model (`reference_forward`, PEFT's way, written out):
 2. the attention mask gets P ones in front; the labels are unchanged (the prefix adds no position to the sequence);
 3. the real tokens take positions P, P + 1, ... (`softprompt.positions`).
 
-softprompt's engine hands the prefix over as a read-only cache instead (``softprompt/prefix_cache.py``), which
-stores nothing and so stays the same when gradient checkpointing recomputes a layer.
+On the real path, `enter` hands the engine the split keys and values (`softprompt.entries.KeyValues`); the engine
+puts them into a read-only cache (``softprompt/prefix_cache.py``), which stores nothing and so stays the same when
+gradient checkpointing recomputes a layer.
 
 Shapes: B batch, T tokens, P virtual tokens, L layers, K key/value heads, D head dim, h ``encoder_hidden_size``.
 """
@@ -37,9 +38,16 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from softprompt.entries import EntryRequest, KeyValues
 from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
-from softprompt.methods.spec import MaterializedPrompt, MethodSpec, check_fits_in_memory, check_positive_int
+from softprompt.methods.spec import (
+    MaterializedPrompt,
+    MethodSpec,
+    check_fits_in_memory,
+    check_positive_int,
+    from_prompt_embeddings,
+)
 from softprompt.positions import position_inputs
 from softprompt.seams import cache_argument
 
@@ -141,11 +149,13 @@ def empty(config: PrefixTuningConfig, shape: BaseModelShape) -> PrefixTable | Pr
 
 
 def build(
-    config: PrefixTuningConfig, shape: BaseModelShape, word_embeddings: nn.Module, tokenizer: Any | None = None
+    config: PrefixTuningConfig, base_model: PreTrainedModel, tokenizer: Any | None = None
 ) -> PrefixTable | ProjectedPrefix:
-    """The module, on the device of `word_embeddings`; it needs no other initialization."""
-    check_fits_in_memory(config, shape.prefix_width, word_embeddings.weight.device)
-    with torch.device(word_embeddings.weight.device):
+    """The module, on the base's device; it needs no other initialization."""
+    shape = family_of(base_model.config).shape(base_model.config)
+    device = base_model.get_input_embeddings().weight.device
+    check_fits_in_memory(config, shape.prefix_width, device)
+    with torch.device(device):
         return empty(config, shape)
 
 
@@ -160,6 +170,11 @@ def from_table(
     with torch.no_grad():
         module.embedding.weight.copy_(table.float())
     return module
+
+
+def enter(module: nn.Module, request: EntryRequest) -> KeyValues:
+    """The flat prefix, split into every layer's keys and values ``[L, K, P, D]``."""
+    return KeyValues(*split_key_values(module(), request.shape))
 
 
 def reference_forward(
@@ -210,8 +225,10 @@ METHOD = MethodSpec(
     enters_as="key_values",
     build=build,
     empty=empty,
-    from_table=from_table,
+    enter=enter,
     peft_type="PREFIX_TUNING",
     peft_fields=("num_virtual_tokens", "encoder_hidden_size", "prefix_projection"),
     default_num_virtual_tokens=20,
+    peft_module=from_prompt_embeddings(from_table),
+    reference_forward=reference_forward,
 )

@@ -14,9 +14,9 @@ How it enters the model (`reference_forward`, PEFT's way, written out):
    virtual position predicts the first real token;
 3. the real tokens take positions P, P + 1, ... (`softprompt.positions`).
 
-softprompt's engine (`softprompt.model`) computes the same thing with less work: virtual tokens come first and
-attention is causal, so their keys and values do not depend on the input; one batch-1 pass of the P virtual tokens
-gives them, and every row then continues from them as a key/value prefix, the way prefix tuning enters the model.
+On the real path, `enter` hands the engine the table as `softprompt.entries.VirtualTokens`; the engine either puts
+them in front of every row as above, or, when that saves work, runs them once and lets every row continue from
+their keys and values (`softprompt.training_loss`).
 
 Initialization (``prompt_tuning_init``):
 
@@ -42,13 +42,17 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from softprompt.entries import EntryRequest, VirtualTokens
 from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
-from softprompt.methods.spec import MethodSpec, check_fits_in_memory, check_positive_int
+from softprompt.loss import IGNORE_INDEX
+from softprompt.methods.spec import (
+    MethodSpec,
+    check_fits_in_memory,
+    check_positive_int,
+    from_prompt_embeddings,
+)
 from softprompt.positions import position_inputs
-
-IGNORE_INDEX = -100
-"""The label of a position without a loss (the transformers and PyTorch convention)."""
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -182,14 +186,14 @@ class PromptEmbedding(nn.Module):
         return self.embedding.weight
 
 
-def build(
-    config: PromptTuningConfig, shape: BaseModelShape, word_embeddings: nn.Module, tokenizer: Any | None
-) -> PromptEmbedding:
-    """The table, initialized as ``config.prompt_tuning_init`` says, on the device of `word_embeddings`.
+def build(config: PromptTuningConfig, base_model: PreTrainedModel, tokenizer: Any | None) -> PromptEmbedding:
+    """The table, initialized as ``config.prompt_tuning_init`` says, on the base's device.
 
     TEXT and SAMPLE_VOCAB rows are looked up through the base's embedding module, so they are what the model itself
     feeds its first layer (Gemma's embedding scale included).
     """
+    shape = family_of(base_model.config).shape(base_model.config)
+    word_embeddings = base_model.get_input_embeddings()
     device = word_embeddings.weight.device
     check_fits_in_memory(config, shape.embedding_width, device)
     init_ids = init_token_ids(config, tokenizer)
@@ -208,6 +212,11 @@ def empty(config: PromptTuningConfig, shape: BaseModelShape) -> PromptEmbedding:
 def from_table(config: PromptTuningConfig, shape: BaseModelShape, table: torch.Tensor) -> PromptEmbedding:
     """A prompt-tuning module holding a stored ``[P, C]`` table (the whole of a prompt-tuning adapter)."""
     return PromptEmbedding(config, shape.embedding_width, init_embeddings=table)
+
+
+def enter(module: nn.Module, request: EntryRequest) -> VirtualTokens:
+    """The table (or any module's ``[P, C]`` output) as the virtual tokens of every row of the adapter."""
+    return VirtualTokens(module().unsqueeze(0))  # [1, P, C]: one prompt for all rows
 
 
 def reference_forward(
@@ -248,11 +257,14 @@ METHOD = MethodSpec(
     name="prompt_tuning",
     cli_name="prompt-tuning",
     config_class=PromptTuningConfig,
-    enters_as="embeddings",
+    enters_as="virtual_tokens",
     build=build,
     empty=empty,
-    from_table=from_table,
+    enter=enter,
     peft_type="PROMPT_TUNING",
     peft_fields=("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path"),
     default_num_virtual_tokens=8,
+    peft_module=from_prompt_embeddings(from_table),
+    reference_forward=reference_forward,
+    exports=(PromptTuningConfig, PromptTuningInit),
 )

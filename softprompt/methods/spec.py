@@ -1,16 +1,10 @@
 """What every soft-prompt method provides, so that the rest of the package chooses by data, not by type.
 
 A method is one file in this folder that ends with a `MethodSpec`: its configuration class, how to build its
-trainable module, and through which seam its output enters the frozen model. Every method's module has a
-``forward()`` without arguments that returns the method's output:
-
-- ``embeddings``: ``[P, C]`` virtual-token embeddings, put in front of the input's token embeddings
-  (prompt tuning, p-tuning);
-- ``key_values``: a flat ``[P, L * 2 * K * D]`` prefix, split into every layer's keys and values
-  (prefix tuning; see `softprompt.methods.prefix_tuning.split_key_values`).
-
-`softprompt.model` runs either kind through one engine; the method files also hold a plain reference of how their
-output enters the model, the way PEFT does it, which the engine is tested against.
+trainable module, how that module enters the frozen model (``enter``, returning a `softprompt.entries.Entry`), and
+how PEFT stores it. The engine runs every method through the same routes by the kind of entry it returns; the file
+also holds a plain reference of how the method enters the model, the way PEFT does it, which the engine is tested
+against.
 
 Shapes: P virtual tokens, L layers, K key/value heads, D head dim, C embedding width.
 """
@@ -19,15 +13,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
+from softprompt.entries import Entry, EntryKind, EntryRequest
 from softprompt.families.family import BaseModelShape
 
-EntrySeam = Literal["embeddings", "key_values"]
+PEFT_TENSOR = "prompt_embeddings"
+"""The tensor PEFT saves for a prompt-learning adapter: the module's output (or, for some methods, its table)."""
+
+
+def module_output(module: nn.Module) -> torch.Tensor:
+    """A method module's output: the default `MethodSpec.materialized`."""
+    return module()
+
+
+def output_as_prompt_embeddings(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's output as PEFT's one ``prompt_embeddings`` tensor: the default `MethodSpec.peft_state`."""
+    return {PEFT_TENSOR: materialize(module)}
 
 
 @dataclass(frozen=True)
@@ -40,35 +47,67 @@ class MethodSpec:
     """The ``--method`` value, e.g. ``prompt-tuning``."""
     config_class: type
     """Its configuration dataclass (PEFT's field names); every instance has ``num_virtual_tokens``."""
-    enters_as: EntrySeam
-    """The seam its output enters through: ``embeddings`` or ``key_values``."""
-    build: Callable[[Any, BaseModelShape, nn.Module, Any], nn.Module]
-    """``build(config, shape, word_embeddings, tokenizer)``: the trainable module, initialized as the config says
-    (the word embeddings and tokenizer serve TEXT / SAMPLE_VOCAB init only), on the word embeddings' device."""
+    enters_as: EntryKind
+    """The kind of `softprompt.entries.Entry` its ``enter`` returns: ``virtual_tokens``, ``key_values`` or
+    ``attention``."""
+    build: Callable[[Any, PreTrainedModel, Any], nn.Module]
+    """``build(config, base_model, tokenizer)``: the trainable module, initialized as the config says (the base's
+    word embeddings and the tokenizer serve the inits that start from tokens), on the base's device."""
     empty: Callable[[Any, BaseModelShape], nn.Module]
     """``empty(config, shape)``: the module's structure alone, about to receive stored weights."""
-    from_table: Callable[[Any, BaseModelShape, torch.Tensor], nn.Module]
-    """``from_table(config, shape, table)``: a module whose output is the given ``[P, width]`` table, for adapters
-    stored as their output only (PEFT's format)."""
+    enter: Callable[[nn.Module, EntryRequest], Entry]
+    """``enter(module, request)``: how the adapter enters the model for the rows of one call."""
     peft_type: str
     """PEFT's ``peft_type`` for it, e.g. ``PROMPT_TUNING``."""
     peft_fields: tuple[str, ...]
     """The config fields PEFT shares with it (same names and meanings)."""
     default_num_virtual_tokens: int
     """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise)."""
+    peft_module: Callable[[Any, BaseModelShape, dict[str, torch.Tensor]], nn.Module]
+    """``peft_module(config, shape, tensors)``: a module holding what PEFT saved (shapes already checked against
+    `peft_tensors`)."""
+    peft_tensors: Callable[[Any, BaseModelShape], dict[str, tuple[int, ...]]] | None = None
+    """``peft_tensors(config, shape)``: the tensors PEFT's ``adapter_model.safetensors`` holds, by name, with the
+    shapes the config and base imply. None: one ``prompt_embeddings [P, width]`` (`expected_peft_tensors`)."""
+    peft_state: Callable[[nn.Module], dict[str, torch.Tensor]] = output_as_prompt_embeddings
+    """``peft_state(module)``: the tensors PEFT saves (default: the module's output as ``prompt_embeddings``)."""
+    materialized: Callable[[nn.Module], torch.Tensor] | None = module_output
+    """``materialized(module)``: the module's output, stored beside its weights in softprompt's format so that
+    inference needs no encoder; None for methods whose output is not one table."""
+    reference_forward: Callable[..., Any] | None = None
+    """The method's plain reference forward, PEFT's way (the oracle the engine is tested against)."""
+    exports: tuple[type, ...] = field(default_factory=tuple)
+    """The public classes of the method (its config and enums), exported by ``softprompt``."""
+
+    def __post_init__(self) -> None:
+        if not self.exports:
+            object.__setattr__(self, "exports", (self.config_class,))
+
+    def expected_peft_tensors(self, config: Any, shape: BaseModelShape) -> dict[str, tuple[int, ...]]:
+        """The tensors (names and shapes) a PEFT adapter of `config` on a base of `shape` holds."""
+        if self.peft_tensors is not None:
+            return self.peft_tensors(config, shape)
+        return {PEFT_TENSOR: (config.num_virtual_tokens, self.output_width(shape))}
+
+    def num_slots(self, config: Any) -> int:
+        """Prefix or virtual-token slots its adapter takes in front of a row (0 for attention patches)."""
+        return 0 if self.enters_as == "attention" else config.num_virtual_tokens
 
     def output_width(self, shape: BaseModelShape) -> int:
-        """The width of one row of its output: C for embeddings, L * 2 * K * D for key/values."""
-        return shape.embedding_width if self.enters_as == "embeddings" else shape.prefix_width
+        """The width of one row of its output table: C for virtual tokens, L * 2 * K * D for key/values."""
+        return shape.embedding_width if self.enters_as == "virtual_tokens" else shape.prefix_width
 
-    def peft_token_dim(self, shape: BaseModelShape) -> int:
-        """What PEFT records as ``token_dim``: the per-layer key/value width K * D for a prefix (PEFT's rule for
-        grouped-query models), C for virtual tokens."""
-        return shape.embedding_width if self.enters_as == "embeddings" else shape.key_value_width
-
-    def peft_num_attention_heads(self, shape: BaseModelShape) -> int:
-        """What PEFT records as ``num_attention_heads``: K for a prefix, H for virtual tokens."""
-        return shape.num_heads if self.enters_as == "embeddings" else shape.num_key_value_heads
+    def peft_shape_fields(self, shape: BaseModelShape) -> dict[str, int]:
+        """What PEFT records of the base's shape: ``token_dim`` and ``num_attention_heads`` (K * D and K for a
+        prefix, PEFT's rule for grouped-query models; C and H for virtual tokens) and ``num_layers``; nothing for
+        an attention patch, which is not a PEFT prompt-learning method."""
+        if self.enters_as == "attention":
+            return {}
+        if self.enters_as == "key_values":
+            return {"token_dim": shape.key_value_width, "num_attention_heads": shape.num_key_value_heads,
+                    "num_layers": shape.num_layers}
+        return {"token_dim": shape.embedding_width, "num_attention_heads": shape.num_heads,
+                "num_layers": shape.num_layers}
 
 
 class MaterializedPrompt(nn.Module):
@@ -96,6 +135,11 @@ def materialize(module: nn.Module) -> torch.Tensor:
     """A method module's output, detached, fp32: ``[P, C]`` or ``[P, L * 2 * K * D]``."""
     with torch.no_grad():
         return module().detach().to(torch.float32, copy=True)  # a copy: never aliases a parameter
+
+
+def from_prompt_embeddings(build: Callable[[Any, BaseModelShape, torch.Tensor], nn.Module]):
+    """A `MethodSpec.peft_module` from a function of the one ``prompt_embeddings`` table PEFT saves."""
+    return lambda config, shape, tensors: build(config, shape, tensors[PEFT_TENSOR])
 
 
 def check_positive_int(name: str, value: Any, example: str, allow_none: bool = False) -> None:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from softprompt.adapter_format import CONFIG_FILE as ADAPTER_CONFIG_FILE
 from softprompt.files import AdapterFormatError, read_json
 from softprompt.model import SoftPromptModel
-from softprompt.peft_format import PEFT_METHODS, is_peft_document
+from softprompt.pretrained import adapter_format_of, refusal
 from softprompt.quickstart import build_tiny_bloom, build_tokenizer
 from softprompt.training.config import ConfigError, TrainConfig, flatten_settings
 
@@ -99,19 +99,16 @@ def resolve_base_model(adapter_directory: str | Path) -> str:
             f"{directory}: adapter directory not found. Fix: pass the directory a training run wrote "
             "(OUTPUT_DIR/adapter, or OUTPUT_DIR/adapters/TASK)."
         )
-    document = read_json(config_path, missing_fix="Fix: pass the directory save_adapter or softprompt train wrote.")
-    if is_peft_document(document):
-        peft_type = document.get("peft_type")
-        if peft_type not in PEFT_METHODS:
-            raise AdapterFormatError(
-                f"{config_path}: a PEFT {peft_type} adapter: expected a soft-prompt adapter (softprompt trains and "
-                f"loads prompt tuning, p-tuning and prefix tuning only; PEFT's {sorted(PEFT_METHODS)}). Fix: load it "
-                "with peft, or pass a directory that softprompt train wrote."
-            )
+    if not config_path.is_file():
+        read_json(config_path, missing_fix="Fix: pass the directory save_pretrained or softprompt train wrote.")
+    format, document = adapter_format_of(directory)
+    if format is None:
+        raise refusal(config_path, document, None)
+    if format == "peft":
         raise AdapterFormatError(
-            f"{config_path}: a PEFT {peft_type} adapter: the command line reads softprompt's format. Fix: in Python, "
-            "softprompt.load_peft_adapter(base_model, directory), then model.save_adapter(new_directory) to use it "
-            "here."
+            f"{config_path}: a PEFT {document['peft_type']} adapter: the command line reads softprompt's format. Fix: "
+            "in Python, SoftPromptModel.from_pretrained(base_model, directory), then "
+            "model.save_pretrained(new_directory) to use it here."
         )
     base_record = document.get("base_model")
     recorded = base_record.get("name_or_path") if isinstance(base_record, dict) else None
@@ -188,9 +185,9 @@ def load_adapters(
     base_name = model_name or resolve_base_model(items[0][1])
     base, tokenizer = load_base_model(base_name)
     base.to(resolve_device(device))
-    model = SoftPromptModel.from_adapter(base, items[0][1], adapter_name=items[0][0])
+    model = SoftPromptModel.from_pretrained(base, items[0][1], adapter_name=items[0][0], format="softprompt")
     for name, directory in items[1:]:
-        model.load_adapter(directory, name)
+        model.load_adapter(directory, name, format="softprompt")
     return model.eval(), tokenizer, base_name
 
 

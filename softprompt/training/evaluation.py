@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from softprompt.data import DataError, collate
 from softprompt.model import SoftPromptModel
-from softprompt.multi_task import labelled_positions
 from softprompt.recipes import label_accuracy
 from softprompt.training.base_model import cpu_threads, default_threads, load_adapters
 from softprompt.training.config import TrainConfig
@@ -83,20 +82,17 @@ def evaluate(
         batch = to_device(collate(rows, pad_token_id=tokenizer.pad_token_id, padding=padding, max_length=max_length),
                            device)
         names = batch["task"]
-        per_row = labelled_positions(model, batch["labels"], names)
-        if int(per_row.sum()) == 0:
-            continue
         # One forward per adapter present, so each adapter's loss is known; a mixed batch would give only the sum.
         for name in dict.fromkeys(names):
             keep = torch.tensor([n == name for n in names], device=device)
             with autocast(device, autocast_dtype):
-                loss = model.compute_loss(
+                loss, per_row = model.summed_loss(
                     batch["input_ids"][keep], batch["attention_mask"][keep], batch["labels"][keep],
                     [name] * int(keep.sum()),
                 )
-            count = int(per_row[keep].sum())
+            count = int(per_row.sum())
             if count:
-                loss_sums[name] += float(loss) * count
+                loss_sums[name] += float(loss)
                 counts[name] += count
     total = sum(counts.values())
     loss = sum(loss_sums.values()) / total if total else float("nan")
@@ -123,7 +119,7 @@ def generate_labels(
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy labels for classification prompts (`softprompt.data.classification_eval_examples`), decoded.
+    """Greedy labels for classification prompts (`softprompt.recipes.classification_eval_examples`), decoded.
 
     Generates ``max(len(label_ids))`` new tokens from the left-padded prompts, stopping at EOS, and decodes only
     the new tokens, special tokens skipped.

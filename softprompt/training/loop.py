@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from softprompt.adapter_format import load_adapter_module
 from softprompt.data import collate
 from softprompt.model import SoftPromptModel
+from softprompt.pretrained import read_adapter, save_one
 from softprompt.multi_task import make_trainable
 from softprompt.quickstart import save_tiny_bloom
 from softprompt.training.base_model import cpu_threads, default_threads, load_base_model, resolve_device
@@ -393,7 +393,8 @@ def save(run: RunState, step: int, position: dict[str, Any]) -> None:
     if run.is_main:
         directory = save_checkpoint(
             run.output_dir, step,
-            save_adapters=lambda target: [run.model.save_adapter(target / name, name) for name in run.trainable],
+            save_adapters=lambda target: [save_one(run.model, target / name, name, "softprompt")
+                                           for name in run.trainable],
             optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
             position={**position, "global_step": step},
             extra={"metrics_bytes": run.metrics.size, "config": run.config.to_dict()},
@@ -418,7 +419,7 @@ def restore(run: RunState, checkpoint: Checkpoint) -> None:
             "since it was written. Fix: resume with the same data, or start over with --overwrite."
         )
     for name in run.trainable:
-        _, module = load_adapter_module(checkpoint.adapter_directory(name), run.model.base_model)
+        _, module = read_adapter(checkpoint.adapter_directory(name), run.model.base_model, "softprompt")
         run.model.prompts[name].load_state_dict(module.state_dict())
     restore_training_state(checkpoint, run.optimizer, run.scheduler, run.scaler)
     run.checkpoint, run.start_epoch, run.start_step = checkpoint, epoch, int(position["step_in_epoch"])
@@ -462,7 +463,7 @@ def finish(run: RunState, started: float) -> TrainResult:
     generations: list[dict[str, Any]] = []
     if run.is_main:
         for name, directory in adapter_directories.items():
-            run.model.save_adapter(directory, name)
+            save_one(run.model, directory, name, "softprompt")
         # Read back, so that a resumed run reports the evaluations of its earlier part too; by their step, so that
         # a log that lost its start (deleted before a resume) reports none rather than a later one as the first.
         evaluations = [r for r in read_metrics(run.output_dir / METRICS_FILE) if r.get("event") == "eval"]

@@ -8,7 +8,7 @@ rows x 2 accumulation steps and 2 processes x 4 rows compute the same update.
 Several processes (``torchrun``): each step, the gradients of the adapters' tensors (and the step's loss and token
 counts) are summed over processes with one ``all_reduce``. That is what DistributedDataParallel does for trainable
 tensors, written out: DDP would have to wrap a module whose ``forward`` uses the parameters, but `SoftPromptModel`
-calls its prompt modules inside its own injection; the adapters are small, so one flat all-reduce per step (not
+calls its prompt modules inside its own routes; the adapters are small, so one flat all-reduce per step (not
 per micro-batch, which DDP needs ``no_sync`` to avoid) costs nothing next to the frozen base's compute.
 
 Clipping is per adapter: one adapter's large gradient must not shrink another's update. An adapter without rows in
@@ -28,7 +28,6 @@ import torch.distributed as dist
 from torch import nn
 
 from softprompt.model import SoftPromptModel
-from softprompt.multi_task import labelled_positions, multi_adapter_loss
 
 
 class NonFiniteStep(ArithmeticError):
@@ -73,7 +72,7 @@ def optimizer_step(
         scheduler: stepped once.
         micro_batches: this process's collated batches of the step, on the model's device; every row names its
             adapter in ``task``.
-        loss_options: passed to `multi_adapter_loss` (``implementation``, ``virtual_token_layout``).
+        loss_options: passed to `SoftPromptModel.summed_loss` (``implementation``, ``virtual_token_layout``).
         max_grad_norm: per-adapter clipping; 0 turns it off.
         autocast: a context-manager factory for the forward passes.
         scaler: the fp16 grad scaler, or None.
@@ -90,17 +89,16 @@ def optimizer_step(
     tokens = torch.zeros((), device=device)
     for batch in micro_batches:
         row_names = batch["task"]
-        per_row = labelled_positions(model, batch["labels"], row_names)
+        with autocast():
+            # Each row trains the adapter of its task; the sum over labelled tokens is divided below, once the
+            # step's token count over all micro-batches and processes is known.
+            loss, per_row = model.summed_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                              row_names, **loss_options)
         for index, name in enumerate(names):
             counts[index] += per_row[[n == name for n in row_names]].sum()
         tokens += batch["attention_mask"].sum()
         if int(per_row.sum()) == 0:
             continue
-        with autocast():
-            # Each row trains the adapter of its task; the sum over labelled tokens is divided below, once the
-            # step's token count over all micro-batches and processes is known.
-            loss = multi_adapter_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], row_names,
-                                      reduction="sum", **loss_options)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
 

@@ -1,0 +1,78 @@
+"""PEFT as the reference: its configuration for a softprompt one, and a PEFT model holding a softprompt adapter.
+
+Shared by the tests and the benchmarks, which compare softprompt with PEFT on the same frozen weights; the library
+itself never imports peft. The tests reach this folder through pytest's ``pythonpath``, the benchmark scripts
+because they run from it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import peft
+import torch
+from peft import PeftModel, TaskType, get_peft_model
+
+from softprompt.families import family_of
+from softprompt.methods import method_of
+
+
+def peft_config_for(config: Any, base_model: torch.nn.Module | None = None) -> peft.PeftConfig:
+    """A fresh PEFT configuration equal to a softprompt one (same class name and fields, CAUSAL_LM).
+
+    Fresh on every call: ``get_peft_model`` fills a config's unset fields (``num_layers``, ``token_dim``,
+    ``base_model_name_or_path``, ...) in place from the first model it wraps, so a reused config would carry one
+    model's shape to the next.
+
+    Args:
+        config: a softprompt config.
+        base_model: the base it will wrap, when known: virtual tokens narrower than the hidden size (OPT's
+            ``project_in`` models) need PEFT's ``token_dim`` set to the embedding width, since its default, the
+            hidden size, fails there.
+
+    Raises:
+        ValueError: not a softprompt config.
+    """
+    spec = method_of(config)
+    fields = {name: getattr(getattr(config, name), "value", getattr(config, name)) for name in spec.peft_fields}
+    if base_model is not None and spec.enters_as == "virtual_tokens":
+        shape = family_of(base_model.config).shape(base_model.config)
+        if shape.embedding_width != shape.hidden_size:
+            fields["token_dim"] = shape.embedding_width
+    return getattr(peft, type(config).__name__)(task_type=TaskType.CAUSAL_LM, **fields)
+
+
+def copy_adapter_weights(ours: Any, theirs: PeftModel, adapter_name: str = "default",
+                         peft_adapter_name: str = "default") -> None:
+    """Gives PEFT's adapter softprompt's weights (PEFT's state-dict names are ours under
+    ``prompt_encoder.<name>.``).
+
+    Raises:
+        RuntimeError: a softprompt tensor PEFT does not have, or a PEFT adapter tensor left without a value.
+    """
+    prefix = f"prompt_encoder.{peft_adapter_name}."
+    state = {prefix + key: value for key, value in ours.prompts[adapter_name].state_dict().items()}
+    result = theirs.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if key.startswith(prefix)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"PEFT's adapter did not take softprompt's weights: missing {missing}, "
+                           f"unexpected {result.unexpected_keys}")
+
+
+def peft_twin(ours: Any, base_model: torch.nn.Module, adapter_name: str = "default",
+              peft_config: peft.PeftConfig | None = None, share_base: bool = False) -> PeftModel:
+    """A PEFT model holding softprompt adapter `adapter_name`'s weights, in eval mode.
+
+    Args:
+        ours: the `SoftPromptModel`.
+        base_model: its frozen base.
+        adapter_name: the adapter to copy.
+        peft_config: PEFT's config; None: `peft_config_for` the adapter's.
+        share_base: wrap `base_model` itself (PEFT then holds it: benchmarks, one copy of the weights) instead of
+            a deep copy (tests, which keep using the base).
+    """
+    config = peft_config if peft_config is not None else peft_config_for(ours.adapter_configs[adapter_name], base_model)
+    twin = get_peft_model(base_model if share_base else copy.deepcopy(base_model), config)
+    copy_adapter_weights(ours, twin, adapter_name)
+    return twin.eval()
