@@ -1,11 +1,13 @@
 r"""The CPU training step of two revisions of softprompt, alternated on one machine: did a change move the figures?
 
-Command (from the repository root); it produced the committed result (file stem after ``#``):
+Commands (from the repository root); they produced the committed results (file stem after ``#``):
 
     python benchmarks/compare_revisions.py --base 287dd6d --rounds 3 --repeats 5   # compare_revisions_cpu_287dd6d
+    python benchmarks/compare_revisions.py --base 93978b2 --configs cpu cpu-qwen2.5 --rounds 3 --repeats 5
+        # compare_revisions_cpu_93978b2, compare_revisions_cpu-qwen2.5_93978b2
 
 Each revision is checked out into a temporary git worktree, and each round runs that worktree's own
-``benchmarks/train_step.py --configs cpu`` in a fresh process, base then head, so that a slow drift of a shared
+``benchmarks/train_step.py --configs CONFIG`` in a fresh process, base then head, so that a slow drift of a shared
 machine hits both alike. ``PYTHONPATH`` puts the worktree first, so ``import softprompt`` is that revision's
 package (checked before the first round); ``softprompt.kernels`` is the installed one, which the CPU config's
 ``torch`` loss does not use. Each round's medians are read from the result file the run writes in its worktree,
@@ -53,11 +55,11 @@ def check_imports_from(tree: Path) -> None:
         raise RuntimeError(f"in {tree}, 'import softprompt' gives {found}, not the worktree's package")
 
 
-def run_step_benchmark(tree: Path, repeats: int) -> dict[tuple[str, str], float]:
+def run_step_benchmark(tree: Path, config: str, repeats: int) -> dict[tuple[str, str], float]:
     """Runs ``tree``'s own train_step.py once and returns its median step time per (method, library)."""
-    subprocess.run([sys.executable, "benchmarks/train_step.py", "--configs", "cpu", "--repeats", str(repeats)],
+    subprocess.run([sys.executable, "benchmarks/train_step.py", "--configs", config, "--repeats", str(repeats)],
                    cwd=tree, env=environment_for(tree), check=True, stdout=subprocess.DEVNULL)
-    rows = json.loads((tree / "benchmarks/results/train_step_cpu.json").read_text())["rows"]
+    rows = json.loads((tree / f"benchmarks/results/train_step_{config}.json").read_text())["rows"]
     return {(row["method"], row["library"]): row["step s (median)"] for row in rows}
 
 
@@ -66,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the revision before the change (a commit, tag or branch)")
     parser.add_argument("--head", default="HEAD", help="the revision after it (default: HEAD)")
+    parser.add_argument("--configs", nargs="*", default=["cpu"], choices=list(harness.STEP_CONFIGS),
+                        help="train_step.py configs to compare (CPU ones); default: cpu")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each revision, alternated")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per run (train_step.py --repeats)")
     args = parser.parse_args()
@@ -81,18 +85,26 @@ def main() -> None:
         try:
             for tree in trees.values():
                 check_imports_from(tree)
-            medians: dict[str, list[dict[tuple[str, str], float]]] = {"base": [], "head": []}
+            medians: dict[str, dict[str, list[dict[tuple[str, str], float]]]] = {
+                config: {"base": [], "head": []} for config in args.configs}
             for round_index in range(args.rounds):
-                for which, tree in trees.items():
-                    medians[which].append(run_step_benchmark(tree, args.repeats))
-                    print(f"round {round_index + 1}, {which}: " + ", ".join(
-                        f"{method} {seconds:.3f} s" for (method, library), seconds in medians[which][-1].items()
-                        if library == "softprompt"), flush=True)
+                for config in args.configs:
+                    for which, tree in trees.items():
+                        medians[config][which].append(run_step_benchmark(tree, config, args.repeats))
+                        print(f"{config}, round {round_index + 1}, {which}: " + ", ".join(
+                            f"{method} {seconds:.3f} s" for (method, library), seconds
+                            in medians[config][which][-1].items() if library == "softprompt"), flush=True)
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)],
                                check=False)
+    for config in args.configs:
+        write_comparison(config, medians[config], base_commit, head_commit, args, machine, command)
 
+
+def write_comparison(config: str, medians: dict[str, list[dict[tuple[str, str], float]]], base_commit: str,
+                     head_commit: str, args: argparse.Namespace, machine: dict, command: str) -> None:
+    """One config's table: each revision's rounds, medians, and whether head lies inside base's range."""
     rows = []
     for method, library in medians["base"][0]:
         if library != "softprompt":
@@ -114,14 +126,17 @@ def main() -> None:
         })
     table = harness.markdown_table(rows)
     print(table)
+    setup = harness.STEP_CONFIGS[config]
     harness.write_results(
-        f"compare_revisions_cpu_{base_commit}",
+        f"compare_revisions_{config}_{base_commit}",
         rows,
         machine,
-        table + f"\n\nsoftprompt's median step time (train_step.py --configs cpu --repeats {args.repeats}: bloomz-560m "
-        f"shape cut to 4 layers, fp32, batch 8 x 64) of {base_commit} (base) and {head_commit} (head), "
+        table + f"\n\nsoftprompt's median step time (train_step.py --configs {config} --repeats {args.repeats}: "
+        f"{setup.get('label', setup['model'])} shape cut to {setup['num_layers']} layers, fp32, batch "
+        f"{setup['batch_size']} x {setup['num_tokens']}) of {base_commit} (base) and {head_commit} (head), "
         f"{args.rounds} alternated runs each; the columns per round list each run's median.",
-        extra={"base": base_commit, "head": head_commit, "rounds": args.rounds, "repeats": args.repeats,
+        extra={"base": base_commit, "head": head_commit, "config": config, "rounds": args.rounds,
+               "repeats": args.repeats,
                "medians": {which: [{f"{m} | {lib}": s for (m, lib), s in result.items()} for result in results]
                            for which, results in medians.items()}},
         command=command,

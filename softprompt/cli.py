@@ -248,7 +248,7 @@ def run_train(args: argparse.Namespace) -> int:
                 f"{event['processes']} process(es)); {event['recipe']} recipe, {event['train_examples']} training / "
                 f"{event['eval_examples']} held-out examples, {event['steps']} optimizer steps; adapters "
                 f"{event['adapters']}; trainable params: {event['trainable_parameters']:,d} || all params: "
-                f"{event['total_parameters']:,d}"
+                f"{event['total_parameters']:,d}; virtual-token layout {event['virtual_token_layout']}"
             )
         elif kind == "resumed":
             tqdm.write(f"resumed from {event['checkpoint']} (step {event['step']}, epoch {event['epoch']})")

@@ -41,14 +41,15 @@ VIRTUAL_TOKEN_LAYOUTS: tuple[str, ...] = get_args(VirtualTokenLayout)
 REDUCTIONS = ("mean", "sum", "adapter_mean")
 """``mean`` over the batch's labelled positions, ``sum``, or ``adapter_mean`` (`adapter_mean_weights`)."""
 
-OVERHEAD_FLOPS_PER_OP = {"cpu": 2e7, "cuda": 4e9}
-"""What one extra op costs, in FLOPs of the device's matrix rate: its launch and memory overhead (seconds) times the
-rate (FLOP/s). Measured with ``benchmarks/train_step.py`` (``--configs launch-bound`` against ``cpu``): on 2 CPU
-cores a small op costs ~0.1 ms at ~200 GFLOP/s; on an H100 an eager op ~10 us at ~400 TFLOP/s."""
+OVERHEAD_FLOPS_PER_OP = {"cpu": 3e6, "cuda": 4e9}
+"""What one extra op costs, in FLOPs at the device's matrix rate: its dispatch and launch time times that rate.
+CPU, measured on 2 cores (``benchmarks/train_step.py --configs launch-bound``, both layouts): the prefix layout's
+~3,300 extra ops per step cost ~50 ms, ~15 us each, at ~200 GFLOP/s. CUDA: an eager op's ~10 us at ~400 TFLOP/s
+(bf16), which puts bloomz-560m at 16 x 64 on the sequence side, as measured on an H100 (0.99x PEFT against 0.53x)."""
 
 OPS_PER_LAYER = 140
-"""Top-level ops the prefix layout's second pass adds per layer, forward and backward (counted on BLOOM and Llama,
-``benchmarks/train_step.py --configs launch-bound``)."""
+"""Ops the prefix layout's second pass adds per layer, forward and backward (3,300 over 24 layers, on BLOOM and
+Llama, ``benchmarks/train_step.py --configs launch-bound``)."""
 
 
 def check_loss_choices(implementation: str, virtual_token_layout: str, reduction: str) -> None:

@@ -378,3 +378,25 @@ def test_float64_would_fail_at_float32_precision():
     assert not torch.allclose(narrowed, exact, **FLOAT64_TOLERANCE)
     torch.testing.assert_close(model.compute_loss(batch["input_ids"], batch["attention_mask"], batch["labels"]),
                                exact, **FLOAT64_TOLERANCE)
+
+
+def test_the_auto_layout_chooses_by_what_each_layout_saves(base_model):
+    from softprompt.training_loss import choose_layout
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # benchmarks/train_step.py's launch-bound shape (24 layers of BLOOM at C 64, ~50k parameters each), 16 rows and 8
+    # virtual tokens: the prefix layout saves 15 x 8 positions per layer, far less than its extra launches cost.
+    assert choose_layout(16, 8, 49_920, cpu) == "sequence"
+    # bloomz-560m's layers (12.6M parameters each), 8 rows: on CPU the positions saved outweigh the launches...
+    assert choose_layout(8, 8, 12_596_224, cpu) == "prefix"
+    assert choose_layout(8, 20, 12_596_224, cpu) == "prefix"
+    # ... on a GPU at 16 x 64 they do not (measured on an H100: sequence 0.99x PEFT, prefix 0.53x).
+    assert choose_layout(16, 8, 12_596_224, cuda) == "sequence"
+    assert choose_layout(16, 0, 49_920, cpu) == "prefix"  # no virtual tokens: nothing to choose
+    # "auto" runs what it chooses: here, on a tiny model, the sequence layout.
+    torch.manual_seed(1)
+    model = SoftPromptModel(base_model, METHODS["prompt-tuning"])
+    batch = _batch([9, 4, 6, 1], num_tokens=9, labels="last2")
+    auto, _ = _loss_and_grads(model, batch, "torch", virtual_token_layout="auto")
+    sequence, _ = _loss_and_grads(model, batch, "torch", virtual_token_layout="sequence")
+    assert torch.equal(auto, sequence)

@@ -216,9 +216,11 @@ class ExecutionConfig:
     loss_implementation: LossImplementation = "torch"
     """`SoftPromptModel.compute_loss` implementation: ``torch``, ``triton`` or ``full``."""
 
-    virtual_token_layout: VirtualTokenLayout = "prefix"
-    """How the training loss feeds virtual tokens: ``prefix`` (computed once per adapter, fewer FLOPs) or
-    ``sequence`` (in front of every row, one decoder pass; for GPU steps bound by kernel launches)."""
+    virtual_token_layout: VirtualTokenLayout = "auto"
+    """How the training loss feeds virtual tokens: ``prefix`` (once per prompt, as keys and values: fewer FLOPs, a
+    second short pass), ``sequence`` (in front of every row, one pass: fewer kernel launches), or ``auto``: whichever
+    saves more for the batch, the model and the device (`softprompt.training_loss.choose_layout`); the run's start
+    line says which."""
 
     compile: CompileMode | None = None
     """``torch.compile`` mode for the frozen decoder's passes in the training loss

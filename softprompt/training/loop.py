@@ -34,13 +34,18 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from softprompt.data import collate
-from softprompt.model import SoftPromptModel
-from softprompt.pretrained import read_adapter, save_one
-from softprompt.multi_task import make_trainable
-from softprompt.quickstart import save_tiny_bloom
-from softprompt.training.base_model import cpu_threads, default_threads, load_base_model, resolve_device
 from softprompt.inputs import check_loss_implementation
-from softprompt.training.base_model import CONFIG_FILE
+from softprompt.model import SoftPromptModel
+from softprompt.multi_task import make_trainable
+from softprompt.pretrained import read_adapter, save_one
+from softprompt.quickstart import save_tiny_bloom
+from softprompt.training.base_model import (
+    CONFIG_FILE,
+    cpu_threads,
+    default_threads,
+    load_base_model,
+    resolve_device,
+)
 from softprompt.training.checkpoint import (
     Checkpoint,
     complete_checkpoint_directories,
@@ -48,10 +53,20 @@ from softprompt.training.checkpoint import (
     save_checkpoint,
 )
 from softprompt.training.config import ConfigError, TrainConfig
-from softprompt.training.evaluation import autocast, evaluate, resolve_autocast, sample_generations, to_device
+from softprompt.training.evaluation import (
+    autocast,
+    evaluate,
+    resolve_autocast,
+    sample_generations,
+    to_device,
+)
 from softprompt.training.examples import PreparedData, epoch_order, prepare_data
 from softprompt.training.metrics import MetricsLog, plot_metrics, read_metrics
-from softprompt.training.optimizer_step import NonFiniteStep, linear_schedule, optimizer_step
+from softprompt.training.optimizer_step import (
+    NonFiniteStep,
+    linear_schedule,
+    optimizer_step,
+)
 from softprompt.training.run_directory import (
     METRICS_FILE,
     PLOT_FILE,
@@ -61,6 +76,7 @@ from softprompt.training.run_directory import (
     final_adapter_directories,
     write_run_config,
 )
+from softprompt.training_loss import layout_for
 
 Event = dict[str, Any]
 """What the loop reports to ``on_event``: a dict with an ``"event"`` key (start, resumed, eval, checkpoint, done)."""
@@ -293,10 +309,14 @@ def setup(
             save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
         write_run_config(output_dir, config)
     trainable_count, total_count = model.num_parameters()
+    layout = config.execution.virtual_token_layout
+    if layout == "auto":  # what it chooses for a full micro-batch (rows of one adapter)
+        full = model.row_layout(optimization.batch_size, [names[0]] * optimization.batch_size)
+        layout = f"auto: {layout_for(model.frozen, full, device)} for {optimization.batch_size} rows"
     run.emit("start", output_dir=str(output_dir), base_model=run.base_name, device=str(device),
              processes=world_size, method=config.method, adapters=names, recipe=data.kind,
              train_examples=len(data.train), eval_examples=len(data.eval), steps=total_steps,
-             trainable_parameters=trainable_count, total_parameters=total_count)
+             trainable_parameters=trainable_count, total_parameters=total_count, virtual_token_layout=layout)
     return run
 
 
