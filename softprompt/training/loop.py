@@ -38,7 +38,13 @@ from softprompt.data import collate
 from softprompt.model import SoftPromptModel
 from softprompt.multi_task import make_trainable
 from softprompt.quickstart import save_tiny_bloom
-from softprompt.training.base_model import cpu_threads, default_threads, load_base_model, resolve_device
+from softprompt.training.base_model import (
+    cpu_threads,
+    default_threads,
+    load_base_model,
+    resolve_device,
+    with_model_sha256,
+)
 from softprompt.inputs import check_loss_implementation
 from softprompt.training.base_model import CONFIG_FILE
 from softprompt.training.checkpoint import (
@@ -88,7 +94,7 @@ class TrainResult:
     plot_path: Path | None
     """The loss/accuracy PNG (None where matplotlib could not draw it)."""
     base_model: str
-    """What ``--model`` to pass to reload the base: a hub id or a directory."""
+    """What ``--model`` to pass to reload the base: a hub id, a directory or a ``.gguf`` file."""
     initial_eval: dict[str, Any] | None
     """The metrics record of the evaluation before training (None when evaluation is off; on rank 0 only)."""
     final_eval: dict[str, Any] | None
@@ -211,6 +217,7 @@ def train(
         started = time.perf_counter()
         device = resolve_device(config.execution.device)
         check_loss_implementation(config.execution.loss_implementation, device)
+        config = with_model_sha256(config)  # a .gguf base's bytes, recorded (and compared by --resume)
         with claim_run_directory(config, main_process_emitter(on_event)) as claim:
             base, tokenizer = load_run_base(config)
             threads = config.execution.num_threads
