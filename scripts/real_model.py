@@ -111,8 +111,11 @@ def check_prepared(folder: Path) -> None:
         RealModelUnavailable: a file is missing or differs (the fix: delete the folder and prepare again).
     """
     fix = f"Fix: delete {folder} and run python scripts/real_model.py again."
-    record = json.loads((folder / RECORD_FILE).read_text())
-    for name, size in record["files"].items():
+    try:
+        files = json.loads((folder / RECORD_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RealModelUnavailable(f"{folder / RECORD_FILE}: unreadable ({error}). {fix}") from None
+    for name, size in files.items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != size:
             raise RealModelUnavailable(f"{path}: missing or not the {size} bytes prepared. {fix}")

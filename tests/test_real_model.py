@@ -2,8 +2,8 @@
 
 ``softprompt train --model FILE.gguf`` loads the file as the Llama it is and records it (path and SHA-256); the base
 answers a question; ``eval`` and ``generate`` reload the file from that record; a file changed since is refused;
-without the gguf package the message names the extra to install. Every test but the last needs the prepared model
-(the ``real_model_files`` fixture: skipped where it cannot be prepared, a failure on CI).
+without the gguf package the message names the extra to install, and a pinned SHA-256 is checked. The tests that need
+the prepared model take the ``real_model_files`` fixture (skipped where it cannot be prepared, a failure on CI).
 
 Time: transformers reads a GGUF file in about 20 s of one core (metadata parsed in Python, tensors dequantized), and
 three commands must each read it (train, then eval and generate), so eval and generate run at once, in two
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import torch
 
 import softprompt
 from softprompt.cli import main
-from softprompt.training import load_base_model
+from softprompt.training import ConfigError, TrainConfig, load_base_model
 from softprompt.training.base_model import BASE_MODEL_DIR
 from softprompt.training.gguf_base import GGUF_INSTALL
 
@@ -160,6 +161,20 @@ def test_without_the_gguf_package_the_message_names_the_extra(tmp_path, monkeypa
     output = tmp_path / "run"
     assert main(["train", "--model", str(gguf), "--output-dir", str(output), "--no-progress"]) == 2
     assert GGUF_INSTALL in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_a_pinned_sha256_is_checked_before_anything_is_written(tmp_path, capsys):
+    """--model-sha256: only with a .gguf base, and a file with other bytes is refused before the run starts."""
+    with pytest.raises(ConfigError, match="expected the 64 lowercase hex digits of a .gguf base's SHA-256"):
+        TrainConfig(model="some/model", model_sha256="0" * 64)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    output = tmp_path / "run"
+    assert main(["train", "--model", str(gguf), "--model-sha256", "0" * 64, "--output-dir", str(output)]) == 2
+    message = capsys.readouterr().err
+    actual = hashlib.sha256(b"GGUF").hexdigest()
+    assert f"{gguf}: SHA-256 {actual}, but the settings (--model-sha256) recorded {'0' * 64}" in message, message
     assert not output.exists()
 
 
