@@ -121,10 +121,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     seen: set[str] = set()
     model = parser.add_argument_group("model and method")
     model.add_argument("--model", dest="model", default=argparse.SUPPRESS,
-                       help="hub id or local directory of a supported family; omitted: the embedded tiny BLOOM")
+                       help="hub id, local directory or local .gguf file (dequantized) of a supported family; "
+                       "omitted: the embedded tiny BLOOM")
+    model.add_argument("--model-sha256", dest="model_sha256", default=argparse.SUPPRESS,
+                       help="SHA-256 the .gguf file must have; omitted: the run records the file's own")
     model.add_argument("--method", dest="method", default=argparse.SUPPRESS, choices=METHOD_NAMES,
                        help="soft-prompt method (default: prompt-tuning)")
-    seen |= {"model", "method"}
+    seen |= {"model", "model_sha256", "method"}
     add_method_flags(model, seen)
     for name, section in SECTIONS.items():
         add_field_flags(parser.add_argument_group(name), section, seen)
@@ -328,7 +331,8 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
                         help="adapter directory; repeat with NAME=DIR for several (rows use their task's adapter)")
-    parser.add_argument("--model", help="base model; omitted: the one the adapter records")
+    parser.add_argument("--model", help="base model (hub id, directory or .gguf file); omitted: the one the adapter "
+                        "records (a .gguf file must still have the SHA-256 its run recorded)")
     parser.add_argument("--config", type=Path, help="YAML or JSON settings file for the data fields")
     parser.add_argument("--dataset", action="append", help="hub dataset or local file (repeatable)")
     parser.add_argument("--dataset-config", dest="dataset_config")
@@ -388,7 +392,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="adapter directory; repeat with NAME=DIR for several")
     parser.add_argument("--use", action="append", metavar="NAME", help="the adapter(s) to generate with")
     parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")
-    parser.add_argument("--model", help="base model; omitted: the one the adapter records")
+    parser.add_argument("--model", help="base model (hub id, directory or .gguf file); omitted: the one the adapter "
+                        "records (a .gguf file must still have the SHA-256 its run recorded)")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float)

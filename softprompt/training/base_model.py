@@ -1,13 +1,14 @@
 """The frozen base a run trains on or an adapter was trained on: loading it, finding it again, and CPU threads.
 
-A base is a hub id or a local directory, loaded with transformers' ``from_pretrained``, or, when none is named, the
-embedded tiny BLOOM (random weights, seeded), which a run saves into its directory so that ``softprompt eval`` and
-``generate`` can load it again.
+A base is a hub id, a local directory or a local ``.gguf`` file (dequantized; see `softprompt.training.gguf_base`),
+loaded with transformers' ``from_pretrained``, or, when none is named, the embedded tiny BLOOM (random weights,
+seeded), which a run saves into its directory so that ``softprompt eval`` and ``generate`` can load it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from softprompt.model import SoftPromptModel
 from softprompt.pretrained import adapter_format_of, refusal
 from softprompt.quickstart import build_tiny_bloom, build_tokenizer
 from softprompt.training.config import ConfigError, TrainConfig, flatten_settings
+from softprompt.training.gguf_base import check_gguf_sha256, gguf_model_options, is_gguf_file, require_gguf_support
 
 BASE_MODEL_DIR = "base-model"
 """Where a run on the embedded tiny BLOOM saves it (and its tokenizer), for ``softprompt eval/generate``."""
@@ -45,15 +47,17 @@ def load_base_model(
     """Loads a causal LM and its tokenizer (left padding, a pad token), or builds the embedded tiny BLOOM.
 
     Args:
-        name_or_path: hub id or local directory; None for the embedded tiny BLOOM (random weights, seeded).
+        name_or_path: hub id, local directory or local ``.gguf`` file (its weights dequantized to `dtype`); None for
+            the embedded tiny BLOOM (random weights, seeded).
         dtype: dtype of the base's weights.
 
     Returns:
-        (model in eval mode, tokenizer). A local directory is recorded as an absolute path in the model's config,
-        so adapters saved from it point back to it.
+        (model in eval mode, tokenizer). A local directory or GGUF file is recorded as an absolute path in the
+        model's config, so adapters saved from it point back to it.
 
     Raises:
-        ValueError: the model or tokenizer cannot be loaded (the message says how to fix it).
+        ValueError: the model or tokenizer cannot be loaded, a GGUF file is missing, or the packages a GGUF file
+            needs are (the message says how to fix it).
     """
     if name_or_path is None:
         tokenizer = build_tokenizer(padding_side="left")
@@ -66,9 +70,14 @@ def load_base_model(
             initializer_range=TINY_INITIALIZER_RANGE,
         )
         return model.to(dtype).eval(), tokenizer
+    source, tokenizer_options, model_options = name_or_path, {}, {}
+    if is_gguf_file(name_or_path):  # folder + file name: transformers' GGUF loader, every weight dequantized
+        require_gguf_support(Path(name_or_path))
+        source, tokenizer_options = str(Path(name_or_path).parent), {"gguf_file": Path(name_or_path).name}
+        model_options = {**tokenizer_options, **gguf_model_options()}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left", **tokenizer_options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **model_options)
     except Exception as error:  # OSError offline, ValueError for unknown architectures, ...: one message for all
         raise ValueError(
             f"Could not load the model {name_or_path!r}: {type(error).__name__}: {error}. Fix: check the hub id or "
@@ -77,16 +86,31 @@ def load_base_model(
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if Path(name_or_path).is_dir():
+    if Path(name_or_path).is_dir() or is_gguf_file(name_or_path):
         model.config._name_or_path = str(Path(name_or_path).resolve())
     return model.eval(), tokenizer
+
+
+def with_model_sha256(config: TrainConfig) -> TrainConfig:
+    """`config` with ``model_sha256`` set to its ``.gguf`` base's SHA-256 (unchanged for any other base).
+
+    Raises:
+        ValueError: the GGUF file is missing, the packages it needs are, or ``model_sha256`` was given and the
+            file's differs.
+    """
+    if config.model is None or not is_gguf_file(config.model):
+        return config
+    require_gguf_support(Path(config.model))
+    actual = check_gguf_sha256(Path(config.model), config.model_sha256, "the settings (--model-sha256)")
+    return dataclasses.replace(config, model_sha256=actual)
 
 
 def resolve_base_model(adapter_directory: str | Path) -> str:
     """The base model an adapter was trained on, as a ``--model`` value.
 
-    Reads ``base_model.name_or_path`` from the adapter's config. A recorded directory that no longer exists (a
-    moved run) is looked for as ``base-model/`` beside the adapter or beside its parent (``adapters/<task>``).
+    Reads ``base_model.name_or_path`` from the adapter's config: a directory or ``.gguf`` file that exists is
+    returned as recorded. A recorded directory that no longer exists (a moved run) is looked for as ``base-model/``
+    beside the adapter or beside its parent (``adapters/<task>``).
 
     Raises:
         AdapterFormatError: the directory or its config is missing or corrupt, or it holds a PEFT adapter.
@@ -114,7 +138,7 @@ def resolve_base_model(adapter_directory: str | Path) -> str:
     recorded = base_record.get("name_or_path") if isinstance(base_record, dict) else None
     if recorded is not None and not isinstance(recorded, str):
         recorded = None
-    if recorded and Path(recorded).is_dir():
+    if recorded and (Path(recorded).is_dir() or (is_gguf_file(recorded) and Path(recorded).is_file())):
         return recorded
     for candidate in (directory.parent / BASE_MODEL_DIR, directory.parent.parent / BASE_MODEL_DIR):
         if (candidate / "config.json").is_file():
@@ -170,19 +194,26 @@ def load_adapters(
 
     Args:
         adapters: adapter name -> directory written by training (``output_dir/adapter`` or ``adapters/<task>``).
-        model_name: the base (hub id or directory); None: the one the first adapter records (`resolve_base_model`).
+        model_name: the base (hub id, directory or ``.gguf`` file); None: the one the first adapter records
+            (`resolve_base_model`); a recorded ``.gguf`` file must still have the SHA-256 its run recorded.
         device: ``auto``, ``cpu`` or ``cuda``.
 
     Returns:
         (model with every adapter loaded, frozen, the first one active; its tokenizer; the base's name).
 
     Raises:
-        ValueError: no adapter given, a base that cannot be found or loaded, or an adapter that does not fit it.
+        ValueError: no adapter given, a base that cannot be found or loaded, a recorded GGUF file that has changed
+            since its run, or an adapter that does not fit the base.
     """
     if not adapters:
         raise ValueError("No adapter given. Fix: pass --adapter DIR (or --adapter name=DIR, several times).")
     items = list(adapters.items())
     base_name = model_name or resolve_base_model(items[0][1])
+    if model_name is None and is_gguf_file(base_name):  # the recorded file: still the bytes the run trained on?
+        run_config = run_config_for_adapter(items[0][1])
+        if run_config is not None and run_config.model_sha256 is not None:
+            require_gguf_support(Path(base_name))
+            check_gguf_sha256(Path(base_name), run_config.model_sha256, f"the run that trained {items[0][1]}")
     base, tokenizer = load_base_model(base_name)
     base.to(resolve_device(device))
     model = SoftPromptModel.from_pretrained(base, items[0][1], adapter_name=items[0][0], format="softprompt")

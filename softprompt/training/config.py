@@ -39,6 +39,7 @@ from softprompt.training.config_values import (
     check_strings,
     read_config_file,
 )
+from softprompt.training.gguf_base import is_gguf_file
 from softprompt.training_loss import VirtualTokenLayout
 
 DEFAULT_TEXT_COLUMN = "Tweet text"
@@ -295,9 +296,13 @@ class TrainConfig:
     """One training run; build it from a dict or file with `from_dict` / `from_file` (flat or nested keys)."""
 
     model: str | None = None
-    """Base model: a hub id or a local directory, loaded with ``AutoModelForCausalLM.from_pretrained``. None: the
-    embedded tiny BLOOM (random weights, built locally, saved into ``output_dir/base-model`` so that ``softprompt
-    eval/generate`` can reload it)."""
+    """Base model: a hub id, a local directory or a local .gguf file (dequantized), loaded with transformers'
+    ``from_pretrained``. None: the embedded tiny BLOOM (random weights, built locally, saved into
+    ``output_dir/base-model`` so that ``softprompt eval/generate`` can reload it)."""
+
+    model_sha256: str | None = None
+    """SHA-256 the .gguf base file must have (hex). None: the run records the file's own, and ``softprompt
+    eval/generate`` refuse the file if it has changed since."""
 
     method: str = "prompt-tuning"
     """The soft-prompt method, by its ``--method`` name (``prompt-tuning``, ``p-tuning``, ``prefix-tuning``)."""
@@ -316,6 +321,11 @@ class TrainConfig:
         if self.method not in METHOD_NAMES:
             raise ConfigError(f"method={self.method!r}: expected one of {', '.join(METHOD_NAMES)}. Fix: pick one of those.")
         check_strings(self)
+        if self.model_sha256 is not None and not (is_gguf_file(self.model or "")
+                                                  and re.fullmatch(r"[0-9a-f]{64}", self.model_sha256)):
+            raise ConfigError(f"model_sha256={self.model_sha256!r} with model={self.model!r}: expected the 64 "
+                              "lowercase hex digits of a .gguf base's SHA-256. Fix: drop --model-sha256, or give "
+                              "sha256sum's.")
         for name, section in SECTIONS.items():
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, section(**getattr(self, name)))

@@ -45,6 +45,7 @@ from softprompt.training.base_model import (
     default_threads,
     load_base_model,
     resolve_device,
+    with_model_sha256,
 )
 from softprompt.training.checkpoint import (
     Checkpoint,
@@ -104,7 +105,7 @@ class TrainResult:
     plot_path: Path | None
     """The loss/accuracy PNG (None where matplotlib could not draw it)."""
     base_model: str
-    """What ``--model`` to pass to reload the base: a hub id or a directory."""
+    """What ``--model`` to pass to reload the base: a hub id, a directory or a ``.gguf`` file."""
     initial_eval: dict[str, Any] | None
     """The metrics record of the evaluation before training (None when evaluation is off; on rank 0 only)."""
     final_eval: dict[str, Any] | None
@@ -227,6 +228,7 @@ def train(
         started = time.perf_counter()
         device = resolve_device(config.execution.device)
         check_loss_implementation(config.execution.loss_implementation, device)
+        config = with_model_sha256(config)  # a .gguf base's bytes, recorded (and compared by --resume)
         with claim_run_directory(config, main_process_emitter(on_event)) as claim:
             base, tokenizer = load_run_base(config)
             threads = config.execution.num_threads
