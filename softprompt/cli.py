@@ -30,12 +30,12 @@ from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
 from softprompt.training.config import (
     METHOD_NAMES,
     SECTIONS,
-    Device,
     TrainConfig,
     flatten_settings,
     merge_settings,
 )
 from softprompt.training.config_values import read_config_file
+from softprompt.training.sections import Device
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -411,8 +411,8 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from softprompt.inputs import check_generate_options
-    from softprompt.training.base_model import cpu_threads, default_threads
     from softprompt.training import generate_texts, load_adapters
+    from softprompt.training.base_model import cpu_threads, default_threads
 
     _quiet_libraries()
     adapters = _parse_adapter_specs(args.adapter)

@@ -88,7 +88,7 @@ def read(directory: Path, document: dict[str, Any], base_model: PreTrainedModel)
 
     weights_path = directory / PEFT_WEIGHTS_FILE
     tensors = read_safetensors(weights_path, record="the PEFT adapter config")
-    expected = spec.expected_peft_tensors(config, shape)
+    expected = spec.expected_peft_tensors(config, base_model)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise AdapterFormatError(f"{weights_path}: tensor {missing[0]!r} missing; found {sorted(tensors)}.")
@@ -99,7 +99,7 @@ def read(directory: Path, document: dict[str, Any], base_model: PreTrainedModel)
                 f"{spec.name} config on this base."
             )
     tables = {name: tensors[name].float() for name in expected}
-    return config, spec.peft_module(config, shape, tables).to(base_model.get_input_embeddings().weight.device)
+    return config, spec.peft_module(config, base_model, tables).to(base_model.get_input_embeddings().weight.device)
 
 
 def peft_config_document(config: SoftPromptConfig, base_model: PreTrainedModel) -> dict[str, Any]:
@@ -136,7 +136,8 @@ def save_peft_adapter(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in method_of(config).peft_state(module).items()}
+    state = {name: tensor.detach().float().cpu().contiguous()
+             for name, tensor in method_of(config).peft_state(module, base_model).items()}
     payload = safetensors_bytes(state, metadata={"format": "pt"})
     atomic_write_bytes(directory / PEFT_WEIGHTS_FILE, payload)
     atomic_write_json(directory / PEFT_CONFIG_FILE, peft_config_document(config, base_model))

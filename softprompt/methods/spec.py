@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from softprompt.entries import Entry, EntryKind, EntryRequest
+from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
 
 PEFT_TENSOR = "prompt_embeddings"
@@ -32,7 +33,7 @@ def module_output(module: nn.Module) -> torch.Tensor:
     return module()
 
 
-def output_as_prompt_embeddings(module: nn.Module) -> dict[str, torch.Tensor]:
+def output_as_prompt_embeddings(module: nn.Module, base_model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The module's output as PEFT's one ``prompt_embeddings`` tensor: the default `MethodSpec.peft_state`."""
     return {PEFT_TENSOR: materialize(module)}
 
@@ -63,14 +64,16 @@ class MethodSpec:
     """The config fields PEFT shares with it (same names and meanings)."""
     default_num_virtual_tokens: int
     """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise)."""
-    peft_module: Callable[[Any, BaseModelShape, dict[str, torch.Tensor]], nn.Module]
-    """``peft_module(config, shape, tensors)``: a module holding what PEFT saved (shapes already checked against
-    `peft_tensors`)."""
-    peft_tensors: Callable[[Any, BaseModelShape], dict[str, tuple[int, ...]]] | None = None
-    """``peft_tensors(config, shape)``: the tensors PEFT's ``adapter_model.safetensors`` holds, by name, with the
-    shapes the config and base imply. None: one ``prompt_embeddings [P, width]`` (`expected_peft_tensors`)."""
-    peft_state: Callable[[nn.Module], dict[str, torch.Tensor]] = output_as_prompt_embeddings
-    """``peft_state(module)``: the tensors PEFT saves (default: the module's output as ``prompt_embeddings``)."""
+    peft_module: Callable[[Any, PreTrainedModel, dict[str, torch.Tensor]], nn.Module]
+    """``peft_module(config, base_model, tensors)``: a module holding what PEFT saved (names and shapes already
+    checked against `peft_tensors`)."""
+    peft_tensors: Callable[[Any, PreTrainedModel], dict[str, tuple[int, ...]]] | None = None
+    """``peft_tensors(config, base_model)``: the tensors PEFT's ``adapter_model.safetensors`` holds, by name, with
+    the shapes the config and base imply (names may follow the base's module paths). None: one
+    ``prompt_embeddings [P, width]`` (`expected_peft_tensors`)."""
+    peft_state: Callable[[nn.Module, PreTrainedModel], dict[str, torch.Tensor]] = output_as_prompt_embeddings
+    """``peft_state(module, base_model)``: the tensors PEFT saves (default: the module's output as
+    ``prompt_embeddings``)."""
     materialized: Callable[[nn.Module], torch.Tensor] | None = module_output
     """``materialized(module)``: the module's output, stored beside its weights in softprompt's format so that
     inference needs no encoder; None for methods whose output is not one table."""
@@ -83,10 +86,11 @@ class MethodSpec:
         if not self.exports:
             object.__setattr__(self, "exports", (self.config_class,))
 
-    def expected_peft_tensors(self, config: Any, shape: BaseModelShape) -> dict[str, tuple[int, ...]]:
-        """The tensors (names and shapes) a PEFT adapter of `config` on a base of `shape` holds."""
+    def expected_peft_tensors(self, config: Any, base_model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
+        """The tensors (names and shapes) a PEFT adapter of `config` on `base_model` holds."""
         if self.peft_tensors is not None:
-            return self.peft_tensors(config, shape)
+            return self.peft_tensors(config, base_model)
+        shape = family_of(base_model.config).shape(base_model.config)
         return {PEFT_TENSOR: (config.num_virtual_tokens, self.output_width(shape))}
 
     def num_slots(self, config: Any) -> int:
@@ -139,7 +143,8 @@ def materialize(module: nn.Module) -> torch.Tensor:
 
 def from_prompt_embeddings(build: Callable[[Any, BaseModelShape, torch.Tensor], nn.Module]):
     """A `MethodSpec.peft_module` from a function of the one ``prompt_embeddings`` table PEFT saves."""
-    return lambda config, shape, tensors: build(config, shape, tensors[PEFT_TENSOR])
+    return lambda config, base_model, tensors: build(config, family_of(base_model.config).shape(base_model.config),
+                                                    tensors[PEFT_TENSOR])
 
 
 def check_positive_int(name: str, value: Any, example: str, allow_none: bool = False) -> None:

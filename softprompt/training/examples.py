@@ -15,7 +15,8 @@ import torch
 from softprompt.data import DataError, load_rows
 from softprompt.quickstart import shipped_dataset_path
 from softprompt.recipes import causal_lm_examples, classification_eval_examples, classification_examples
-from softprompt.training.config import TrainConfig, adapter_name_for_source
+from softprompt.training.config import TrainConfig
+from softprompt.training.sections import adapter_name_for_source
 
 DEFAULT_ADAPTER_NAME = "default"
 """The adapter of a run with one task."""
