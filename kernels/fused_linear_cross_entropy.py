@@ -358,8 +358,8 @@ def _block_sizes(n_rows: int, channels: int, vocab_chunk_size: int) -> tuple[int
         # The interpreter pays per operation, not per element: large vocabulary tiles keep the tests fast.
         block_v = min(1024, max(16, triton.next_power_of_2(vocab_chunk_size)))
         return 16, block_v, min(64, max(16, triton.next_power_of_2(channels)))
-    # Up to 64 rows per tile: the weight tile loaded for a block of vocabulary serves them all, and the seed
-    # recipes have 16 x 3 labelled rows.
+    # Up to 64 rows per tile: the weight tile loaded for a block of vocabulary serves them all (the seed recipe's
+    # batch of 8 has 24 labelled rows: 3 per row).
     block_n = min(64, max(16, triton.next_power_of_2(n_rows)))
     block_v = min(128, max(16, triton.next_power_of_2(vocab_chunk_size)))
     return block_n, block_v, min(64, max(16, triton.next_power_of_2(channels)))

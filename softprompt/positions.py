@@ -11,9 +11,8 @@ the mask itself, by this very rule; every other family takes ``position_ids`` an
 builds positions from the mask the same way, so a prefix handed to it with the mask over prefix + text continues by
 the same rule.
 
-On unpadded and right-padded batches the rule gives PEFT's positions. PEFT's training forward gives a left-padded
-row ``arange(T) + P`` (its padding counted) and its ``generate`` the mask-derived positions + P, so PEFT's training
-and inference disagree on such rows; softprompt's agree, and equal the row alone.
+On unpadded and right-padded batches the rule gives PEFT's positions; on left-padded rows PEFT's training and
+generation disagree with each other (README, "Where PEFT differs"), softprompt's equal the row alone.
 
 Shapes: B batch, S slots (prefix + virtual tokens + text) the mask covers.
 """

@@ -4,9 +4,8 @@
   in front of the token embeddings, prefix keys and values in a read-only cache, one mask over prefix + virtual
   tokens + text. `SoftPromptModel.forward` runs it; the training loss runs it when that is cheaper.
 - The prefix route (`prefix_for_rows`): every slot-taking adapter as keys and values in the cache. Key/value
-  adapters give theirs directly; virtual tokens come first and attention is causal, so their keys and values do not
-  depend on the text, and one pass over each adapter's G prompts gives them (`FrozenModel.virtual_token_pass`).
-  The training loss and generation run it.
+  adapters give theirs directly; virtual tokens give theirs from one pass over each adapter's G prompts
+  (`FrozenModel.virtual_token_pass`, which says why that is exact). The training loss and generation run it.
 
 Adapters that enter inside attention take no slot in either route: `patches` installs them around the call. In a
 batch mixing adapters, each adapter's values go to the last slots of its rows and the slots before them are hidden

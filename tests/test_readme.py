@@ -77,3 +77,11 @@ def test_every_line_of_the_coming_from_peft_table_runs_in_its_example():
                 names += [rf"\b{name}\b" for name in re.findall(r"import (.*)", snippet)[0].split(", ")]
             missing = [name for name in names if not re.search(name, example)]
             assert not missing, (snippet, missing)
+
+
+def test_the_readme_tables_restate_the_package_records():
+    # The families table is generated from softprompt/families/ (scripts/readme_tables.py): one home per fact.
+    import readme_tables
+
+    text = README.read_text()
+    assert readme_tables.with_tables(text) == text, "README.md is stale: run python scripts/readme_tables.py"

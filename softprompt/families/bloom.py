@@ -52,6 +52,7 @@ FAMILY = Family(
     name="BLOOM",
     model_types=("bloom",),
     positions="attention_mask",
+    position_encoding="ALiBi",
     tiny_config=tiny_config,
     known_configs={
         f"bigscience/{name}-{size}": partial(bloom_config, *shape)

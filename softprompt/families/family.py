@@ -70,6 +70,9 @@ class Family:
     positions: PositionSource
     """How a token's position reaches the model: ``position_ids`` (softprompt passes them), or ``attention_mask``
     (the model derives positions from the mask itself, and takes no ``position_ids``)."""
+    position_encoding: str
+    """What a position becomes inside the model: ``ALiBi``, ``rotary``, ``partial rotary`` or ``learned`` (the README's
+    family table)."""
     tiny_config: Callable[[int], PretrainedConfig]
     """A tiny random-weight config of this family for tests and examples, given the vocabulary size. It carries
     the family's quirks (grouped-query heads, a head size apart from C / H, soft-capping, narrow embeddings, ...)
@@ -90,7 +93,7 @@ class Family:
     """The config field giving the size of a learned position table, if positions index one: virtual tokens and
     text together must fit it."""
     needed: str = ""
-    """What supporting this family took, in a sentence (the README's family table)."""
+    """What supporting this family took, in a sentence (the README's family table, `scripts/readme_tables.py`)."""
 
     def shape(self, config: PretrainedConfig) -> BaseModelShape:
         """The dimensions of a base model of this family, read from its config.

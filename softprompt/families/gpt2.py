@@ -34,6 +34,7 @@ FAMILY = Family(
     name="GPT-2",
     model_types=("gpt2",),
     positions="position_ids",
+    position_encoding="learned",
     tiny_config=tiny_config,
     known_configs={"gpt2": gpt2, "openai-community/gpt2": gpt2},
     position_table_field="n_positions",

@@ -34,6 +34,7 @@ FAMILY = Family(
     name="GPT-NeoX",
     model_types=("gpt_neox",),
     positions="position_ids",
+    position_encoding="partial rotary",
     tiny_config=tiny_config,
     known_configs={"EleutherAI/pythia-410m": pythia_410m},
     needed="explicit position_ids: its rotary positions ignore the mask, so left padding shifted a row",

@@ -36,6 +36,7 @@ FAMILY = Family(
     name="Llama",
     model_types=("llama",),
     positions="position_ids",
+    position_encoding="rotary",
     tiny_config=tiny_config,
     known_configs={"meta-llama/Llama-3.2-1B": llama_3_2_1b},
     needed="K key/value heads in the prefix; explicit position_ids, since rotary positions ignore the mask",

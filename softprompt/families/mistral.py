@@ -36,6 +36,7 @@ FAMILY = Family(
     name="Mistral",
     model_types=("mistral",),
     positions="position_ids",
+    position_encoding="rotary",
     tiny_config=tiny_config,
     known_configs={"mistralai/Mistral-7B-v0.1": mistral_7b_v0_1},
     needed="as Llama, plus the sliding window: prompt + text must fit it",

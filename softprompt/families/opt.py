@@ -38,6 +38,7 @@ FAMILY = Family(
     name="OPT",
     model_types=("opt",),
     positions="position_ids",
+    position_encoding="learned",
     tiny_config=tiny_config,
     known_configs={"facebook/opt-350m": opt_350m},
     embedding_width_field="word_embed_proj_dim",

@@ -33,6 +33,7 @@ FAMILY = Family(
     name="Phi-3",
     model_types=("phi3",),
     positions="position_ids",
+    position_encoding="rotary",
     tiny_config=tiny_config,
     known_configs={"microsoft/Phi-3-mini-4k-instruct": phi_3_mini_4k},
     needed="as Llama, plus the sliding window: prompt + text must fit it",

@@ -34,6 +34,7 @@ FAMILY = Family(
     name="Qwen2",
     model_types=("qwen2",),
     positions="position_ids",
+    position_encoding="rotary",
     tiny_config=tiny_config,
     known_configs={"Qwen/Qwen2.5-0.5B": qwen2_5_0_5b},
     needed="as Llama (K key/value heads, explicit position_ids)",

@@ -35,6 +35,7 @@ FAMILY = Family(
     name="Qwen3",
     model_types=("qwen3",),
     positions="position_ids",
+    position_encoding="rotary",
     tiny_config=tiny_config,
     known_configs={"Qwen/Qwen3-0.6B": qwen3_0_6b},
     needed="as Llama, with D from the config's head_dim (not C / H)",
