@@ -278,41 +278,25 @@ def read(
     shape = check_base_shape(document["base_model"], base_model, config_path)
     weights_name, weights_bytes, weights_sha256 = weights_record(document["weights"], config_path)
     weights_path = directory / weights_name
-    tensors = read_safetensors(weights_path, weights_bytes, weights_sha256)
-    for name, tensor in tensors.items():
-        if not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
-            problem = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else "NaN or infinite values"
-            raise AdapterFormatError(
-                f"{weights_path}: tensor {name!r} holds {problem}: expected finite floating-point weights. Fix: the "
-                "adapter is damaged or was saved from a run that diverged; re-save it from a good checkpoint."
-            )
-    materialized = tensors.get("materialized")
-    if materialized is None and (spec.materialized is not None or materialized_only or not document["encoder_weights"]):
-        raise AdapterFormatError(f"{weights_path}: the tensor 'materialized' is missing.")
-    if materialized is not None:
-        output_shape = (config.num_virtual_tokens, spec.output_width(shape))
-        if tuple(materialized.shape) != output_shape:
-            raise AdapterFormatError(
-                f"{weights_path}: 'materialized' has shape {tuple(materialized.shape)}: expected "
-                f"[num_virtual_tokens, width] = {output_shape} for this {config.method} config on this base. Fix: "
-                "the weights and the config come from different adapters; re-save the adapter."
-            )
+    width = spec.output_width(shape)
+    if document["encoder_weights"]:
+        with torch.device("meta"):  # the shapes only: a config asking for a huge table allocates nothing
+            expected = {f"prompt.{key}": tuple(value.shape) for key, value in spec.empty(config, shape).state_dict()
+                        .items()}
+        if spec.materialized is not None:
+            expected["materialized"] = (config.num_virtual_tokens, width)
+    else:  # saved from a MaterializedPrompt: its table and its output, the same [P, width]
+        expected = {"prompt.embedding.weight": (config.num_virtual_tokens, width),
+                    "materialized": (config.num_virtual_tokens, width)}
+    if materialized_only and "materialized" not in expected:
+        raise AdapterFormatError(f"{weights_path}: a {config.method} adapter stores no single output table: load it "
+                                 "whole (materialized_only=False).")
+    tensors = read_safetensors(weights_path, weights_bytes, weights_sha256, expected_shapes=expected,
+                               shape_meanings={"materialized": "[num_virtual_tokens, width]"})
     if materialized_only or not document["encoder_weights"]:
-        module: nn.Module = MaterializedPrompt(materialized)
-        state = {"embedding.weight": materialized}
+        module: nn.Module = MaterializedPrompt(tensors["materialized"])
     else:
         module = spec.empty(config, shape)
-        state = {key.removeprefix("prompt."): value for key, value in tensors.items() if key.startswith("prompt.")}
-    expected = module.state_dict()
-    problems = sorted(set(expected) ^ set(state)) + [
-        f"{key}: {tuple(state[key].shape)} stored vs {tuple(expected[key].shape)} expected"
-        for key in set(expected) & set(state)
-        if state[key].shape != expected[key].shape
-    ]
-    if problems:
-        raise AdapterFormatError(
-            f"{weights_path}: tensors do not match the {config.method} config: {problems}. "
-            "Fix: the weights and the config come from different adapters; re-save the adapter."
-        )
-    module.load_state_dict(state)
+        module.load_state_dict({key.removeprefix("prompt."): value for key, value in tensors.items()
+                                if key.startswith("prompt.")})
     return config, module.to(base_model.get_input_embeddings().weight.device)

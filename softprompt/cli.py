@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import enum
+import errno
 import inspect
 import json
 import os
@@ -458,8 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; ``sys.argv[1:]`` when None.
 
     Returns:
-        The exit status: 0; 2 after printing the message of a `ValueError` (bad input, with its fix); 130 after
-        Ctrl-C, with what a training run's message says about resuming it.
+        The exit status: 0; 2 after printing the message of a `ValueError` (bad input, with its fix); 1 after an
+        operating-system error (permissions, a full disk, ...), said in words with the fix; 130 after Ctrl-C, with
+        what a training run's message says about resuming it.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -467,9 +469,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"softprompt {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interruption:
-        print(f"\nsoftprompt {args.command}: {interruption or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as interruption:  # a training run's says where it stopped; any other, that it did
+        print(f"\nsoftprompt {args.command}: {str(interruption) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         return 130
+    except OSError as error:
+        print(f"softprompt {args.command}: error: {describe_os_error(error, args.command)}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if "symlink loop" not in str(error).lower():  # pathlib's resolve() reports a loop as a RuntimeError
+            raise
+        print(f"softprompt {args.command}: error: {error}: the path leads in a circle of symbolic links. Fix: "
+              "point to the real file or folder.", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(error: OSError, command: str) -> str:
+    """What an operating-system error means for the command, with the fix: no traceback for them."""
+    where = f"{error.filename}: " if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        resume = (" Nothing already written is lost: every file is written whole or not at all, and the newest "
+                  "checkpoint is complete. Fix: free space, then run the same command with --resume."
+                  if command == "train" else " Fix: free space, then run the command again.")
+        return f"{where}no space left on the device.{resume}"
+    if isinstance(error, PermissionError):
+        return f"{where}permission denied. Fix: choose a folder you may write to (or read, for inputs)."
+    if isinstance(error, IsADirectoryError):
+        return f"{where}a folder where a file is expected. Fix: pass the file, or another path."
+    if isinstance(error, (NotADirectoryError, FileExistsError)):
+        return f"{where}a file where a folder is expected (or in its path). Fix: pass a folder, or another path."
+    if error.errno == errno.ELOOP:
+        return f"{where}the path leads in a circle of symbolic links. Fix: point to the real file or folder."
+    return f"{where}{error.strerror or error}. Fix: check the path and the disk."
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Shapes: B batch, T tokens.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,37 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 # --- Loading ----------------------------------------------------------------------------------------------------
 
 
+def _diagnose_text_file(path: pathlib.Path, builder: str) -> str | None:
+    """Why a CSV or JSON file could not be read, in words naming the line, or None when no cause is found here.
+
+    ``datasets`` reports most unreadable files as "An error occurred while generating the dataset": the encoding
+    and, for JSON Lines, the first malformed line are found by reading the file once more, line by line.
+    """
+    if builder not in ("csv", "json"):
+        return None
+    with path.open("rb") as file:
+        start = file.read(4)
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "it is UTF-16 text (it starts with a UTF-16 byte-order mark): expected UTF-8. Fix: save it as UTF-8."
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (f"line {number} is not UTF-8 ({error.reason} at byte {error.start}): expected UTF-8 text. "
+                        "Fix: save the file as UTF-8.")
+            if builder == "json" and text.strip() and not start.lstrip().startswith(b"["):  # JSON Lines
+                try:
+                    record = json.loads(text)
+                except (json.JSONDecodeError, RecursionError) as error:
+                    return (f"line {number} is not a JSON record ({getattr(error, 'msg', 'nested too deeply')}): "
+                            "expected one JSON object per line. Fix: correct or remove that line.")
+                if not isinstance(record, dict):
+                    return (f"line {number} holds a JSON {type(record).__name__}: expected one JSON object per line "
+                            "(column name -> value). Fix: correct or remove that line.")
+    return None
+
+
 def load_rows(
     source: str | os.PathLike[str], *, config_name: str | None = None, split: str = "train"
 ) -> datasets.Dataset:
@@ -81,6 +113,9 @@ def load_rows(
     path = pathlib.Path(source)
     builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
     if builder is not None:
+        if path.is_dir():
+            raise DataError(f"Data file {str(path)!r} is a folder: expected a {path.suffix} file. Fix: pass the file's "
+                            "path, or a Hub dataset name.")
         if not path.is_file():
             raise DataFileNotFoundError(
                 f"Data file {str(path)!r} does not exist (resolved to {str(path.resolve())!r}). "
@@ -99,6 +134,9 @@ def load_rows(
             # A header-only CSV or an empty JSON list surfaces as this split error instead of an empty dataset.
             if "corresponds to no data" in str(error):
                 raise _empty_dataset_error(source, split) from error
+            cause = _diagnose_text_file(path, builder)
+            if cause is not None:
+                raise DataError(f"Could not read {str(path)!r} as {builder}: {cause}") from None
             raise DataError(
                 f"Could not read {str(path)!r} as {builder} (split {split!r}): {error}. "
                 f"Fix: check that the file is valid {builder} with one row per record and that split is 'train' "
@@ -204,7 +242,9 @@ def tokenizer_eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    """Each text's token ids, the text read as text: no special tokens added, and a special-token string in it
+    (``</s>``, ``<|im_end|>``) split into ordinary tokens, never turned into the control token it spells."""
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
 
 
 def task_values(rows: Rows, task_column: str | None) -> list[Any] | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub.constants
-from huggingface_hub import CommitInfo, HfApi, ModelCardData, snapshot_download
+from huggingface_hub import CommitInfo, HfApi, ModelCardData, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
@@ -83,18 +83,35 @@ def adapter_directory(name_or_path: str | os.PathLike[str], options: HubOptions 
             hub cannot be reached (or offline mode is on) and the cache has no snapshot of it. Each message says
             what to do.
     """
-    local = Path(name_or_path)
-    if options.subfolder:
-        local = local / options.subfolder
+    name = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else name_or_path
+    if not isinstance(name, str) or not name.strip():
+        raise AdapterFormatError(
+            f"model_id={name_or_path!r}: expected an adapter directory or a hub repository id ('owner/name'). Fix: "
+            "pass the directory save_pretrained wrote (use '.' for the current folder), or a hub id."
+        )
+    subfolder = check_subfolder(options.subfolder)
+    check_revision(options.revision)
+    root = Path(name)
+    if root.is_file() and root.name in ADAPTER_FILES:
+        raise AdapterFormatError(
+            f"{root}: a file of an adapter: expected the adapter's directory. Fix: pass {str(root.parent)!r}, the "
+            "folder that holds it."
+        )
+    local = root / subfolder if subfolder else root
     if local.is_dir():
+        if not (local / CONFIG_FILE).is_file() and not _holds_adapters(local) and _cached(name, subfolder, options):
+            raise AdapterFormatError(
+                f"{local}: a local folder without an adapter hides the hub repository {name!r} of the same name, "
+                "which huggingface_hub's cache holds. Fix: run from another folder (or rename the folder) to load the "
+                "hub repository, or point to the adapter's own directory."
+            )
         return local
-    name = str(name_or_path)
     if not is_repository_id(name):
         raise AdapterFormatError(
             f"{local}: adapter directory not found (and {name!r} is no hub repository id either). Fix: pass the "
             "directory save_pretrained wrote, or a hub id 'owner/name'."
         )
-    prefix = f"{options.subfolder.strip('/')}/" if options.subfolder else ""
+    prefix = f"{subfolder}/" if subfolder else ""
     revision = options.revision or "main"
     where = f"{name!r} (revision {revision!r}{', subfolder ' + repr(options.subfolder) if options.subfolder else ''})"
     try:
@@ -127,7 +144,62 @@ def adapter_directory(name_or_path: str | os.PathLike[str], options: HubOptions 
         ) from None
     except HfHubHTTPError as error:
         raise AdapterFormatError(f"{where}: the hub answered with an error ({error}). Fix: retry later.") from None
-    return Path(snapshot) / prefix if prefix else Path(snapshot)
+    directory = Path(snapshot) / subfolder if subfolder else Path(snapshot)
+    if not directory.resolve().is_relative_to(Path(snapshot).resolve()):  # a link in the snapshot that leaves it
+        raise AdapterFormatError(f"{where}: the subfolder leads outside the repository's snapshot. Fix: pass a "
+                                 "subfolder of the repository.")
+    return directory
+
+
+def check_subfolder(subfolder: object) -> str | None:
+    """`subfolder` as a relative path that stays inside the folder or repository it names part of, or None.
+
+    Raises:
+        AdapterFormatError: not a string, absolute, or with a '..' part (it would leave the adapter's directory or
+            the repository's snapshot).
+    """
+    if subfolder is None or subfolder == "":
+        return None
+    parts = Path(subfolder).parts if isinstance(subfolder, str) else None
+    if parts is None or Path(subfolder).is_absolute() or ".." in parts or "\\" in subfolder:
+        raise AdapterFormatError(
+            f"subfolder={subfolder!r}: expected a relative path inside the adapter directory or repository (no "
+            "leading '/', no '..'). Fix: e.g. subfolder='quotes', the adapter's folder in it."
+        )
+    return "/".join(part for part in parts if part != ".") or None
+
+
+def check_revision(revision: object) -> None:
+    """Refuses a `revision` that is not a branch, tag or commit name (a path could leave the hub cache's refs).
+
+    Raises:
+        AdapterFormatError: not a string, or with a '..' part, a leading '/', a backslash or a control character.
+    """
+    if revision is None:
+        return
+    if (not isinstance(revision, str) or not revision or revision.startswith("/") or ".." in revision.split("/")
+            or "\\" in revision or any(ord(char) < 32 for char in revision)):
+        raise AdapterFormatError(
+            f"revision={revision!r}: expected a branch, tag or commit of the repository. Fix: e.g. revision='main' "
+            "or a commit hash."
+        )
+
+
+def _cached(name: str, subfolder: str | None, options: HubOptions) -> bool:
+    """Whether huggingface_hub's cache holds an adapter config for the hub id `name`."""
+    if not is_repository_id(name):
+        return False
+    found = try_to_load_from_cache(name, f"{subfolder}/{CONFIG_FILE}" if subfolder else CONFIG_FILE,
+                                   cache_dir=options.cache_dir, revision=options.revision)
+    return isinstance(found, str)
+
+
+def _holds_adapters(directory: Path) -> bool:
+    """Whether `directory` holds adapters in subfolders (PEFT's layout for adapters not named 'default')."""
+    try:
+        return any((child / CONFIG_FILE).is_file() for child in directory.iterdir())
+    except OSError:
+        return False
 
 
 def upload_folder(

@@ -15,6 +15,7 @@ Shapes: B batch, T tokens, V vocabulary (the base model's embedding rows).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -157,6 +158,39 @@ def check_loaded_names(names: Iterable[Any], loaded: Iterable[str], allow_none: 
         )
 
 
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Refuses a batch to generate from whose rows are not left-padded (padding, if any, before the real tokens).
+
+    New tokens follow each row's last column: a right-padded row would continue after its padding, and its
+    continuation would differ from the row's own.
+
+    Raises:
+        ValueError: naming the first such row and the fix.
+    """
+    after_real = attention_mask.diff(dim=1) < 0  # [B, T - 1]: a real token followed by a hidden one
+    if bool(after_real.any()):
+        row = int(after_real.any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"attention_mask row {row} has padding after real tokens: generation continues every row from its last "
+            "column, so a right-padded row would continue after its padding. Fix: pad on the left "
+            "(tokenizer.padding_side = 'left', or AutoTokenizer.from_pretrained(..., padding_side='left'))."
+        )
+
+
+def check_some_label(labelled_positions: torch.Tensor) -> None:
+    """Refuses a mean loss over a batch whose ``[B]`` labelled-position counts are all 0 (a mean of nothing).
+
+    Raises:
+        ValueError: saying why and the fix.
+    """
+    if int(labelled_positions.sum()) == 0:
+        raise ValueError(
+            "The labels hold no labelled position (every label is -100, or only first tokens that nothing before "
+            "them predicts): the mean loss would be NaN. Fix: label at least one token per batch; a training loop "
+            "skips such a batch (softprompt's counts them), or use reduction='sum', which is 0 there."
+        )
+
+
 def check_task_ids(task_ids: Any, batch_size: int) -> torch.Tensor | None:
     """Each row's task id (multitask prompt tuning) as a CPU long tensor ``[B]``, or None.
 
@@ -173,15 +207,28 @@ def check_task_ids(task_ids: Any, batch_size: int) -> torch.Tensor | None:
     return task_ids.long().cpu()
 
 
+ADAPTER_NAME_RULE = "1 to 64 letters, digits, '_' or '-', not starting with '-'"
+"""What an adapter name may be. A name becomes a module name and a folder under the directory it is saved to, so
+nothing in it may leave that folder (no '/', '\\', '..'), start an option, or hide (spaces, newlines)."""
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def is_adapter_name(name: object) -> bool:
+    """Whether `name` follows `ADAPTER_NAME_RULE`."""
+    return isinstance(name, str) and _ADAPTER_NAME.fullmatch(name) is not None
+
+
 def check_new_adapter_name(adapter_name: object, loaded: Iterable[str]) -> None:
     """Checks that `adapter_name` can name one more adapter beside the `loaded` ones.
 
     Raises:
-        ValueError: not a non-empty string without ``.`` (it becomes a module name), or already loaded.
+        ValueError: not a name by `ADAPTER_NAME_RULE`, or already loaded.
     """
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+    if not is_adapter_name(adapter_name):
         raise ValueError(
-            f"adapter_name={adapter_name!r}: expected a non-empty string without '.'. Fix: e.g. 'complaints'."
+            f"adapter_name={adapter_name!r}: expected {ADAPTER_NAME_RULE}, since it names a module and the folder it "
+            "is saved to. Fix: e.g. 'complaints'."
         )
     loaded = sorted(loaded)
     if adapter_name in loaded:

@@ -1,14 +1,10 @@
 """`SoftPromptModel`: a frozen causal LM and its soft-prompt adapters, joined only at the model's public seams.
 
 The base model is frozen and never changed (`softprompt.frozen`); the adapters are ordinary modules kept beside it,
-one per name, each built by its method (``softprompt/methods/``). A call goes down one way:
-
-1. the row layout: every row's adapter and where it sits (`softprompt.rows`), built once;
-2. each present adapter's entry: its method's ``enter`` (virtual tokens, keys and values, or an attention patch);
-3. a route through the frozen model: `forward` in PEFT's layout (`softprompt.routes`), `compute_loss` with the LM
-   head at labelled positions only (`softprompt.training_loss`), `generate` through transformers' own
-   ``generate`` (`softprompt.generation`).
-
+one per name, each built by its method (``softprompt/methods/``). A call goes down one way: the inputs checked and
+the row layout built once (`softprompt.rows`); each present adapter's entry from its method's ``enter``; a route
+through the frozen model: `forward` in PEFT's layout (`softprompt.routes`), `compute_loss` with the LM head at
+labelled positions only (`softprompt.training_loss`), `generate` through transformers' own (`softprompt.generation`).
 Every route gives the real tokens the positions they have alone (`softprompt.positions`).
 
 Shapes: B batch, T tokens, P virtual tokens, V vocab.
@@ -33,14 +29,16 @@ from softprompt.entries import Entry, EntryRequest
 from softprompt.families.family import BaseModelShape, Family
 from softprompt.frozen import FrozenModel
 from softprompt.inputs import (
-    check_generate_options,
-    check_loaded_names,
-    check_labels,
-    check_loss_implementation,
-    check_model_inputs,
     check_adapter_names_argument,
     check_forward_options,
+    check_generate_options,
+    check_labels,
+    check_left_padded,
+    check_loaded_names,
+    check_loss_implementation,
+    check_model_inputs,
     check_new_adapter_name,
+    check_some_label,
     check_task_ids,
 )
 from softprompt.loss import LossImplementation
@@ -182,8 +180,8 @@ class SoftPromptModel(nn.Module):
         names = check_adapter_names_argument(adapter_names, batch_size, self._active_adapter)
         self.check_adapter_names(names)
         specs = {name: method_of(self.adapter_configs[name]) for name in names if name is not None}
-        return RowLayout.of(names, lengths={name: spec.num_slots(self.adapter_configs[name]) for name, spec in
-                                            specs.items()}, kinds={name: spec.enters_as for name, spec in specs.items()})
+        lengths = {name: spec.num_slots(self.adapter_configs[name]) for name, spec in specs.items()}
+        return RowLayout.of(names, lengths, kinds={name: spec.enters_as for name, spec in specs.items()})
 
     def _prepare(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, adapter_names: Any, task_ids: Any,
@@ -274,14 +272,15 @@ class SoftPromptModel(nn.Module):
             task_ids: ``[B]`` each row's task, as in `forward`.
 
         Returns:
-            The scalar loss (fp32; fp64 for a float64 model); NaN for a mean without labels, like `forward`.
+            The scalar loss (fp32; fp64 for a float64 model).
 
         Raises:
-            ValueError: mismatched shapes, an unknown adapter name, implementation, layout or reduction, or inputs
-                longer than the model can attend to.
+            ValueError: mismatched shapes, an unknown adapter name, implementation, layout or reduction, a mean over
+                no labelled position, or inputs longer than the model can attend to.
         """
         check_loss_choices(implementation, virtual_token_layout, reduction)
-        if implementation == "full" and reduction == "mean":
+        if implementation == "full" and reduction == "mean":  # the reference: forward's own loss
+            check_some_label(self.labelled_positions(labels, adapter_names, task_ids))
             return self.forward(input_ids, attention_mask, labels, adapter_names, task_ids=task_ids).loss
         return self._loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout,
                           task_ids, reduction)[0]
@@ -359,12 +358,13 @@ class SoftPromptModel(nn.Module):
             ``return_dict_in_generate=True``, transformers' output object, whose ``sequences`` are that tensor.
 
         Raises:
-            ValueError: ``inputs_embeds`` among the options, an unknown adapter name, or prompt + text + new tokens
-                longer than the model can attend to.
+            ValueError: ``inputs_embeds`` among the options, an unknown adapter name, a row that is not
+                left-padded, or prompt + text + new tokens longer than the model can attend to.
         """
         check_generate_options(generate_kwargs)
         with torch.no_grad():
             attention_mask, layout, entries = self._prepare(input_ids, attention_mask, adapter_names, task_ids)
+        check_left_padded(attention_mask)
         return generation.generate(self.frozen, layout, entries, input_ids, attention_mask, **generate_kwargs)
 
     # ------------------------------------------------------------------ parameters

@@ -70,6 +70,16 @@ def read(directory: Path, document: dict[str, Any], base_model: PreTrainedModel)
     config = config_from_dict(spec.name, fields, str(config_path))
 
     shape = family_of(base_model.config).shape(base_model.config)
+    if spec.enters_as == "key_values":
+        # A flat [P, L * 2 * K * D] table fits any base whose product agrees; only the recorded shape tells them apart.
+        absent = [key for key in spec.peft_shape_fields(shape) if not _is_count(document.get(key))]
+        if absent:
+            raise AdapterFormatError(
+                f"{config_path}: {', '.join(absent)} missing or not a positive integer: a {spec.peft_type} table is "
+                f"one [num_virtual_tokens, L * 2 * K * D] row per slot, which fits any base whose product agrees, so "
+                "without them the base it was made for is unknown. Fix: add the fields PEFT writes (token_dim = K * "
+                "D, num_layers, num_attention_heads = K of the base it was trained on)."
+            )
     names = {"token_dim": "hidden_size" if spec.enters_as == "virtual_tokens" else "key/value width K x D",
              "num_attention_heads": "num_heads" if spec.enters_as == "virtual_tokens" else "num_key_value_heads",
              "num_layers": "num_layers"}
@@ -87,19 +97,16 @@ def read(directory: Path, document: dict[str, Any], base_model: PreTrainedModel)
         )
 
     weights_path = directory / PEFT_WEIGHTS_FILE
-    tensors = read_safetensors(weights_path, record="the PEFT adapter config")
     expected = spec.expected_peft_tensors(config, base_model)
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise AdapterFormatError(f"{weights_path}: tensor {missing[0]!r} missing; found {sorted(tensors)}.")
-    for name, wanted in expected.items():
-        if tuple(tensors[name].shape) != tuple(wanted):
-            raise AdapterFormatError(
-                f"{weights_path}: {name} has shape {tuple(tensors[name].shape)}: expected {tuple(wanted)} for this "
-                f"{spec.name} config on this base."
-            )
+    width = "C" if spec.enters_as == "virtual_tokens" else "L * 2 * K * D"
+    tensors = read_safetensors(weights_path, record="the PEFT adapter config", expected_shapes=expected,
+                               shape_meanings={name: f"[num_virtual_tokens, {width}]" for name in expected})
     tables = {name: tensors[name].float() for name in expected}
     return config, spec.peft_module(config, base_model, tables).to(base_model.get_input_embeddings().weight.device)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def peft_config_document(config: SoftPromptConfig, base_model: PreTrainedModel) -> dict[str, Any]:

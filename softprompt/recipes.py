@@ -92,7 +92,15 @@ def _classification_parts(
     texts = text_values(rows, text_column, "--text-column")
     labels = text_values(rows, label_column, "--label-column")
 
-    target_ids = [ids + [eos_token_id] for ids in encode_texts(tokenizer, labels)]
+    label_ids = encode_texts(tokenizer, labels)
+    special = set(tokenizer.all_special_ids)
+    for row, ids in enumerate(label_ids):
+        if ids and set(ids) <= special:  # e.g. characters the tokenizer knows only as <unk>
+            raise DataError(
+                f"Row {row}: the label {labels[row]!r} encodes to special tokens only ({ids}), which decoding skips: "
+                "no prediction could ever match it. Fix: use label texts the tokenizer encodes as words."
+            )
+    target_ids = [ids + [eos_token_id] for ids in label_ids]
     empty_prompt_length = len(encode_texts(tokenizer, [classification_prompt(text_column, "")])[0])
     # One budget for all rows, set by the longest target: a per-row budget would cut the text of rows with longer
     # labels more, and the prompt length would then leak the label.

@@ -85,7 +85,8 @@ def prefix_for_rows(
         if entry.targets is not None:
             virtual_labels[name] = VirtualLabels(hidden, entry)
         if entry.group_of_row is not None:  # each row its own prompt
-            keys, values, hidden = keys[:, entry.group_of_row], values[:, entry.group_of_row], hidden[entry.group_of_row]
+            rows = entry.group_of_row
+            keys, values, hidden = keys[:, rows], values[:, rows], hidden[rows]
         key_values[name] = keys, values
         last[name] = hidden[:, -1]
     if slots.uniform:

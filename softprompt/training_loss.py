@@ -27,9 +27,21 @@ import torch
 
 from softprompt.entries import Entry
 from softprompt.frozen import DecoderInputs, FrozenModel
-from softprompt.loss import IGNORE_INDEX, LossImplementation, linear_cross_entropy, next_token_targets
+from softprompt.inputs import check_some_label
+from softprompt.loss import (
+    IGNORE_INDEX,
+    LossImplementation,
+    linear_cross_entropy,
+    next_token_targets,
+)
 from softprompt.positions import check_positions, position_inputs
-from softprompt.routes import patches, prefix_for_rows, sequence_inputs, sequence_targets, sequence_weights
+from softprompt.routes import (
+    patches,
+    prefix_for_rows,
+    sequence_inputs,
+    sequence_targets,
+    sequence_weights,
+)
 from softprompt.rows import RowLayout
 
 VirtualTokenLayout = Literal["auto", "prefix", "sequence"]
@@ -261,6 +273,8 @@ def reduced_loss(
     """The batch's loss, reduced as `SoftPromptModel.compute_loss` says (``mean``, ``sum``, ``adapter_mean``), and
     each row's labelled positions ``[B]`` (`labelled_counts`)."""
     counts = labelled_counts(layout, entries, labels)  # [B]
+    if reduction != "sum":
+        check_some_label(counts)  # before any work: a mean over nothing has no value
     row_weights = adapter_mean_weights(layout, counts) if reduction == "adapter_mean" else None
     losses = labelled_losses(frozen, layout, entries, input_ids, attention_mask, labels, implementation,
                              virtual_token_layout, row_weights)

@@ -5,6 +5,7 @@ the test that makes it."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,10 +15,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 from real_model import GGUF_NAME, TRANSFORMERS_FOLDER, RealModelUnavailable, real_model_directory  # noqa: E402
 
 from softprompt.quickstart import build_tiny_bloom, build_tokenizer  # noqa: E402
+from softprompt.training import TrainConfig, train  # noqa: E402
 
+import catalogue  # noqa: E402
 from helpers import (  # noqa: E402
     UNUSED_EMBEDDING_ROWS,
     RealModelFiles,
@@ -83,3 +87,17 @@ def real_model_files() -> RealModelFiles:
             pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
         pytest.skip(reason)
     return RealModelFiles(folder=folder, gguf=folder / GGUF_NAME, transformers_directory=folder / TRANSFORMERS_FOLDER)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One finished run (catalogue.RUN_SETTINGS) that every case of a module copies."""
+    run = tmp_path_factory.mktemp("catalogue") / "run"
+    train(TrainConfig.from_dict({**catalogue.RUN_SETTINGS, "output_dir": str(run)}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_base(finished_run):
+    """The run's base model, loaded from its base-model/ (the catalogue's cases only read it)."""
+    return AutoModelForCausalLM.from_pretrained(finished_run / "base-model").eval()

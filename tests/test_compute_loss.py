@@ -253,12 +253,18 @@ def test_gradient_checkpointing_keeps_the_loss_and_gradients(method):
         torch.testing.assert_close(grads[name], expected_grads[name], **TOLERANCE, msg=name)
 
 
-def test_no_label_gives_nan_like_the_full_loss(base_model):
+def test_a_batch_without_labels_is_refused_by_the_mean_loss_and_nan_in_forward(base_model):
+    # forward keeps transformers' convention (a mean over no position is NaN); compute_loss's mean says why instead
+    # of returning NaN; the summed loss of a training step is 0 over 0 positions (the step skips and counts it).
     model = SoftPromptModel(base_model, METHODS["prompt-tuning"])
     batch = _batch([4, 2], num_tokens=4, labels="all")
     batch["labels"].fill_(-100)
-    assert torch.isnan(model.compute_loss(**batch, implementation="full"))
-    assert torch.isnan(model.compute_loss(**batch))
+    assert torch.isnan(model(**batch).loss)
+    for implementation in ("full", "torch"):
+        with pytest.raises(ValueError, match=r"labels hold no labelled position .* Fix: label at least one token"):
+            model.compute_loss(**batch, implementation=implementation)
+    total, counts = model.summed_loss(**batch)
+    assert float(total) == 0.0 and counts.tolist() == [0, 0]
 
 
 def test_frozen_base_gets_no_gradient(base_model):

@@ -26,6 +26,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         ConfigError: missing file, unsupported extension, parse error, or not a mapping.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config file {str(path)!r} is a folder: expected a .yaml, .yml or .json file. Fix: pass the "
+                          "file's path to --config.")
     if not path.is_file():
         raise ConfigError(f"Config file {str(path)!r} does not exist. Fix: check the path passed to --config.")
     suffix = path.suffix.lower()
@@ -34,7 +37,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             f"Config file {str(path)!r} has the extension {suffix!r}: expected .yaml, .yml or .json. "
             "Fix: rename it or convert it."
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Config file {str(path)!r} is not UTF-8 text ({error}). Fix: save it as UTF-8.") from None
     try:
         if suffix == ".json":
             values = json.loads(text)
@@ -42,6 +48,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             import yaml
 
             values = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"Config file {str(path)!r} is nested too deeply to be a settings file. Fix: write its "
+                          "settings as a flat or one-level mapping.") from None
     except Exception as error:  # yaml and json raise different types; both mean "cannot parse"
         raise ConfigError(f"Config file {str(path)!r} cannot be parsed: {error}. Fix: correct its syntax.") from None
     if values is None:

@@ -13,8 +13,13 @@ from typing import Any
 import torch
 
 from softprompt.data import DataError, load_rows
+from softprompt.inputs import ADAPTER_NAME_RULE, is_adapter_name
 from softprompt.quickstart import shipped_dataset_path
-from softprompt.recipes import causal_lm_examples, classification_eval_examples, classification_examples
+from softprompt.recipes import (
+    causal_lm_examples,
+    classification_eval_examples,
+    classification_examples,
+)
 from softprompt.training.config import TrainConfig
 from softprompt.training.sections import adapter_name_for_source
 
@@ -81,10 +86,10 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
         prompts += source_prompts
     names = sorted({example["task"] for example in train + evaluation})
     for name in names:
-        if not isinstance(name, str) or not name or "." in name:
+        if not is_adapter_name(name):
             raise DataError(
-                f"Task value {name!r} (column {config.data.task_column!r}) cannot name an adapter: expected a non-empty "
-                "string without '.'. Fix: clean the task column."
+                f"Task value {name!r} (column {config.data.task_column!r}) cannot name an adapter: expected "
+                f"{ADAPTER_NAME_RULE}. Fix: clean the task column."
             )
     if whole_split is None and not train:
         raise DataError(

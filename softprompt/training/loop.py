@@ -365,9 +365,12 @@ def run_loop(run: RunState, started: float) -> TrainResult:
             global_step = run.global_step
             throughput = step.tokens / (time.perf_counter() - step_started)
             learning_rate = run.scheduler.get_last_lr()[0]
-            run.metrics.append({"event": "train", "epoch": epoch + (step_in_epoch + 1) / run.steps_per_epoch,
-                                "step": global_step, "loss": step.loss, "lr": learning_rate,
-                                "grad_norm": step.grad_norm, "tokens_per_second": throughput})
+            record = {"event": "train", "epoch": epoch + (step_in_epoch + 1) / run.steps_per_epoch,
+                      "step": global_step, "loss": step.loss, "lr": learning_rate, "grad_norm": step.grad_norm,
+                      "tokens_per_second": throughput}
+            if step.skipped_micro_batches:  # micro-batches without a labelled position: counted, never a NaN
+                record["skipped_micro_batches"] = step.skipped_micro_batches
+            run.metrics.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{throughput:,.0f}")
             if step_in_epoch + 1 == run.steps_per_epoch:

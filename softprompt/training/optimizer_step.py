@@ -49,6 +49,8 @@ class StepResult:
     """L2 norm over every adapter's gradient, before clipping."""
     tokens: int
     """Real tokens the step processed (all processes)."""
+    skipped_micro_batches: int = 0
+    """This process's micro-batches without a labelled position, skipped (they have no loss to learn from)."""
 
 
 def optimizer_step(
@@ -87,8 +89,13 @@ def optimizer_step(
     loss_sum = torch.zeros((), device=device)
     counts = torch.zeros(len(names), device=device)  # labelled tokens per adapter
     tokens = torch.zeros((), device=device)
+    skipped = 0
     for batch in micro_batches:
         row_names = batch["task"]
+        tokens += batch["attention_mask"].sum()
+        if not bool((batch["labels"] != -100).any()):  # nothing to learn from: no forward at all
+            skipped += 1
+            continue
         with autocast():
             # Each row trains the adapter of its task; the sum over labelled tokens is divided below, once the
             # step's token count over all micro-batches and processes is known.
@@ -96,8 +103,8 @@ def optimizer_step(
                                               row_names, **loss_options)
         for index, name in enumerate(names):
             counts[index] += per_row[[n == name for n in row_names]].sum()
-        tokens += batch["attention_mask"].sum()
-        if int(per_row.sum()) == 0:
+        if int(per_row.sum()) == 0:  # only first tokens that nothing before them predicts
+            skipped += 1
             continue
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
@@ -139,7 +146,8 @@ def optimizer_step(
             raise NonFiniteStep("gradient norm", math.sqrt(squared_norms))
         optimizer.step()
     scheduler.step()
-    return StepResult(loss=mean_loss, grad_norm=math.sqrt(squared_norms), tokens=int(tokens))
+    return StepResult(loss=mean_loss, grad_norm=math.sqrt(squared_norms), tokens=int(tokens),
+                      skipped_micro_batches=skipped)
 
 
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
