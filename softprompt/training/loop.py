@@ -13,8 +13,10 @@
    for bit on CPU), and `finish` saves the adapters, the plot and a few generations.
 
 Several processes (``torchrun``): every process holds the frozen base and the adapters and takes its share of each
-micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files. Nothing here prints:
-progress goes to tqdm bars and to the ``on_event`` callback, which the CLI prints.
+micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files. With ``--fsdp`` the
+base is sharded over the processes instead (`softprompt.training.fsdp`): every process then runs each evaluation
+and generation with the others (every pass gathers weights from all of them), and rank 0 still writes alone.
+Nothing here prints: progress goes to tqdm bars and to the ``on_event`` callback, which the CLI prints.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from softprompt.training.evaluation import (
     to_device,
 )
 from softprompt.training.examples import PreparedData, epoch_order, prepare_data
+from softprompt.training.fsdp import process_mesh, shard_frozen_base
 from softprompt.training.metrics import MetricsLog, plot_metrics, read_metrics
 from softprompt.training.optimizer_step import (
     NonFiniteStep,
@@ -142,6 +145,8 @@ class RunState:
     metrics: MetricsLog
     steps_per_epoch: int
     total_steps: int
+    sharded: bool = False
+    """The base is sharded over the processes (``--fsdp``): every process runs every pass of the model."""
     on_event: Callable[[Event], None] | None = None
     stop_requested: Callable[[], bool] | None = None
     """Asked before every optimizer step (see `train`)."""
@@ -191,8 +196,9 @@ def train(
 ) -> TrainResult:
     """Runs one training run end to end (see the module docstring).
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it joins the process group (gloo on CPU, NCCL on
-    CUDA) unless one is already initialized, and leaves it at the end if it joined it.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment, or any ``WORLD_SIZE`` with ``--fsdp``) it joins the
+    process group (gloo on CPU, NCCL on CUDA) unless one is already initialized, and leaves it at the end if it
+    joined it.
 
     Args:
         config: the run's settings.
@@ -219,7 +225,8 @@ def train(
         ValueError: the base model cannot be loaded, or the loss implementation cannot run on the device.
     """
     joined = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size is not None and (int(world_size) > 1 or config.execution.fsdp) and not dist.is_initialized():
         backend = "nccl" if config.execution.device != "cpu" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         joined = True
@@ -273,7 +280,11 @@ def setup(
     if base_directory is not None:
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
     data = prepare_data(config, tokenizer)
-    base.to(device)
+    sharded = config.execution.fsdp and dist.is_initialized()
+    if sharded:  # the adapters are built where the embeddings are; the layers reach the device as they are sharded
+        base.get_input_embeddings().to(device)
+    else:
+        base.to(device)
     names = data.adapter_names
     model = SoftPromptModel(base, config.adapter, tokenizer=tokenizer, adapter_name=names[0])
     for name in names[1:]:
@@ -298,7 +309,7 @@ def setup(
     run = RunState(
         config=config, output_dir=output_dir, rank=rank, world_size=world_size, device=device,
         autocast_dtype=autocast_dtype, tokenizer=tokenizer, base_name=base.config._name_or_path, data=data,
-        model=model, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+        model=model, trainable=trainable, optimizer=optimizer, scheduler=scheduler, sharded=sharded,
         scaler=torch.amp.GradScaler("cuda") if autocast_dtype is torch.float16 else None,
         metrics=MetricsLog(output_dir / METRICS_FILE, enabled=rank == 0),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, on_event=on_event,
@@ -310,13 +321,15 @@ def setup(
         if base_directory is not None:
             save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
         write_run_config(output_dir, config)
+    if sharded:  # after the writes: the embedded base is saved whole
+        shard_frozen_base(model, process_mesh(device), param_dtype=autocast_dtype)
     trainable_count, total_count = model.num_parameters()
     layout = config.execution.virtual_token_layout
     if layout == "auto":  # what it chooses for a full micro-batch (rows of one adapter)
         full = model.row_layout(optimization.batch_size, [names[0]] * optimization.batch_size)
         layout = f"auto: {layout_for(model.frozen, full, device)} for {optimization.batch_size} rows"
     run.emit("start", output_dir=str(output_dir), base_model=run.base_name, device=str(device),
-             processes=world_size, method=config.method, adapters=names, recipe=data.kind,
+             processes=world_size, fsdp=sharded, method=config.method, adapters=names, recipe=data.kind,
              train_examples=len(data.train), eval_examples=len(data.eval), steps=total_steps,
              trainable_parameters=trainable_count, total_parameters=total_count, virtual_token_layout=layout)
     return run
@@ -397,11 +410,13 @@ def own_batch(run: RunState, global_rows: list[int]) -> dict[str, Any] | None:
 
 
 def evaluate_and_log(run: RunState, epoch: int, step: int) -> dict[str, Any] | None:
-    """Evaluates on the held-out rows (rank 0, when there are any) and logs the record."""
+    """Evaluates on the held-out rows (rank 0, or every process when the base is sharded, when there are any) and
+    logs the record (rank 0)."""
     result = None
-    if run.is_main and run.data.eval:
+    if (run.is_main or run.sharded) and run.data.eval:
         result = evaluate(run.model, run.tokenizer, run.data, run.config.optimization.eval_batch_size,
                           run.config.data.padding, run.config.data.max_length, run.autocast_dtype)
+    if run.is_main and result is not None:
         record = {"event": "eval", "epoch": epoch, "step": step,
                   **{key: value for key, value in result.items() if key != "examples"}}
         run.metrics.append(record)
@@ -493,6 +508,7 @@ def finish(run: RunState, started: float) -> TrainResult:
         final_eval = next((r for r in reversed(evaluations) if r.get("step") == run.global_step), None)
         base = "the embedded tiny BLOOM" if config.uses_embedded_model else run.base_name
         plot_path = plot_metrics(run.output_dir / METRICS_FILE, run.output_dir / PLOT_FILE, f"{config.method} on {base}")
+    if run.is_main or run.sharded:
         generations = sample_generations(run.model, run.tokenizer, run.data, config.output.num_generations)
     run.barrier()
     result = TrainResult(
