@@ -4,20 +4,24 @@ bases that do not fit one device (``softprompt train --fsdp`` under ``torchrun``
 What is sharded, and when it is whole (N processes):
 
 - Every decoder layer is its own FSDP group: each process keeps 1/N of its weights; the layer is gathered
-  (all-gather) just before its forward, freed just after, and gathered again for its backward. Only the layer at
-  work (and the next one, prefetched) is ever whole.
+  (all-gather) just before its forward, freed just after, and gathered again for its backward, where the next
+  layer is gathered while the current one works.
 - The rest of the base (the input embeddings, the LM head, the final norm, learned positions: whatever is not in
   a layer) is one more group, the root, on the `SoftPromptModel` itself: sharded like the layers, but gathered for
   the whole of each call of the model (a training micro-batch's forward and backward, an evaluation batch, a
   ``generate`` call; FSDP frees a root at the end of a backward, so after a call without one it stays gathered
-  until the next step's backward ends, which leaves the peak unchanged). It cannot be gathered around a module call as the layers are: the label-only loss multiplies
-  the head's weight directly (`softprompt.frozen.FrozenModel.head_weight`, `softprompt.loss`), never through the
-  head module, and a tied head is the input embedding's own tensor. Held whole for the call, the head is a plain
-  tensor to the loss (the one-pass CPU head, the plain-logits head and the fused kernel alike), and a tied head is
-  gathered once for both of its uses. It costs one embedding matrix per process (two when the head is untied).
+  until the next step's backward ends, which leaves the peak unchanged). It cannot be gathered around a module
+  call as the layers are: the label-only loss multiplies the head's weight directly
+  (`softprompt.frozen.FrozenModel.head_weight`, `softprompt.loss`), never through the head module, and a tied head
+  is the input embedding's own tensor. Held whole for the call, the head is a plain tensor to the loss (the
+  one-pass CPU head, the plain-logits head and the fused kernel alike), and a tied head is gathered once for both
+  of its uses. It costs one embedding matrix per process (two when the head is untied).
 - The adapters are not sharded: every process holds them whole (they are small), FSDP ignores them, and
   `softprompt.training.optimizer_step` sums their gradients over processes as without ``--fsdp``. So the
   optimizer, the checkpoints and the adapter files are exactly those of a run without it.
+
+A gather briefly holds a group twice (FSDP's all-gather buffer, then the weights copied out of it), so a process's
+peak is about ``base / N + max(2 x root, root + 3 x layer)`` (measured: ``benchmarks/fsdp_memory.py``).
 
 The model's calls are FSDP forward methods: `SoftPromptModel.forward`, ``summed_loss``, ``compute_loss`` and
 ``generate`` gather the root; call the model through them (a pass run on ``model.frozen`` directly gathers only
@@ -37,11 +41,19 @@ whole; a method that read a layer's weights outside a call would find them shard
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from softprompt.model import SoftPromptModel
@@ -95,5 +107,21 @@ def shard_frozen_base(model: SoftPromptModel, mesh: DeviceMesh, param_dtype: tor
     # The root: whatever the layers leave (embeddings, head, norms), kept whole from the start of a call to the end
     # of its backward (FSDP's default for a root); the adapters are not FSDP's.
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(model.prompts.parameters()))
+    # Inside its forward hook, FSDP keeps a group's all-gather buffer until the next group's gather has begun (so
+    # that the two overlap): for the root, a second copy of the embeddings and head beside the first layer's two.
+    # Gathered just before the hook, outside FSDP's forward, the root's buffer is freed as soon as it is copied out.
+    model.register_forward_pre_hook(lambda module, args: module.unshard(), prepend=True)
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(model, name)
+        setattr(model, name, _gathered_first(model, getattr(model, name)))
+
+
+def _gathered_first(model: nn.Module, method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, after gathering `model`'s root group (``FSDPModule.unshard``; a no-op when it is gathered)."""
+
+    @functools.wraps(method)
+    def gathered_first(*args: Any, **kwargs: Any) -> Any:
+        model.unshard()
+        return method(*args, **kwargs)
+
+    return gathered_first
