@@ -217,7 +217,8 @@ def main() -> None:
         for family in ("bloomz", "Llama"):
             fitting = [row for row in projections
                        if family.lower() in row["model"].lower() and row[f"N={processes} GiB"] <= BUDGET_GIB]
-            entry[f"largest {family}"] = max(fitting, key=lambda row: row["parameters_B"])["model"] if fitting else "none"
+            largest_fitting = max(fitting, key=lambda row: row["parameters_B"]) if fitting else {"model": "none"}
+            entry[f"largest {family}"] = largest_fitting["model"]
         largest.append(entry)
 
     command = "python " + " ".join(shlex.quote(argument) for argument in sys.argv)

@@ -249,7 +249,8 @@ def run_train(args: argparse.Namespace) -> int:
         if kind == "start":
             tqdm.write(
                 f"softprompt train: {event['method']} on {event['base_model']} ({event['device']}, "
-                f"{event['processes']} process(es){', base sharded (FSDP2)' if event.get('fsdp') else ''}); {event['recipe']} recipe, {event['train_examples']} training / "
+                f"{event['processes']} process(es){', base sharded (FSDP2)' if event.get('fsdp') else ''}); "
+                f"{event['recipe']} recipe, {event['train_examples']} training / "
                 f"{event['eval_examples']} held-out examples, {event['steps']} optimizer steps; adapters "
                 f"{event['adapters']}; trainable params: {event['trainable_parameters']:,d} || all params: "
                 f"{event['total_parameters']:,d}; virtual-token layout {event['virtual_token_layout']}"

@@ -13,10 +13,9 @@
    for bit on CPU), and `finish` saves the adapters, the plot and a few generations.
 
 Several processes (``torchrun``): every process holds the frozen base and the adapters and takes its share of each
-micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files. With ``--fsdp`` the
-base is sharded over the processes instead (`softprompt.training.fsdp`): every process then runs each evaluation
-and generation with the others (every pass gathers weights from all of them), and rank 0 still writes alone.
-Nothing here prints: progress goes to tqdm bars and to the ``on_event`` callback, which the CLI prints.
+micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files (with ``--fsdp`` the base
+is sharded over them, `softprompt.training.fsdp`, and every process evaluates). Nothing here prints: progress goes to
+tqdm bars and to the ``on_event`` callback, which the CLI prints.
 """
 
 from __future__ import annotations
@@ -196,9 +195,8 @@ def train(
 ) -> TrainResult:
     """Runs one training run end to end (see the module docstring).
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment, or any ``WORLD_SIZE`` with ``--fsdp``) it joins the
-    process group (gloo on CPU, NCCL on CUDA) unless one is already initialized, and leaves it at the end if it
-    joined it.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, or set at all with ``--fsdp``) it joins the process group (gloo on CPU,
+    NCCL on CUDA) unless one is already initialized, and leaves it at the end if it joined it.
 
     Args:
         config: the run's settings.
@@ -281,10 +279,8 @@ def setup(
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
     data = prepare_data(config, tokenizer)
     sharded = config.execution.fsdp and dist.is_initialized()
-    if sharded:  # the adapters are built where the embeddings are; the layers reach the device as they are sharded
-        base.get_input_embeddings().to(device)
-    else:
-        base.to(device)
+    # Sharded, only the embeddings (where the adapters are built) move now: the layers reach the device as sharded.
+    (base.get_input_embeddings() if sharded else base).to(device)
     names = data.adapter_names
     model = SoftPromptModel(base, config.adapter, tokenizer=tokenizer, adapter_name=names[0])
     for name in names[1:]:
@@ -410,8 +406,7 @@ def own_batch(run: RunState, global_rows: list[int]) -> dict[str, Any] | None:
 
 
 def evaluate_and_log(run: RunState, epoch: int, step: int) -> dict[str, Any] | None:
-    """Evaluates on the held-out rows (rank 0, or every process when the base is sharded, when there are any) and
-    logs the record (rank 0)."""
+    """Evaluates on the held-out rows, if any (rank 0; every process when the base is sharded); rank 0 logs it."""
     result = None
     if (run.is_main or run.sharded) and run.data.eval:
         result = evaluate(run.model, run.tokenizer, run.data, run.config.optimization.eval_batch_size,
