@@ -279,12 +279,13 @@ def setup(
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
     data = prepare_data(config, tokenizer)
     sharded = config.execution.fsdp and dist.is_initialized()
-    # Sharded, only the embeddings (where the adapters are built) move now: the layers reach the device as sharded.
-    (base.get_input_embeddings() if sharded else base).to(device)
+    if not sharded:  # sharded, the base reaches the device layer by layer as it is sharded, never whole
+        base.to(device)
     names = data.adapter_names
     model = SoftPromptModel(base, config.adapter, tokenizer=tokenizer, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config.adapter, tokenizer=tokenizer)
+    model.prompts.to(device)  # built beside the base (on the CPU when sharded: an init may run the base)
     make_trainable(model, names)
     if config.execution.compile is not None:
         model.compile_decoder(mode=config.execution.compile)
