@@ -115,7 +115,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="seed recipe (hub access): softprompt train --model bigscience/bloomz-560m --dataset ought/raft "
         "--dataset-config twitter_complaints --text-column 'Tweet text' --label-column text_label --method "
         "prompt-tuning --num-epochs 50\n"
-        "several processes: torchrun --nproc_per_node 2 -m softprompt.cli train ...",
+        "several processes: torchrun --nproc_per_node 2 -m softprompt.cli train ... (--fsdp: the base sharded over "
+        "them)",
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of settings (field names, flat "
                         "or nested by section); flags override it")
@@ -249,7 +250,8 @@ def run_train(args: argparse.Namespace) -> int:
         if kind == "start":
             tqdm.write(
                 f"softprompt train: {event['method']} on {event['base_model']} ({event['device']}, "
-                f"{event['processes']} process(es)); {event['recipe']} recipe, {event['train_examples']} training / "
+                f"{event['processes']} process(es){', base sharded (FSDP2)' if event.get('fsdp') else ''}); "
+                f"{event['recipe']} recipe, {event['train_examples']} training / "
                 f"{event['eval_examples']} held-out examples, {event['steps']} optimizer steps; adapters "
                 f"{event['adapters']}; trainable params: {event['trainable_parameters']:,d} || all params: "
                 f"{event['total_parameters']:,d}; virtual-token layout {event['virtual_token_layout']}"

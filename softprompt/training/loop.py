@@ -13,8 +13,9 @@
    for bit on CPU), and `finish` saves the adapters, the plot and a few generations.
 
 Several processes (``torchrun``): every process holds the frozen base and the adapters and takes its share of each
-micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files. Nothing here prints:
-progress goes to tqdm bars and to the ``on_event`` callback, which the CLI prints.
+micro-batch; the step sums gradients over processes. Only rank 0 evaluates and writes files (with ``--fsdp`` the base
+is sharded over them, `softprompt.training.fsdp`, and every process evaluates). Nothing here prints: progress goes to
+tqdm bars and to the ``on_event`` callback, which the CLI prints.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,13 +54,13 @@ from softprompt.training.checkpoint import (
 )
 from softprompt.training.config import ConfigError, TrainConfig
 from softprompt.training.evaluation import (
-    autocast,
     evaluate,
     resolve_autocast,
     sample_generations,
     to_device,
 )
-from softprompt.training.examples import PreparedData, epoch_order, prepare_data
+from softprompt.training.examples import epoch_order, prepare_data
+from softprompt.training.fsdp import process_mesh, shard_frozen_base
 from softprompt.training.metrics import MetricsLog, plot_metrics, read_metrics
 from softprompt.training.optimizer_step import (
     NonFiniteStep,
@@ -77,111 +76,14 @@ from softprompt.training.run_directory import (
     final_adapter_directories,
     write_run_config,
 )
+from softprompt.training.run_state import (
+    Event,
+    RunState,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    TrainResult,
+)
 from softprompt.training_loss import layout_for
-
-Event = dict[str, Any]
-"""What the loop reports to ``on_event``: a dict with an ``"event"`` key (start, resumed, eval, checkpoint, done)."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite; training stopped before touching the adapters."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """The run was interrupted (Ctrl-C): a KeyboardInterrupt whose message says where the run stopped and how to
-    continue it. Everything written so far is complete (checkpoints and files are written atomically)."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    output_dir: Path
-    """The run's directory."""
-    adapter_directories: dict[str, Path]
-    """Final adapter directory of each adapter, by adapter name."""
-    metrics_path: Path
-    """The JSONL metrics file."""
-    plot_path: Path | None
-    """The loss/accuracy PNG (None where matplotlib could not draw it)."""
-    base_model: str
-    """What ``--model`` to pass to reload the base: a hub id, a directory or a ``.gguf`` file."""
-    initial_eval: dict[str, Any] | None
-    """The metrics record of the evaluation before training (None when evaluation is off; on rank 0 only)."""
-    final_eval: dict[str, Any] | None
-    """The metrics record of the evaluation after the last epoch (None when evaluation is off; rank 0 only)."""
-    generations: list[dict[str, Any]] = field(default_factory=list)
-    """A few held-out examples: ``prompt``, ``output`` (generated), ``reference`` and ``adapter``."""
-    global_step: int = 0
-    """Optimizer steps done in total."""
-    elapsed_seconds: float = 0.0
-    """Wall time of this process's call."""
-    resumed_from: Path | None = None
-    """The checkpoint the run continued from, if any."""
-
-
-@dataclass
-class RunState:
-    """Everything the loop shares between its steps, built once by `setup`."""
-
-    config: TrainConfig
-    output_dir: Path
-    rank: int
-    world_size: int
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    tokenizer: Any
-    base_name: str
-    data: PreparedData
-    model: SoftPromptModel
-    trainable: dict[str, list[torch.nn.Parameter]]
-    """Each adapter's trainable parameters, in the optimizer's order."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    metrics: MetricsLog
-    steps_per_epoch: int
-    total_steps: int
-    on_event: Callable[[Event], None] | None = None
-    stop_requested: Callable[[], bool] | None = None
-    """Asked before every optimizer step (see `train`)."""
-    checkpoint: Checkpoint | None = None
-    """The checkpoint the run continues from (already loaded into the model and optimizer), or None."""
-    start_epoch: int = 0
-    start_step: int = 0
-    """Where the loop starts: the epoch, and the optimizer steps already done in it."""
-    global_step: int = 0
-    """Optimizer steps done so far (from the checkpoint on, then counted by the loop)."""
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that evaluates and writes files."""
-        return self.rank == 0
-
-    def emit(self, event: str, **values: Any) -> None:
-        """Reports an event to ``on_event`` (rank 0 only)."""
-        if self.is_main and self.on_event is not None:
-            self.on_event({"event": event, **values})
-
-    def barrier(self) -> None:
-        """Waits for every process (a no-op alone)."""
-        if self.world_size > 1:
-            dist.barrier()
-
-    def autocast(self) -> Any:
-        """CUDA autocast for the forward passes (nothing on CPU)."""
-        return autocast(self.device, self.autocast_dtype)
-
-    def should_stop(self) -> bool:
-        """Whether `stop_requested` says so, on any process (one small all-reduce when there are several)."""
-        if self.stop_requested is None:
-            return False
-        requested = bool(self.stop_requested())
-        if self.world_size > 1:
-            flag = torch.tensor([int(requested)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        return requested
 
 
 def train(
@@ -191,8 +93,8 @@ def train(
 ) -> TrainResult:
     """Runs one training run end to end (see the module docstring).
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it joins the process group (gloo on CPU, NCCL on
-    CUDA) unless one is already initialized, and leaves it at the end if it joined it.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, or set at all with ``--fsdp``) it joins the process group (gloo on CPU,
+    NCCL on CUDA) unless one is already initialized, and leaves it at the end if it joined it.
 
     Args:
         config: the run's settings.
@@ -219,7 +121,8 @@ def train(
         ValueError: the base model cannot be loaded, or the loss implementation cannot run on the device.
     """
     joined = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size is not None and (int(world_size) > 1 or config.execution.fsdp) and not dist.is_initialized():
         backend = "nccl" if config.execution.device != "cpu" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         joined = True
@@ -273,11 +176,14 @@ def setup(
     if base_directory is not None:
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
     data = prepare_data(config, tokenizer)
-    base.to(device)
+    sharded = config.execution.fsdp and dist.is_initialized()
+    if not sharded:  # sharded, the base reaches the device layer by layer as it is sharded, never whole
+        base.to(device)
     names = data.adapter_names
     model = SoftPromptModel(base, config.adapter, tokenizer=tokenizer, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config.adapter, tokenizer=tokenizer)
+    model.prompts.to(device)  # built beside the base (on the CPU when sharded: an init may run the base)
     make_trainable(model, names)
     if config.execution.compile is not None:
         model.compile_decoder(mode=config.execution.compile)
@@ -298,7 +204,7 @@ def setup(
     run = RunState(
         config=config, output_dir=output_dir, rank=rank, world_size=world_size, device=device,
         autocast_dtype=autocast_dtype, tokenizer=tokenizer, base_name=base.config._name_or_path, data=data,
-        model=model, trainable=trainable, optimizer=optimizer, scheduler=scheduler,
+        model=model, trainable=trainable, optimizer=optimizer, scheduler=scheduler, sharded=sharded,
         scaler=torch.amp.GradScaler("cuda") if autocast_dtype is torch.float16 else None,
         metrics=MetricsLog(output_dir / METRICS_FILE, enabled=rank == 0),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, on_event=on_event,
@@ -310,13 +216,15 @@ def setup(
         if base_directory is not None:
             save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
         write_run_config(output_dir, config)
+    if sharded:  # after the writes: the embedded base is saved whole
+        shard_frozen_base(model, process_mesh(device), param_dtype=autocast_dtype)
     trainable_count, total_count = model.num_parameters()
     layout = config.execution.virtual_token_layout
     if layout == "auto":  # what it chooses for a full micro-batch (rows of one adapter)
         full = model.row_layout(optimization.batch_size, [names[0]] * optimization.batch_size)
         layout = f"auto: {layout_for(model.frozen, full, device)} for {optimization.batch_size} rows"
     run.emit("start", output_dir=str(output_dir), base_model=run.base_name, device=str(device),
-             processes=world_size, method=config.method, adapters=names, recipe=data.kind,
+             processes=world_size, fsdp=sharded, method=config.method, adapters=names, recipe=data.kind,
              train_examples=len(data.train), eval_examples=len(data.eval), steps=total_steps,
              trainable_parameters=trainable_count, total_parameters=total_count, virtual_token_layout=layout)
     return run
@@ -400,11 +308,12 @@ def own_batch(run: RunState, global_rows: list[int]) -> dict[str, Any] | None:
 
 
 def evaluate_and_log(run: RunState, epoch: int, step: int) -> dict[str, Any] | None:
-    """Evaluates on the held-out rows (rank 0, when there are any) and logs the record."""
+    """Evaluates on the held-out rows, if any (rank 0; every process when the base is sharded); rank 0 logs it."""
     result = None
-    if run.is_main and run.data.eval:
+    if (run.is_main or run.sharded) and run.data.eval:
         result = evaluate(run.model, run.tokenizer, run.data, run.config.optimization.eval_batch_size,
                           run.config.data.padding, run.config.data.max_length, run.autocast_dtype)
+    if run.is_main and result is not None:
         record = {"event": "eval", "epoch": epoch, "step": step,
                   **{key: value for key, value in result.items() if key != "examples"}}
         run.metrics.append(record)
@@ -496,6 +405,7 @@ def finish(run: RunState, started: float) -> TrainResult:
         final_eval = next((r for r in reversed(evaluations) if r.get("step") == run.global_step), None)
         base = "the embedded tiny BLOOM" if config.uses_embedded_model else run.base_name
         plot_path = plot_metrics(run.output_dir / METRICS_FILE, run.output_dir / PLOT_FILE, f"{config.method} on {base}")
+    if run.is_main or run.sharded:
         generations = sample_generations(run.model, run.tokenizer, run.data, config.output.num_generations)
     run.barrier()
     result = TrainResult(

@@ -208,9 +208,18 @@ class ExecutionConfig:
     """CPU threads for torch during the run. None: 1 for tiny models (their matrices are too small to gain from
     threads, and idle threads spinning on a busy machine slow every step), torch's default otherwise."""
 
+    fsdp: bool = False
+    """Under ``torchrun``, shard the frozen base over the processes with PyTorch's FSDP2 (``fully_shard``): each
+    process keeps 1/N of its weights and gathers one decoder layer at a time, for bases that do not fit one device
+    (the embeddings and LM head are gathered for each call). The adapters stay whole on every process; checkpoints
+    and adapter files are the same as without it. Off: every process holds the whole base. Without ``torchrun``
+    (one process, no process group) it changes nothing (`softprompt.training.fsdp`)."""
+
     def __post_init__(self) -> None:
         check_literals(self)
         check_strings(self)
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp={self.fsdp!r}: expected true or false.")
         if self.num_threads is not None:
             check_int("num_threads", self.num_threads, minimum=1)
 
