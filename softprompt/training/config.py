@@ -62,7 +62,8 @@ class TrainConfig:
     eval/generate`` refuse the file if it has changed since."""
 
     method: str = "prompt-tuning"
-    """The soft-prompt method, by its ``--method`` name (``prompt-tuning``, ``p-tuning``, ``prefix-tuning``)."""
+    """The soft-prompt method, by its ``--method`` name (``prompt-tuning``, ``p-tuning``, ``prefix-tuning``,
+    ``adaption-prompt``)."""
 
     adapter: SoftPromptConfig | dict[str, Any] | None = None
     """The method's own configuration. None, or a dict of some of its fields: the seed guides' configuration for
@@ -109,7 +110,9 @@ class TrainConfig:
                 f"{key}={given[key]!r} with method={self.method!r}: the setting {where}. Fix: drop "
                 f"--{key.replace('_', '-')} or use --method {' / '.join(o.replace(' ', '-') for o in owners) or '...'}."
             )
-        fields: dict[str, Any] = {"num_virtual_tokens": spec.default_num_virtual_tokens}
+        fields: dict[str, Any] = {}
+        if "num_virtual_tokens" in known:  # adaption prompt has none: its required fields come from the user
+            fields["num_virtual_tokens"] = spec.default_num_virtual_tokens
         if given.get("num_virtual_tokens") is None:
             given.pop("num_virtual_tokens", None)
         if "prompt_tuning_init" in known and given.get("prompt_tuning_init") is None:
