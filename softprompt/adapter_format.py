@@ -6,7 +6,7 @@
       "format": "softprompt-adapter",
       "format_version": 1,
       "library_version": "0.1.0",
-      "method": "prompt_tuning" | "p_tuning" | "prefix_tuning",
+      "method": "prompt_tuning" | "p_tuning" | "prefix_tuning" | "adaption_prompt",
       "config": {...the method's config fields...},
       "base_model": {"name_or_path": ..., "model_type": "llama", "hidden_size": ..., "num_layers": L,
                      "num_heads": H, "num_key_value_heads": K, "head_dim": D, "embedding_width": C,
@@ -22,7 +22,7 @@
   keeps only its output, so a PEFT p-tuning adapter cannot be trained further the same way.
 - ``materialized``: the module's output, ``[P, C]`` virtual tokens or ``[P, L * 2 * K * D]`` prefix, so that
   inference needs no encoder (`read(..., materialized_only=True)`); absent for methods whose output is not one
-  table (`MethodSpec.materialized`).
+  table (`MethodSpec.materialized`: adaption prompt, whose tokens and gates are its weights).
 
 Files written by softprompt before it knew other families record only ``hidden_size``, ``num_layers`` and
 ``num_heads`` of their (BLOOM) base; the other dimensions follow from those as they do for BLOOM.
@@ -287,6 +287,11 @@ def read(
                 "adapter is damaged or was saved from a run that diverged; re-save it from a good checkpoint."
             )
     materialized = tensors.get("materialized")
+    if materialized_only and spec.materialized is None:
+        raise AdapterFormatError(
+            f"{config_path}: materialized_only=True, but {config.method} adapters have no single output table to "
+            "load in place of their weights. Fix: load it without materialized_only."
+        )
     if materialized is None and (spec.materialized is not None or materialized_only or not document["encoder_weights"]):
         raise AdapterFormatError(f"{weights_path}: the tensor 'materialized' is missing.")
     if materialized is not None:

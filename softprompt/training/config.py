@@ -1,9 +1,9 @@
 """`TrainConfig`: every setting of a training run, typed, documented and validated where it is declared.
 
 A run's settings are nested by what they are about: the base ``model``, the ``method`` and its own configuration
-(``adapter``: a `PromptTuningConfig`, `PromptEncoderConfig` or `PrefixTuningConfig`, PEFT's field names), then
-``data``, ``optimization``, ``execution`` (where and how a step runs) and ``output``. Precedence: the defaults below,
-then a config file, then the command-line flags.
+(``adapter``: a `PromptTuningConfig`, `PromptEncoderConfig`, `PrefixTuningConfig` or `AdaptionPromptConfig`, PEFT's
+field names), then ``data``, ``optimization``, ``execution`` (where and how a step runs) and ``output``. Precedence:
+the defaults below, then a config file, then the command-line flags.
 
 A config file (YAML or JSON) holds the same nesting::
 
