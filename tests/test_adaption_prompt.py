@@ -35,7 +35,12 @@ from softprompt.quickstart import build_tiny_model
 from softprompt.seams import enable_activation_checkpointing
 from softprompt.training import TrainConfig, read_metrics, train
 
-from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward
+from helpers import (
+    FAMILY_MODEL_TYPES,
+    assert_each_row_computes_what_it_computes_alone,
+    greedy_by_forward,
+    random_batch,
+)
 
 # fp32 on CPU. Both sides run the same operations on the same numbers; what differs is summation order (another
 # batch size or key length, a division by sqrt(D) instead of a product with its inverse), a few ulps of logits of
@@ -58,20 +63,6 @@ def tiny_base(model_type: str) -> torch.nn.Module:
             if isinstance(module, torch.nn.Linear | Conv1D) and module.bias is not None:
                 module.bias.normal_(std=0.3)
     return base
-
-
-def random_batch(lengths: list[int], padding: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Rows of random ids, padded on `padding`'s side ("left" or "right") to the longest; labels on real tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.full((len(lengths), width), PAD_ID)
-    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        where = slice(width - n, width) if padding == "left" else slice(0, n)
-        input_ids[row, where] = torch.randint(4, VOCAB_SIZE, (n,), generator=generator)
-        attention_mask[row, where] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100)}
 
 
 def with_random_gates(model: SoftPromptModel, *names: str) -> SoftPromptModel:
@@ -211,8 +202,7 @@ MIXED_ROWS = [("long", 7), ("prompt", 5), ("short", 4), (None, 6), ("prefix", 3)
 """(adapter, real tokens): two adaption prompts (different layers and lengths) beside prompt tuning, prefix tuning
 and the base model alone, left-padded to 7."""
 PATCHED_ROWS = [row for row, (name, _) in enumerate(MIXED_ROWS) if name in ("long", "short")]
-"""The adaption-prompt rows: their loss and generations are checked alone too (tests/test_families.py checks the
-other methods' rows the same way)."""
+"""The adaption-prompt rows."""
 
 
 @pytest.mark.parametrize("model_type", FAMILY_MODEL_TYPES)
@@ -245,45 +235,10 @@ def test_every_family_mixed_with_the_other_methods(model_type):
     for name in names[1:]:
         model.add_adapter(name, copy.deepcopy(MIXED[name]))
     with_random_gates(model, "long", "short")
-    row_names = [name for name, _ in MIXED_ROWS]
-    width = batch["input_ids"].shape[1]
-    labels = batch["labels"].clone()
-    for row, (_, n) in enumerate(MIXED_ROWS):  # a padded row's first token is predicted from padding: unscored
-        labels[row, width - n] = -100
-
-    def alone(row: int, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[row : row + 1, width - MIXED_ROWS[row][1] :]
-
-    with torch.no_grad():
-        logits = model(batch["input_ids"], batch["attention_mask"], adapter_names=row_names).logits
-        for row, (name, n) in enumerate(MIXED_ROWS):
-            own = model(alone(row, batch["input_ids"]), adapter_names=[name])
-            torch.testing.assert_close(logits[row, -n:], own.logits[0], **TOLERANCE, msg=f"row {row} ({name})")
-            if row not in PATCHED_ROWS:  # the other rows' logits show that no term leaks into them
-                continue
-            only_this_row = torch.full_like(labels, -100)
-            only_this_row[row] = labels[row]
-            own_loss = model(alone(row, batch["input_ids"]), labels=alone(row, labels), adapter_names=[name]).loss
-            for layout in ("prefix", "sequence"):
-                mixed_loss = model.compute_loss(batch["input_ids"], batch["attention_mask"], only_this_row,
-                                                row_names, virtual_token_layout=layout)
-                torch.testing.assert_close(mixed_loss, own_loss, **TOLERANCE, msg=f"row {row} ({name}) {layout}")
-
-    make_trainable(model, names)  # several adapters trained at once: each gradient from its own rows only
-    errors = gradient_isolation_errors(model, batch["input_ids"], batch["attention_mask"], labels, row_names)
-    assert max(errors.values()) < 1e-5, errors
-
-    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
-    greedy = model.generate(**prompt, adapter_names=row_names, max_new_tokens=4, do_sample=False, **GENERATION)
-    beams = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, **GENERATION)
-    beam_ids = model.generate(**prompt, adapter_names=row_names, **beams)
-    for row in PATCHED_ROWS:
-        name, n = MIXED_ROWS[row]
-        ids = alone(row, batch["input_ids"])
-        own = model.generate(input_ids=ids, adapter_names=[name], max_new_tokens=4, do_sample=False, **GENERATION)
-        assert torch.equal(greedy[row, width:], own[0, n:]), f"greedy, row {row} ({name})"
-        own_beams = model.generate(input_ids=ids, adapter_names=[name], **beams)
-        assert torch.equal(beam_ids[2 * row : 2 * row + 2, width:], own_beams[:, n:]), f"beams, row {row} ({name})"
+    # The other methods' rows: their logits show that no term leaks into them (tests/test_families.py checks the
+    # rest of them); the adaption-prompt rows: everything.
+    assert_each_row_computes_what_it_computes_alone(model, batch, MIXED_ROWS, GENERATION, checked=PATCHED_ROWS,
+                                                    tolerance=TOLERANCE, new_tokens=4)
 
 
 @pytest.mark.parametrize("model_type", [model_type for model_type in FAMILY_MODEL_TYPES if model_type != "gpt2"])
@@ -335,8 +290,9 @@ def test_the_term_is_the_layers_own_attention_over_the_adapter_tokens_at_no_posi
             kwargs["alibi"] = torch.zeros(batch_size * shape.num_heads, 1, length)
         if "position_embeddings" in kwargs:  # the adapter tokens rotated by angle 0: not at all
             cos, sin = (part.expand(batch_size, -1, -1) for part in kwargs["position_embeddings"])
-            kwargs["position_embeddings"] = (torch.cat([torch.ones_like(cos[:, :1]).expand(-1, len(tokens), -1), cos], 1),
-                                             torch.cat([torch.zeros_like(sin[:, :1]).expand(-1, len(tokens), -1), sin], 1))
+            unrotated = torch.ones_like(cos[:, :1]).expand(-1, len(tokens), -1), torch.zeros_like(sin[:, :1])
+            kwargs["position_embeddings"] = (torch.cat([unrotated[0], cos], 1),
+                                             torch.cat([unrotated[1].expand(-1, len(tokens), -1), sin], 1))
         mask = torch.full((batch_size, 1, length, length), torch.finfo(sequence.dtype).min)
         mask[..., : len(tokens)] = 0  # every query sees the adapter tokens alone
         kwargs["attention_mask"] = mask

@@ -31,7 +31,7 @@ adds its bias a second time and a zero gate no longer gives the base model. soft
 families (the same numbers, weights moving both ways); on the others it uses the output projection's weight alone, so
 that a zero gate is the base model exactly.
 
-On the real path, `enter` hands the engine an `softprompt.entries.AttentionPatch`: forward hooks on the adapted
+On the real path, `enter` hands the engine a `softprompt.entries.AttentionPatch`: forward hooks on the adapted
 attention modules for one call, adding the term to the adapter's rows only, so that rows of other adapters (of
 any method) share the batch.
 
@@ -127,12 +127,12 @@ class AdaptionPrompt(nn.Module):
         self.config = config
         # C is the width attention reads: the hidden size (OPT's narrow embeddings are projected to it first).
         self.adaption_prompt = nn.Parameter(torch.empty(config.adapter_layers, config.adapter_len, shape.hidden_size))
+        # [N_a]: one scalar per layer, shared by its heads, applied as it is (no tanh), as in PEFT.
         self.adaption_gate = nn.Parameter(torch.zeros(config.adapter_layers))
-        """``[N_a]``: one scalar per layer, shared by its heads, applied as it is (no tanh), as in PEFT."""
         nn.init.normal_(self.adaption_prompt)  # PEFT's init (``torch.empty(...).normal_()``)
 
 
-def check_fits_in_memory(config: AdaptionPromptConfig, shape: BaseModelShape, device: torch.device) -> None:
+def check_tokens_fit_in_memory(config: AdaptionPromptConfig, shape: BaseModelShape, device: torch.device) -> None:
     """Refuses an adapter whose ``[N_a, A, C]`` fp32 tokens alone exceed the device's memory, before allocating.
 
     Raises:
@@ -171,7 +171,7 @@ def build(config: AdaptionPromptConfig, base_model: PreTrainedModel, tokenizer: 
     shape = family_of(base_model.config).shape(base_model.config)
     layers_of(config, base_model)
     device = base_model.get_input_embeddings().weight.device
-    check_fits_in_memory(config, shape, device)
+    check_tokens_fit_in_memory(config, shape, device)
     with torch.device(device):
         return empty(config, shape)
 

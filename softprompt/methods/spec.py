@@ -47,7 +47,8 @@ class MethodSpec:
     cli_name: str
     """The ``--method`` value, e.g. ``prompt-tuning``."""
     config_class: type
-    """Its configuration dataclass (PEFT's field names); every instance has ``num_virtual_tokens``."""
+    """Its configuration dataclass (PEFT's field names); every instance of a method that takes slots has
+    ``num_virtual_tokens``."""
     enters_as: EntryKind
     """The kind of `softprompt.entries.Entry` its ``enter`` returns: ``virtual_tokens``, ``key_values`` or
     ``attention``."""
@@ -63,7 +64,8 @@ class MethodSpec:
     peft_fields: tuple[str, ...]
     """The config fields PEFT shares with it (same names and meanings)."""
     default_num_virtual_tokens: int
-    """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise)."""
+    """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise; 0 for a method that takes
+    no slot)."""
     peft_module: Callable[[Any, PreTrainedModel, dict[str, torch.Tensor]], nn.Module]
     """``peft_module(config, base_model, tensors)``: a module holding what PEFT saved (names and shapes already
     checked against `peft_tensors`)."""
