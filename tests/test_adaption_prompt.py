@@ -300,7 +300,7 @@ def test_the_term_is_the_layers_own_attention_over_the_adapter_tokens_at_no_posi
             layer_output = adapted.attention(*args, **kwargs)[0][:, len(tokens) :]  # [B, T, C]
             projection = getattr(adapted.attention, family.attention.output)
             expected = layer_output if projection.bias is None else layer_output - projection.bias
-            hook = adaption_prompt.layer_hook(module, offset, adapted, family, shape, None)
+            hook = adaption_prompt.layer_hook(module, offset, family, shape, None)
             ours = hook(adapted.attention, calls[adapted.index][0], calls[adapted.index][1], output)[0] - output[0]
         torch.testing.assert_close(ours, expected, **TOLERANCE, msg=f"layer {adapted.index}")
 
@@ -415,6 +415,9 @@ def test_settings_that_do_not_fit_the_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_layers=3: this BLOOM model has 2 attention layers\. Fix: pass "
                        r"adapter_layers=2 or fewer"):
         SoftPromptModel(base, AdaptionPromptConfig(adapter_len=3, adapter_layers=3))
+    with pytest.raises(ValueError, match=r"adapter_len=1000000000000: the \[2, 1000000000000, 32\] fp32 adapter tokens "
+                       r"need 238,418.6 GiB, more than the .* GiB of memory on cpu\. .* Fix: pass e\.g\. adapter_len=10"):
+        SoftPromptModel(base, AdaptionPromptConfig(adapter_len=10**12, adapter_layers=2))  # refused before allocating
     # PEFT's own name for it is accepted, as PEFT writes it into its files.
     named = SoftPromptModel(base, AdaptionPromptConfig(adapter_len=3, adapter_layers=1,
                                                        target_modules="self_attention"))

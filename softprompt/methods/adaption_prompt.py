@@ -57,6 +57,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from softprompt.attention import (
     AdaptedLayer,
+    AttentionHook,
     HooksForOneCall,
     adapted_layers,
     attended,
@@ -67,7 +68,7 @@ from softprompt.attention import (
 from softprompt.entries import AttentionPatch, EntryRequest
 from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape, Family
-from softprompt.methods.spec import MethodSpec, _device_memory, check_positive_int
+from softprompt.methods.spec import MethodSpec, check_positive_int, device_memory
 from softprompt.positions import position_inputs
 
 PEFT_PREFIX = "base_model.model."
@@ -139,7 +140,7 @@ def check_tokens_fit_in_memory(config: AdaptionPromptConfig, shape: BaseModelSha
         ValueError: naming A, the bytes needed, the memory there is, and the fix.
     """
     needed = config.adapter_layers * config.adapter_len * shape.hidden_size * 4
-    available = _device_memory(device)
+    available = device_memory(device)
     if available is not None and needed > available:
         raise ValueError(
             f"adapter_len={config.adapter_len}: the [{config.adapter_layers}, {config.adapter_len}, "
@@ -176,8 +177,8 @@ def build(config: AdaptionPromptConfig, base_model: PreTrainedModel, tokenizer: 
         return empty(config, shape)
 
 
-def layer_hook(module: AdaptionPrompt, offset: int, adapted: AdaptedLayer, family: Family, shape: BaseModelShape,
-               rows: torch.Tensor | None):
+def layer_hook(module: AdaptionPrompt, offset: int, family: Family, shape: BaseModelShape,
+               rows: torch.Tensor | None) -> AttentionHook:
     """The forward hook adding the adapter's term of one layer (the `offset`-th adapted) to `rows` of the batch.
 
     Args:
@@ -208,7 +209,7 @@ def enter(module: AdaptionPrompt, request: EntryRequest) -> AttentionPatch:
     @contextmanager
     def install(rows: torch.Tensor) -> Iterator[None]:
         hooks = HooksForOneCall([
-            (adapted, layer_hook(module, offset, adapted, request.family, request.shape, rows))
+            (adapted, layer_hook(module, offset, request.family, request.shape, rows))
             for offset, adapted in enumerate(layers)
         ])
         with hooks.installed():
@@ -242,7 +243,7 @@ def reference_forward(
     """
     family = family_of(base_model.config)
     shape = family.shape(base_model.config)
-    handles = [adapted.attention.register_forward_hook(layer_hook(module, offset, adapted, family, shape, None),
+    handles = [adapted.attention.register_forward_hook(layer_hook(module, offset, family, shape, None),
                                                        with_kwargs=True)
                for offset, adapted in enumerate(layers_of(module.config, base_model, family))]
     try:

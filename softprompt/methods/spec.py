@@ -177,7 +177,7 @@ def check_fits_in_memory(config: Any, width: int, device: torch.device) -> None:
         ValueError: naming P, the bytes the table needs, the memory there is, and the fix.
     """
     needed = config.num_virtual_tokens * width * 4  # fp32
-    available = _device_memory(device)
+    available = device_memory(device)
     if available is not None and needed > available:
         raise ValueError(
             f"num_virtual_tokens={config.num_virtual_tokens}: its [{config.num_virtual_tokens}, {width}] fp32 table "
@@ -187,7 +187,7 @@ def check_fits_in_memory(config: Any, width: int, device: torch.device) -> None:
         )
 
 
-def _device_memory(device: torch.device) -> int | None:
+def device_memory(device: torch.device) -> int | None:
     """Total memory of `device` in bytes (physical memory for the CPU), or None where it cannot be read."""
     try:
         if device.type == "cuda":
