@@ -6,7 +6,7 @@
       "format": "softprompt-adapter",
       "format_version": 1,
       "library_version": "0.1.0",
-      "method": "prompt_tuning" | "p_tuning" | "prefix_tuning",
+      "method": "prompt_tuning" | "p_tuning" | "prefix_tuning" | "adaption_prompt",
       "config": {...the method's config fields...},
       "base_model": {"name_or_path": ..., "model_type": "llama", "hidden_size": ..., "num_layers": L,
                      "num_heads": H, "num_key_value_heads": K, "head_dim": D, "embedding_width": C,
@@ -22,7 +22,7 @@
   keeps only its output, so a PEFT p-tuning adapter cannot be trained further the same way.
 - ``materialized``: the module's output, ``[P, C]`` virtual tokens or ``[P, L * 2 * K * D]`` prefix, so that
   inference needs no encoder (`read(..., materialized_only=True)`); absent for methods whose output is not one
-  table (`MethodSpec.materialized`).
+  table (`MethodSpec.materialized`: adaption prompt, whose tokens and gates are its weights).
 
 Files written by softprompt before it knew other families record only ``hidden_size``, ``num_layers`` and
 ``num_heads`` of their (BLOOM) base; the other dimensions follow from those as they do for BLOOM.
@@ -278,6 +278,11 @@ def read(
     shape = check_base_shape(document["base_model"], base_model, config_path)
     weights_name, weights_bytes, weights_sha256 = weights_record(document["weights"], config_path)
     weights_path = directory / weights_name
+    if materialized_only and spec.materialized is None:
+        raise AdapterFormatError(
+            f"{config_path}: materialized_only=True, but {config.method} adapters have no single output table to "
+            "load in place of their weights. Fix: load it without materialized_only."
+        )
     width = spec.output_width(shape)
     if document["encoder_weights"]:
         with torch.device("meta"):  # the shapes only: a config asking for a huge table allocates nothing
@@ -285,12 +290,14 @@ def read(
                         .items()}
         if spec.materialized is not None:
             expected["materialized"] = (config.num_virtual_tokens, width)
+    elif spec.materialized is None:
+        raise AdapterFormatError(
+            f"{config_path}: encoder_weights is false, but {config.method} adapters are always saved with their "
+            "weights. The file was edited or not written by softprompt. Fix: re-save the adapter."
+        )
     else:  # saved from a MaterializedPrompt: its table and its output, the same [P, width]
         expected = {"prompt.embedding.weight": (config.num_virtual_tokens, width),
                     "materialized": (config.num_virtual_tokens, width)}
-    if materialized_only and "materialized" not in expected:
-        raise AdapterFormatError(f"{weights_path}: a {config.method} adapter stores no single output table: load it "
-                                 "whole (materialized_only=False).")
     tensors = read_safetensors(weights_path, weights_bytes, weights_sha256, expected_shapes=expected,
                                shape_meanings={"materialized": "[num_virtual_tokens, width]"})
     if materialized_only or not document["encoder_weights"]:

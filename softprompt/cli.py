@@ -170,7 +170,8 @@ def run_params(args: argparse.Namespace) -> int:
     else:
         spec = method_named(args.method)
         fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec.config_class) if hasattr(args, f.name)}
-        fields.setdefault("num_virtual_tokens", spec.default_num_virtual_tokens)
+        if any(f.name == "num_virtual_tokens" for f in dataclasses.fields(spec.config_class)):
+            fields.setdefault("num_virtual_tokens", spec.default_num_virtual_tokens)
         configs = {args.method: spec.config_class(**fields)}
     rows = parameter_counts(base_model_config(args.model), configs)
     print(f"{args.model} (counted on the meta device)")

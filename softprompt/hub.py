@@ -285,7 +285,7 @@ def model_card(model: nn.Module, adapter_names: list[str], format: str, repo_id:
         parameters = sum(parameter.numel() for parameter in model.prompts[name].parameters())
         place = "the top folder" if name == DEFAULT_ADAPTER else f"`{name}/`"
         rows.append(
-            f"| `{name}` | {spec.cli_name} | {model.adapter_configs[name].num_virtual_tokens} | "
+            f"| `{name}` | {spec.cli_name} | {getattr(model.adapter_configs[name], 'num_virtual_tokens', '-')} | "
             f"{parameters:,d} | {place} |"
         )
     first = adapter_names[0]

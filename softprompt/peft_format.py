@@ -117,14 +117,14 @@ def peft_config_document(config: SoftPromptConfig, base_model: PreTrainedModel) 
         "auto_mapping": None,
         "base_model_name_or_path": getattr(base_model.config, "_name_or_path", None) or None,
         "inference_mode": True,
-        "modules_to_save": None,
         "peft_type": spec.peft_type,
         "revision": None,
         "task_type": "CAUSAL_LM",
         **spec.peft_shape_fields(shape),
     }
-    if spec.enters_as != "attention":  # PEFT's prompt-learning fields
-        document.update(num_transformer_submodules=1, num_virtual_tokens=config.num_virtual_tokens)
+    if spec.enters_as != "attention":  # PEFT's prompt-learning fields (its AdaptionPromptConfig has none of them)
+        document.update(modules_to_save=None, num_transformer_submodules=1,
+                        num_virtual_tokens=config.num_virtual_tokens)
     for key in spec.peft_fields:
         value = getattr(config, key)
         document[key] = getattr(value, "value", value)

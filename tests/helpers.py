@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import peft
 import torch
@@ -22,6 +23,7 @@ import softprompt
 import softprompt.kernels
 from softprompt import SoftPromptModel
 from softprompt.families import FAMILIES
+from softprompt.multi_task import make_trainable
 
 # The tiny model's embedding matrix has rows past the tokenizer's vocabulary, like BLOOM's (250880 rows for
 # 250680 ids), so that SAMPLE_VOCAB init can be checked to avoid them.
@@ -51,6 +53,22 @@ def left_padded_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
         attention_mask[row, length - len(ids) :] = 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def random_batch(lengths: list[int], padding: str, seed: int = 0, vocab_size: int = 300,
+                 pad_id: int = 3) -> dict[str, torch.Tensor]:
+    """Rows of random ids (4 .. `vocab_size` - 1: no special token), padded with `pad_id` on `padding`'s side
+    ("left" or "right") to the longest; labels on real tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_id)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        where = slice(width - n, width) if padding == "left" else slice(0, n)
+        input_ids[row, where] = torch.randint(4, vocab_size, (n,), generator=generator)
+        attention_mask[row, where] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100)}
 
 
 def count_attention_calls(model) -> list[int]:
@@ -238,6 +256,74 @@ def gradient_isolation_errors(
             difference = max(float((a - b).abs().max()) for a, b in zip(mixed[name], alone[name]))
             errors[name] = max(errors[name], difference / scale if scale > 0 else difference)
     return errors
+
+
+def assert_each_row_computes_what_it_computes_alone(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    rows: Sequence[tuple[str | None, int]],
+    generation: Mapping[str, object],
+    checked: Sequence[int] | None = None,
+    tolerance: Mapping[str, float] = MappingProxyType({"rtol": 1e-5, "atol": 1e-5}),
+    new_tokens: int = 5,
+) -> None:
+    """Each row of a left-padded batch of mixed adapters gives what it gives alone, unpadded: its logits (every
+    row); its loss in both layouts, its greedy and its beam ids (the rows `checked`, all when None); and each
+    adapter's gradient comes from its own rows only (`gradient_isolation_errors`; the batch's adapters are made
+    trainable).
+
+    In a left-padded batch a row's first real token is predicted from padding; alone, from its last virtual token or
+    not at all: it is left unscored, every other token is scored alike.
+
+    Args:
+        batch: ``input_ids``, ``attention_mask`` and ``labels``, ``[B, T]`` each, left-padded.
+        rows: (adapter name or None, real tokens) per row.
+        generation: options for every ``generate`` call (e.g. no EOS, so that every row runs all its new tokens).
+        checked: the rows whose loss and generations are compared too.
+        tolerance: for `torch.testing.assert_close` (fp32: a few ulps of summation order).
+        new_tokens: greedy tokens (one fewer for the beams).
+    """
+    names = [name for name, _ in rows]
+    width = batch["input_ids"].shape[1]
+    labels = batch["labels"].clone()
+    for row, (_, n) in enumerate(rows):
+        labels[row, width - n] = -100
+    checked = range(len(rows)) if checked is None else checked
+
+    def alone(row: int, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[row : row + 1, width - rows[row][1] :]
+
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], adapter_names=names).logits
+        for row, (name, n) in enumerate(rows):
+            own = model(alone(row, batch["input_ids"]), adapter_names=[name])
+            torch.testing.assert_close(logits[row, -n:], own.logits[0], **tolerance, msg=f"row {row} ({name})")
+        for row in checked:
+            name = rows[row][0]
+            only_this_row = torch.full_like(labels, -100)
+            only_this_row[row] = labels[row]
+            own_loss = model(alone(row, batch["input_ids"]), labels=alone(row, labels), adapter_names=[name]).loss
+            for layout in ("prefix", "sequence"):
+                mixed_loss = model.compute_loss(batch["input_ids"], batch["attention_mask"], only_this_row, names,
+                                                virtual_token_layout=layout)
+                torch.testing.assert_close(mixed_loss, own_loss, **tolerance, msg=f"row {row} ({name}) {layout}")
+
+    make_trainable(model, [name for name in dict.fromkeys(names) if name is not None])
+    errors = gradient_isolation_errors(model, batch["input_ids"], batch["attention_mask"], labels, names)
+    assert max(errors.values()) < 1e-5, errors
+
+    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    greedy = model.generate(**prompt, adapter_names=names, max_new_tokens=new_tokens, do_sample=False, **generation)
+    beams = dict(max_new_tokens=new_tokens - 1, num_beams=2, num_return_sequences=2, do_sample=False, **generation)
+    beam_ids = model.generate(**prompt, adapter_names=names, **beams)
+    for row in checked:
+        name, n = rows[row]
+        ids = alone(row, batch["input_ids"])
+        own = model.generate(input_ids=ids, adapter_names=[name], max_new_tokens=new_tokens, do_sample=False,
+                             **generation)
+        assert torch.equal(greedy[row, width:], own[0, n:]), f"greedy, row {row} ({name})"
+        own_beams = model.generate(input_ids=ids, adapter_names=[name], **beams)
+        assert torch.equal(beam_ids[2 * row : 2 * row + 2, width:], own_beams[:, n:]), f"beams, row {row} ({name})"
 
 
 def _gradients(loss: torch.Tensor, parameters: Mapping[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:

@@ -44,10 +44,13 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
 
 
+@pytest.mark.parametrize("config", [softprompt.PromptEncoderConfig(num_virtual_tokens=3),
+                                    softprompt.AdaptionPromptConfig(adapter_len=3, adapter_layers=2)],
+                         ids=["p-tuning", "adaption-prompt"])
 @pytest.mark.parametrize("format", FORMATS)
-def test_from_pretrained_loads_a_hub_id_from_the_cache_offline(format, offline, tiny_bloom, batch, tmp_path):
+def test_from_pretrained_loads_a_hub_id_from_the_cache_offline(format, config, offline, tiny_bloom, batch, tmp_path):
     torch.manual_seed(0)
-    model = trained_a_little(SoftPromptModel(tiny_bloom, softprompt.PromptEncoderConfig(num_virtual_tokens=3)), batch)
+    model = trained_a_little(SoftPromptModel(tiny_bloom, copy.deepcopy(config)), batch)
     model.save_pretrained(tmp_path / "upload", format=format)
     commit_to_cache(tmp_path / "cache", ADAPTER_ID, tmp_path / "upload")
     loaded = SoftPromptModel.from_pretrained(tiny_bloom, ADAPTER_ID, cache_dir=tmp_path / "cache")

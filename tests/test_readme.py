@@ -41,7 +41,7 @@ def local_hub(tmp_path, monkeypatch):
 
 def test_readme_has_an_example_per_method():
     examples = runnable_examples()
-    for config in ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig"):
+    for config in ("PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "AdaptionPromptConfig"):
         assert any(config in block for block in examples), config
 
 

@@ -31,6 +31,7 @@ METHODS = {
     "prefix-projection": softprompt.PrefixTuningConfig(
         num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16
     ),
+    "adaption-prompt": softprompt.AdaptionPromptConfig(adapter_len=4, adapter_layers=2),
 }
 HIDDEN_SIZE = 128  # big enough that Trainer's fixed-size files (RNG states, arguments, tokenizer) are a small part
 

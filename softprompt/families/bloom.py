@@ -11,7 +11,7 @@ from functools import partial
 
 from transformers import BloomConfig
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 BLOOM_VOCAB_SIZE = 250880
 """V of every BLOOM model (rows of the embedding matrix; the tokenizer produces fewer ids)."""
@@ -60,4 +60,8 @@ FAMILY = Family(
         for size, shape in BLOOM_SHAPES.items()
     },
     needed="the reference family: ALiBi positions come from the mask, so hidden slots shift nothing",
+    # ALiBi adds slope * key position to a score: keys at no position get no bias, as rotary families' adapter
+    # keys get no rotation.
+    attention=AttentionAccess(module="self_attention", fused="query_key_value", fused_layout="heads", rotary=False,
+                              scale="inv_norm_factor", output="dense"),
 )

@@ -12,7 +12,10 @@ needs to know about it, and every such difference is a field here, never a branc
   prefix from tokens far enough after it;
 - the embedding scale (Gemma multiplies word embeddings by sqrt(hidden) inside its embedding module, so
   ``inputs_embeds``, virtual tokens included, are used as given) and the final logit soft-capping (Gemma 2), which
-  the label-only head of the training loss must apply as the model's own head does.
+  the label-only head of the training loss must apply as the model's own head does;
+- for methods that work inside attention (adaption prompt), how each layer's attention can be reached from outside
+  (`AttentionAccess`): which submodule it is, and which of its frozen projections, norms, scales and positions turn
+  hidden states into queries and a prompt into keys and values.
 
 Shapes: L layers, H query heads, K key/value heads, D head dim, C embedding width, V vocab.
 """
@@ -26,6 +29,56 @@ from typing import Literal
 from transformers import PretrainedConfig
 
 PositionSource = Literal["position_ids", "attention_mask"]
+
+
+@dataclass(frozen=True)
+class AttentionAccess:
+    """How a family's attention layers are reached from outside: forward hooks on one submodule per decoder layer,
+    and that submodule's own frozen projections, never a copy of transformers' attention code.
+
+    A method that adds a term inside attention (adaption prompt) needs, per layer: the queries the layer scores
+    for the hidden states it is given, keys and values for tokens of its own through the same projections (at no
+    position: they get no rotary and no ALiBi bias), the layer's score scale and soft-capping, and how attended
+    values reach the layer's output. `softprompt.attention` reads these fields; nothing else differs between
+    families there.
+    """
+
+    module: str
+    """The attention submodule's name inside each decoder layer (``self_attn``; GPT-2 ``attn``, BLOOM
+    ``self_attention``, GPT-NeoX ``attention``): PEFT's ``target_modules`` for adaption prompt. Its forward hooks
+    see the hidden states it attends from (``hidden_states`` or the first argument) and the layer's keyword
+    arguments (rotary ``position_embeddings``); its first output is what the layer adds to its residual."""
+    projections: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")
+    """The separate query, key and value projections' names (ignored when `fused` is set)."""
+    fused: str | None = None
+    """The one projection computing queries, keys and values together, if the family fuses them (GPT-2
+    ``c_attn``, Phi-3 ``qkv_proj``, BLOOM and GPT-NeoX ``query_key_value``)."""
+    fused_layout: Literal["blocks", "heads"] = "blocks"
+    """How `fused`'s output is laid out: ``blocks`` = [queries H * D | keys K * D | values K * D] (GPT-2, Phi-3);
+    ``heads`` = per head, its query, key and value of D each (BLOOM's ``(H, 3, D)``, GPT-NeoX's ``(H, 3 * D)``
+    chunked: the same layout)."""
+    query_norm: str | None = None
+    """A norm over each query head before rotary positions (Qwen3 and Gemma 3 ``q_norm``), if any."""
+    key_norm: str | None = None
+    """The same over each key head (``k_norm``), applied to the adapter's keys too."""
+    rotary: bool = True
+    """Queries are rotated by the ``position_embeddings`` (cos, sin) the layer is given, on the first
+    ``cos.shape[-1]`` dims of each head (all of them, or a part: GPT-NeoX's and Phi-3's partial rotary); False for
+    learned absolute positions (GPT-2, OPT) and ALiBi (BLOOM)."""
+    scale: str | None = "scaling"
+    """The attention module's attribute holding the factor its scores ``q @ k^T`` are multiplied by (Gemma's
+    ``query_pre_attn_scalar ** -0.5``, BLOOM's ``inv_norm_factor``); None: ``1 / sqrt(D)`` whatever the layer's
+    own (PEFT's rule on GPT-2, whose ``scale_attn_by_inverse_layer_idx`` variants scale otherwise)."""
+    softcap: str | None = None
+    """The attention module's attribute holding its score soft-capping ``cap * tanh(scores / cap)`` (Gemma 2's
+    ``attn_logit_softcapping``), if the layer applies one."""
+    output: str | None = "o_proj"
+    """The output projection attended values go through before joining the layer's output; None: they join it as
+    they are (PEFT's GPT-2 composition, after ``c_proj``)."""
+    output_bias: bool = False
+    """Whether the output projection's bias comes with them (PEFT's Llama/Mistral composition calls ``o_proj``
+    whole, so a biased ``o_proj`` shifts even a zero-gated layer). False: its weight alone, so that a zero gate is
+    the base model exactly."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +145,12 @@ class Family:
     position_table_field: str | None = None
     """The config field giving the size of a learned position table, if positions index one: virtual tokens and
     text together must fit it."""
+    attention: AttentionAccess | None = None
+    """How its attention layers are reached from outside (methods that work inside attention); None where they
+    cannot be, which those methods refuse naming `attention_missing`."""
+    attention_missing: str = "its attention layers are not described (Family.attention)"
+    """What keeps methods that work inside attention off this family, for their refusal (when `attention` is
+    None)."""
     needed: str = ""
     """What supporting this family took, in a sentence (the README's family table, `scripts/readme_tables.py`)."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from transformers import Gemma2Config, Gemma3TextConfig
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_gemma2_config(vocab_size: int) -> Gemma2Config:
@@ -74,6 +74,7 @@ GEMMA2 = Family(
     embedding_scale="sqrt_hidden_size",
     logit_softcapping_field="final_logit_softcapping",
     needed="D from the config, soft-capped logits in the label-only loss head, the sliding window",
+    attention=AttentionAccess(module="self_attn", softcap="attn_logit_softcapping"),
 )
 
 GEMMA3 = Family(
@@ -86,4 +87,6 @@ GEMMA3 = Family(
     embedding_scale="sqrt_hidden_size",
     logit_softcapping_field="final_logit_softcapping",
     needed="D from the config, one key/value head, the sliding window (512 in gemma-3-1b)",
+    # Gemma 3 keeps an attn_logit_softcapping attribute but does not apply it: no softcap here.
+    attention=AttentionAccess(module="self_attn", query_norm="q_norm", key_norm="k_norm"),
 )

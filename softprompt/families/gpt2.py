@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import GPT2Config
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> GPT2Config:
@@ -39,4 +39,7 @@ FAMILY = Family(
     known_configs={"gpt2": gpt2, "openai-community/gpt2": gpt2},
     position_table_field="n_positions",
     needed="explicit position_ids: its learned positions ignore the mask, so left padding shifted every row",
+    # PEFT's composition: keys and values through c_attn (bias included), scores scaled by 1 / sqrt(D), the
+    # attended values added after c_proj without passing through it.
+    attention=AttentionAccess(module="attn", fused="c_attn", rotary=False, scale=None, output=None),
 )

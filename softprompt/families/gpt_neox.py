@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import GPTNeoXConfig
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> GPTNeoXConfig:
@@ -38,4 +38,5 @@ FAMILY = Family(
     tiny_config=tiny_config,
     known_configs={"EleutherAI/pythia-410m": pythia_410m},
     needed="explicit position_ids: its rotary positions ignore the mask, so left padding shifted a row",
+    attention=AttentionAccess(module="attention", fused="query_key_value", fused_layout="heads", output="dense"),
 )

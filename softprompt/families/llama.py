@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
@@ -40,4 +40,6 @@ FAMILY = Family(
     tiny_config=tiny_config,
     known_configs={"meta-llama/Llama-3.2-1B": llama_3_2_1b},
     needed="K key/value heads in the prefix; explicit position_ids, since rotary positions ignore the mask",
+    # PEFT's composition (its own adaption-prompt family): o_proj called whole, bias included.
+    attention=AttentionAccess(module="self_attn", output_bias=True),
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers import MistralConfig
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> MistralConfig:
@@ -40,4 +40,5 @@ FAMILY = Family(
     tiny_config=tiny_config,
     known_configs={"mistralai/Mistral-7B-v0.1": mistral_7b_v0_1},
     needed="as Llama, plus the sliding window: prompt + text must fit it",
+    attention=AttentionAccess(module="self_attn", output_bias=True),  # PEFT's composition, as Llama
 )

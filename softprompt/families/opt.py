@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import OPTConfig
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> OPTConfig:
@@ -44,4 +44,5 @@ FAMILY = Family(
     embedding_width_field="word_embed_proj_dim",
     position_table_field="max_position_embeddings",
     needed="virtual tokens as wide as the word embeddings, not the hidden size (opt-350m: 512, not 1024)",
+    attention=AttentionAccess(module="self_attn", rotary=False, output="out_proj"),
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from transformers import Phi3Config
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> Phi3Config:
@@ -37,4 +37,5 @@ FAMILY = Family(
     tiny_config=tiny_config,
     known_configs={"microsoft/Phi-3-mini-4k-instruct": phi_3_mini_4k},
     needed="as Llama, plus the sliding window: prompt + text must fit it",
+    attention=AttentionAccess(module="self_attn", fused="qkv_proj"),  # [q H*D | k K*D | v K*D]
 )

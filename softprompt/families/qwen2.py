@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import Qwen2Config
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> Qwen2Config:
@@ -38,4 +38,5 @@ FAMILY = Family(
     tiny_config=tiny_config,
     known_configs={"Qwen/Qwen2.5-0.5B": qwen2_5_0_5b},
     needed="as Llama (K key/value heads, explicit position_ids)",
+    attention=AttentionAccess(module="self_attn"),  # biased q/k/v projections; o_proj has no bias
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import Qwen3Config
 
-from softprompt.families.family import Family
+from softprompt.families.family import AttentionAccess, Family
 
 
 def tiny_config(vocab_size: int) -> Qwen3Config:
@@ -39,4 +39,5 @@ FAMILY = Family(
     tiny_config=tiny_config,
     known_configs={"Qwen/Qwen3-0.6B": qwen3_0_6b},
     needed="as Llama, with D from the config's head_dim (not C / H)",
+    attention=AttentionAccess(module="self_attn", query_norm="q_norm", key_norm="k_norm"),
 )

@@ -47,7 +47,8 @@ class MethodSpec:
     cli_name: str
     """The ``--method`` value, e.g. ``prompt-tuning``."""
     config_class: type
-    """Its configuration dataclass (PEFT's field names); every instance has ``num_virtual_tokens``."""
+    """Its configuration dataclass (PEFT's field names); every instance of a method that takes slots has
+    ``num_virtual_tokens``."""
     enters_as: EntryKind
     """The kind of `softprompt.entries.Entry` its ``enter`` returns: ``virtual_tokens``, ``key_values`` or
     ``attention``."""
@@ -63,7 +64,8 @@ class MethodSpec:
     peft_fields: tuple[str, ...]
     """The config fields PEFT shares with it (same names and meanings)."""
     default_num_virtual_tokens: int
-    """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise)."""
+    """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise; 0 for a method that takes
+    no slot)."""
     peft_module: Callable[[Any, PreTrainedModel, dict[str, torch.Tensor]], nn.Module]
     """``peft_module(config, base_model, tensors)``: a module holding what PEFT saved (names and shapes already
     checked against `peft_tensors`)."""
@@ -175,7 +177,7 @@ def check_fits_in_memory(config: Any, width: int, device: torch.device) -> None:
         ValueError: naming P, the bytes the table needs, the memory there is, and the fix.
     """
     needed = config.num_virtual_tokens * width * 4  # fp32
-    available = _device_memory(device)
+    available = device_memory(device)
     if available is not None and needed > available:
         raise ValueError(
             f"num_virtual_tokens={config.num_virtual_tokens}: its [{config.num_virtual_tokens}, {width}] fp32 table "
@@ -185,7 +187,7 @@ def check_fits_in_memory(config: Any, width: int, device: torch.device) -> None:
         )
 
 
-def _device_memory(device: torch.device) -> int | None:
+def device_memory(device: torch.device) -> int | None:
     """Total memory of `device` in bytes (physical memory for the CPU), or None where it cannot be read."""
     try:
         if device.type == "cuda":

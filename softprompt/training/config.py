@@ -1,9 +1,9 @@
 """`TrainConfig`: every setting of a training run, typed, documented and validated where it is declared.
 
 A run's settings are nested by what they are about: the base ``model``, the ``method`` and its own configuration
-(``adapter``: a `PromptTuningConfig`, `PromptEncoderConfig` or `PrefixTuningConfig`, PEFT's field names), then
-``data``, ``optimization``, ``execution`` (where and how a step runs) and ``output``. Precedence: the defaults below,
-then a config file, then the command-line flags.
+(``adapter``: a `PromptTuningConfig`, `PromptEncoderConfig`, `PrefixTuningConfig` or `AdaptionPromptConfig`, PEFT's
+field names), then ``data``, ``optimization``, ``execution`` (where and how a step runs) and ``output``. Precedence:
+the defaults below, then a config file, then the command-line flags.
 
 A config file (YAML or JSON) holds the same nesting::
 
@@ -62,7 +62,8 @@ class TrainConfig:
     eval/generate`` refuse the file if it has changed since."""
 
     method: str = "prompt-tuning"
-    """The soft-prompt method, by its ``--method`` name (``prompt-tuning``, ``p-tuning``, ``prefix-tuning``)."""
+    """The soft-prompt method, by its ``--method`` name (``prompt-tuning``, ``p-tuning``, ``prefix-tuning``,
+    ``adaption-prompt``)."""
 
     adapter: SoftPromptConfig | dict[str, Any] | None = None
     """The method's own configuration. None, or a dict of some of its fields: the seed guides' configuration for
@@ -109,7 +110,9 @@ class TrainConfig:
                 f"{key}={given[key]!r} with method={self.method!r}: the setting {where}. Fix: drop "
                 f"--{key.replace('_', '-')} or use --method {' / '.join(o.replace(' ', '-') for o in owners) or '...'}."
             )
-        fields: dict[str, Any] = {"num_virtual_tokens": spec.default_num_virtual_tokens}
+        fields: dict[str, Any] = {}
+        if "num_virtual_tokens" in known:  # adaption prompt has none: its required fields come from the user
+            fields["num_virtual_tokens"] = spec.default_num_virtual_tokens
         if given.get("num_virtual_tokens") is None:
             given.pop("num_virtual_tokens", None)
         if "prompt_tuning_init" in known and given.get("prompt_tuning_init") is None:
