@@ -95,10 +95,10 @@ def _(env):
       r"exit 2: .*loss_implementation='triton' cannot run here: the Triton kernels need CUDA tensors and the tensors are "
       r"on cpu.*Fix: pass --loss-implementation torch")
 def _(env):
-    import softprompt.kernels.fused_linear_cross_entropy as kernels
+    import softprompt.kernels.linear_cross_entropy_triton as kernels
 
     # The test session runs the kernels under the CPU interpreter; a user's CPU process does not.
-    env.monkeypatch.setattr(kernels, "_kernels_interpreted", lambda: False)
+    env.monkeypatch.setattr(kernels, "kernels_interpreted", lambda: False)
     train_cli(env, "--loss-implementation", "triton")
 
 
@@ -573,9 +573,9 @@ for id, call, error, message in [
 @case("python: compute_loss implementation='triton' on CPU without the interpreter (defect 6)", ValueError,
       r"loss_implementation='triton' cannot run here: the Triton kernels need CUDA tensors")
 def _(env):
-    import softprompt.kernels.fused_linear_cross_entropy as kernels
+    import softprompt.kernels.linear_cross_entropy_triton as kernels
 
-    env.monkeypatch.setattr(kernels, "_kernels_interpreted", lambda: False)
+    env.monkeypatch.setattr(kernels, "kernels_interpreted", lambda: False)
     prompt_model(env).compute_loss(IDS, None, IDS, implementation="triton")
 
 

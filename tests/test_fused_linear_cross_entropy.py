@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from softprompt.kernels import fused_linear_cross_entropy as flce  # noqa: E402
+from softprompt.kernels import linear_cross_entropy_triton as triton_kernels  # noqa: E402
 from softprompt.kernels.fused_linear_cross_entropy import (  # noqa: E402
     fused_linear_cross_entropy,
     reference_linear_cross_entropy,
@@ -27,7 +28,7 @@ from softprompt.kernels.fused_linear_cross_entropy import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not flce._TRITON_AVAILABLE, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not triton_kernels.TRITON_AVAILABLE, reason="triton is not installed")
 IMPLEMENTATIONS = ["torch", pytest.param("triton", marks=needs_triton)]
 
 # Tolerances. Both sides compute in fp32 from the same (already rounded) inputs, so they differ only by the
@@ -260,10 +261,14 @@ def test_bad_vocab_chunk_size_raises():
 def test_module_imports_without_triton_and_triton_path_says_how_to_install(monkeypatch):
     """`import triton` failing must not break the module; asking for the kernels then names the fix."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
-    spec = importlib.util.spec_from_file_location("flce_without_triton", flce.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert not module._TRITON_AVAILABLE
+    fresh = {}
+    for name, source in (("softprompt.kernels.linear_cross_entropy_triton", triton_kernels), (flce.__name__, flce)):
+        spec = importlib.util.spec_from_file_location(name, source.__file__)
+        fresh[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, fresh[name])  # the entry point imports the fresh launchers
+        spec.loader.exec_module(fresh[name])
+    assert not fresh["softprompt.kernels.linear_cross_entropy_triton"].TRITON_AVAILABLE
+    module = fresh[flce.__name__]
     hidden, weight, targets = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 3])
     with pytest.raises(RuntimeError, match=r"pip install triton.*implementation='torch'"):
         module.fused_linear_cross_entropy(hidden, weight, targets, implementation="triton")
@@ -278,7 +283,7 @@ def test_module_imports_without_triton_and_triton_path_says_how_to_install(monke
 
 @needs_triton
 def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(flce, "_kernels_interpreted", lambda: False)
+    monkeypatch.setattr(triton_kernels, "kernels_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match=r"need CUDA tensors; got tensors on cpu.*'torch'.*TRITON_INTERPRET=1"):
         fused_linear_cross_entropy(
             torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 3]), implementation="triton"
@@ -301,7 +306,7 @@ def test_float64_inputs_keep_float64_in_the_torch_path_and_the_reference():
         for gradient, expected in zip(torch.autograd.grad(loss, [hidden, weight]), exact_gradients):
             assert gradient.dtype == torch.float64
             torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-15)
-    if flce._TRITON_AVAILABLE:
+    if triton_kernels.TRITON_AVAILABLE:
         with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             fused_linear_cross_entropy(hidden, weight, targets, implementation="triton")
 
