@@ -109,7 +109,9 @@ class TrainConfig:
                 f"{key}={given[key]!r} with method={self.method!r}: the setting {where}. Fix: drop "
                 f"--{key.replace('_', '-')} or use --method {' / '.join(o.replace(' ', '-') for o in owners) or '...'}."
             )
-        fields: dict[str, Any] = {"num_virtual_tokens": spec.default_num_virtual_tokens}
+        fields: dict[str, Any] = {}
+        if spec.default_num_virtual_tokens is not None:  # None: the config derives it (CPT)
+            fields["num_virtual_tokens"] = spec.default_num_virtual_tokens
         if given.get("num_virtual_tokens") is None:
             given.pop("num_virtual_tokens", None)
         if "prompt_tuning_init" in known and given.get("prompt_tuning_init") is None:
