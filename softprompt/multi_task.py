@@ -86,7 +86,7 @@ def make_trainable(model: SoftPromptModel, adapter_names: Iterable[str | None]) 
         adapter_names: the adapters to train; None entries (base-model rows) are skipped.
 
     Returns:
-        Their parameters, in adapter order, for the optimizer.
+        Their trainable parameters (not CPT's frozen context embeddings), in adapter order, for the optimizer.
 
     Raises:
         ValueError: a name is not loaded (the message lists the loaded ones).
@@ -95,7 +95,7 @@ def make_trainable(model: SoftPromptModel, adapter_names: Iterable[str | None]) 
     model.check_adapter_names(names)
     for name, module in model.prompts.items():
         module.requires_grad_(name in names)
-    return [parameter for name in names for parameter in model.prompts[name].parameters()]
+    return [parameter for name in names for parameter in model.prompts[name].parameters() if parameter.requires_grad]
 
 
 def labelled_positions(

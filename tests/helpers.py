@@ -53,6 +53,23 @@ def left_padded_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def random_token_batch(
+    lengths: list[int], padding: str, vocab_size: int, pad_token_id: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Rows of random ids in ``[4, vocab_size)`` with these real lengths, padded on `padding`'s side ("left" or
+    "right") to the longest; labels on the real tokens, -100 on padding."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_token_id)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        where = slice(width - n, width) if padding == "left" else slice(0, n)
+        input_ids[row, where] = torch.randint(4, vocab_size, (n,), generator=generator)
+        attention_mask[row, where] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+
+
 def count_attention_calls(model) -> list[int]:
     """Counts calls of each layer's attention module of a SoftPromptModel's base, one entry per layer (a
     checkpointed layer's recomputation in the backward pass calls it again)."""
@@ -185,6 +202,7 @@ def gradient_isolation_errors(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     adapter_names: Sequence[str | None],
+    task_ids: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Checks that each trainable adapter's gradient from the mixed batch comes only from its own rows.
 
@@ -197,6 +215,7 @@ def gradient_isolation_errors(
         attention_mask: ``[B, T]`` or None.
         labels: ``[B, T]``.
         adapter_names: one name (or None) per row.
+        task_ids: ``[B]`` each row's task (multitask adapters), or None.
 
     Returns:
         Adapter name -> largest absolute difference over its parameters, divided by the largest absolute entry of
@@ -222,7 +241,7 @@ def gradient_isolation_errors(
     errors = dict.fromkeys(trained, 0.0)
     for layout in ("prefix", "sequence"):  # each layout places the rows' adapters its own way
         mixed_loss = model.compute_loss(input_ids, attention_mask, labels, adapter_names, reduction="sum",
-                                        virtual_token_layout=layout)
+                                        virtual_token_layout=layout, task_ids=task_ids)
         mixed = _gradients(mixed_loss, trained)
         alone = {name: [torch.zeros_like(p) for p in parameters] for name, parameters in trained.items()}
         for row, name in enumerate(adapter_names):
@@ -230,7 +249,8 @@ def gradient_isolation_errors(
                 continue
             rows = slice(row, row + 1)
             loss = model.compute_loss(input_ids[rows], attention_mask[rows], labels[rows], [name], reduction="sum",
-                                      virtual_token_layout=layout)
+                                      virtual_token_layout=layout,
+                                      task_ids=None if task_ids is None else task_ids[rows])
             for total, gradient in zip(alone[name], _gradients(loss, {name: trained[name]})[name]):
                 total += gradient
         for name in trained:
