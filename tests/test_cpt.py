@@ -8,6 +8,7 @@ Shapes: B batch, T tokens, P context tokens, C embedding width.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -29,6 +30,7 @@ from softprompt.quickstart import build_tiny_model, build_tokenizer
 from softprompt.seams import enable_activation_checkpointing
 from softprompt.training import TrainConfig, read_metrics, train
 from softprompt.training.method_data import prepare_run_data
+from softprompt.training.optimizer_step import optimizer_step
 
 from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward, random_token_batch
 from peft_reference import peft_twin
@@ -224,6 +226,23 @@ def test_optimizer_steps_keep_every_delta_in_its_ball_and_follow_pefts_trajector
         assert bool((their_module.delta_embedding.weight.norm(dim=1) > their_module.get_epsilon()).any())
         torch.testing.assert_close(module.delta_embedding.weight, their_module.get_projection(), **TOLERANCE)
     assert bool((norms[~labels] > 0).all())  # the other rows did move
+
+
+def test_the_training_step_projects_right_after_the_update():
+    """`softprompt.training.optimizer_step`, the loop's step: the deltas are inside their balls as soon as it
+    returns, before any forward (a step of 0.5 per coordinate would put them far outside)."""
+    model = SoftPromptModel(tiny_base("llama"), copy.deepcopy(CONFIG))
+    module = model.prompts["default"]
+    parameters = {"default": [parameter for parameter in module.parameters() if parameter.requires_grad]}
+    optimizer = torch.optim.AdamW(parameters["default"], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = {**batch_of([6, 4], "right"), "task": ["default", "default"]}
+    optimizer_step(model, parameters, optimizer, scheduler, [batch], {}, 0.0, contextlib.nullcontext)
+    norms = module.delta_embedding.weight.norm(dim=1)
+    movable = torch.tensor([t % 4 != 0 for t in CONTEXT["cpt_tokens_type_mask"]])
+    assert bool((norms <= module.radii * (1 + 1e-6)).all())
+    assert bool((norms[movable] > 0.9 * module.radii[movable]).all())  # they did move: onto the sphere
+    assert norms[~movable].sum() == 0
 
 
 # ------------------------------------------------------------------------------------------------- every family

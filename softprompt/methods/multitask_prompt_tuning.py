@@ -169,8 +169,8 @@ class MultitaskPromptTuningConfig:
         if init in SOURCE_INITS and not path:
             raise ValueError(
                 f"prompt_tuning_init={init.value} without prompt_tuning_init_state_dict_path: expected the source "
-                "adapter to start from. Fix: pass prompt_tuning_init_state_dict_path='source/adapter_model.safetensors' "
-                "(a multitask adapter saved with save_pretrained, either format)."
+                "adapter to start from. Fix: pass prompt_tuning_init_state_dict_path='source/adapter_model."
+                "safetensors' (a multitask adapter saved with save_pretrained, either format)."
             )
         if init not in SOURCE_INITS and path is not None:
             raise ValueError(
@@ -277,7 +277,8 @@ def init_from_source(module: MultitaskPromptEmbedding, config: MultitaskPromptTu
         module.embedding.weight.copy_(shared)
         if init is MultitaskPromptTuningInit.ONLY_SOURCE_SHARED:
             return
-        if columns.shape[1:] != module.prefix_task_cols.shape[1:] or rows.shape[1:] != module.prefix_task_rows.shape[1:]:
+        expected = (module.prefix_task_cols.shape[1:], module.prefix_task_rows.shape[1:])  # [P, r], [r, C]
+        if (columns.shape[1:], rows.shape[1:]) != expected:
             raise ValueError(
                 f"{where}: its task matrices are cols {list(columns.shape)}, rows {list(rows.shape)} ([N, P, r], "
                 f"[N, r, C]); this adapter's rank is {config.num_ranks}. Fix: num_ranks={columns.shape[2]}, or "
@@ -412,7 +413,8 @@ def peft_tensors(config: MultitaskPromptTuningConfig, base_model: PreTrainedMode
     """PEFT's three tensors: W ``[P, C]`` (as ``prompt_embeddings``, untouched by any task), cols and rows."""
     width = family_of(base_model.config).shape(base_model.config).embedding_width
     tasks, num_virtual, ranks = config.num_tasks, config.num_virtual_tokens, config.num_ranks
-    return {PEFT_TENSOR: (num_virtual, width), PEFT_COLUMNS: (tasks, num_virtual, ranks), PEFT_ROWS: (tasks, ranks, width)}
+    return {PEFT_TENSOR: (num_virtual, width), PEFT_COLUMNS: (tasks, num_virtual, ranks),
+            PEFT_ROWS: (tasks, ranks, width)}
 
 
 def peft_state(module: MultitaskPromptEmbedding, base_model: PreTrainedModel) -> dict[str, torch.Tensor]:
