@@ -15,6 +15,7 @@ import peft
 import torch
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.file_download import repo_folder_name
+from safetensors.torch import load_file
 from peft import TaskType
 from torch import nn
 
@@ -22,6 +23,7 @@ import softprompt
 import softprompt.kernels
 from softprompt import SoftPromptModel
 from softprompt.families import FAMILIES
+from softprompt.seams import enable_activation_checkpointing
 
 # The tiny model's embedding matrix has rows past the tokenizer's vocabulary, like BLOOM's (250880 rows for
 # 250680 ids), so that SAMPLE_VOCAB init can be checked to avoid them.
@@ -258,6 +260,59 @@ def gradient_isolation_errors(
             difference = max(float((a - b).abs().max()) for a, b in zip(mixed[name], alone[name]))
             errors[name] = max(errors[name], difference / scale if scale > 0 else difference)
     return errors
+
+
+def assert_checkpointing_changes_nothing(model, batch: Mapping[str, torch.Tensor], **loss_options) -> None:
+    """The training loss and the gradient of every trainable adapter tensor, in both virtual-token layouts, are
+    bit-identical with the base's gradient checkpointing off and on (recomputation repeats the same operations).
+    Leaves checkpointing on; `loss_options` go to `compute_loss` (e.g. ``task_ids``)."""
+    parameters = [parameter for parameter in model.prompts.parameters() if parameter.requires_grad]
+
+    def loss_and_gradients(layout: str) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = model.compute_loss(**batch, virtual_token_layout=layout, **loss_options)
+        loss.backward()
+        return [loss.detach()] + [parameter.grad.clone() for parameter in parameters]
+
+    model.train()
+    plain = {layout: loss_and_gradients(layout) for layout in ("prefix", "sequence")}
+    enable_activation_checkpointing(model.base_model)
+    for layout, expected in plain.items():
+        for value, reference in zip(loss_and_gradients(layout), expected):
+            torch.testing.assert_close(value, reference, rtol=0, atol=0, msg=layout)
+
+
+def assert_resumes_bit_for_bit(run_config, uninterrupted, stop_after_steps: int) -> None:
+    """A run stopped (as by Ctrl-C) after `stop_after_steps` optimizer steps and resumed ends with the adapters of
+    the `uninterrupted` run (its `TrainResult`), bit for bit.
+
+    Args:
+        run_config: ``run_config(**overrides)`` the interrupted run's `TrainConfig` (its own output directory).
+        uninterrupted: the same run's result, uninterrupted.
+        stop_after_steps: optimizer steps before the stop.
+    """
+    from softprompt.training import train
+
+    asked = []
+
+    def stop_requested() -> bool:
+        asked.append(1)
+        return len(asked) > stop_after_steps
+
+    try:
+        train(run_config(), stop_requested=stop_requested)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the run was not interrupted")
+    resumed = train(run_config(resume=True))
+    assert resumed.resumed_from is not None and resumed.global_step == uninterrupted.global_step
+    for name, directory in uninterrupted.adapter_directories.items():
+        expected = load_file(directory / "adapter.safetensors")
+        actual = load_file(resumed.adapter_directories[name] / "adapter.safetensors")
+        assert actual.keys() == expected.keys()
+        for key in actual:  # as raw bytes: equal values with other bits (-0.0 / 0.0) would fail too
+            assert torch.equal(actual[key].view(torch.uint8), expected[key].view(torch.uint8)), (name, key)
 
 
 def _gradients(loss: torch.Tensor, parameters: Mapping[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:

@@ -26,14 +26,21 @@ from softprompt.cli import build_parser, main, train_config_from_args
 from softprompt.data import DataError
 from softprompt.methods import cpt
 from softprompt.multi_task import make_trainable
+from softprompt.params import base_model_config, meta_base_model, parameter_counts
 from softprompt.quickstart import build_tiny_model, build_tokenizer
-from softprompt.seams import enable_activation_checkpointing
 from softprompt.training import TrainConfig, read_metrics, train
 from softprompt.training.method_data import prepare_run_data
 from softprompt.training.optimizer_step import optimizer_step
 
-from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward, random_token_batch
-from peft_reference import peft_twin
+from helpers import (
+    FAMILY_MODEL_TYPES,
+    assert_checkpointing_changes_nothing,
+    assert_resumes_bit_for_bit,
+    gradient_isolation_errors,
+    greedy_by_forward,
+    random_token_batch,
+)
+from peft_reference import peft_config_for, peft_twin
 
 # fp32 on CPU: the same kernels on the same numbers in both libraries; only summation orders differ (another batch
 # size or key length), a few ulps of values of order 1-10.
@@ -123,6 +130,20 @@ def test_the_radii_are_pefts():
     theirs = peft_twin(SoftPromptModel(base, config), base).prompt_encoder["default"].get_epsilon()
     assert torch.equal(ours, theirs)
     assert ours[:5].tolist() == pytest.approx([0.0125, 0.025, 0.025, 0.0125, 1e-10])
+
+
+def test_parameter_counts_of_bloomz_are_pefts(capsys):
+    """bloomz-560m on the meta device, a 10-token context: PEFT's 10,240 trainable, and the frozen context copy
+    counted in all parameters (559,214,592 + 2 * 10,240)."""
+    ids, types = list(range(100, 110)), [1, 2, 2, 2, 3, 4, 1, 2, 3, 4]
+    config = CPTConfig(cpt_token_ids=ids, cpt_tokens_type_mask=types)
+    base_config = base_model_config("bigscience/bloomz-560m")
+    (ours,) = parameter_counts(base_config, {"cpt": config})
+    theirs = get_peft_model(meta_base_model(base_config), peft_config_for(config)).get_nb_trainable_parameters()
+    assert (ours.trainable, ours.total) == theirs == (10_240, 559_235_072)
+    assert main(["params", "--method", "cpt", "--cpt-token-ids", *map(str, ids),
+                 "--cpt-tokens-type-mask", *map(str, types)]) == 0
+    assert "trainable params: 10,240 || all params: 559,235,072" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------- differences
@@ -316,20 +337,7 @@ def test_gradient_checkpointing_changes_nothing(model_type):
     base = tiny_base(model_type)
     torch.manual_seed(1)
     model = with_random_delta(SoftPromptModel(base, copy.deepcopy(CONFIG)))
-    model.train()
-    batch = batch_of([6, 4], "left")
-
-    def loss_and_gradient(layout: str) -> list[torch.Tensor]:
-        model.zero_grad()
-        loss = model.compute_loss(**batch, virtual_token_layout=layout)
-        loss.backward()
-        return [loss.detach(), model.prompts["default"].delta_embedding.weight.grad.clone()]
-
-    plain = {layout: loss_and_gradient(layout) for layout in ("prefix", "sequence")}
-    enable_activation_checkpointing(base)
-    for layout, expected in plain.items():
-        for value, reference in zip(loss_and_gradient(layout), expected):
-            torch.testing.assert_close(value, reference, rtol=0, atol=0)  # recomputation repeats the same ops
+    assert_checkpointing_changes_nothing(model, batch_of([6, 4], "left"))
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -449,19 +457,7 @@ def test_the_command_line_trains_it_on_the_default_data(cpt_run, capsys):
 
 
 def test_an_interrupted_run_resumes_bit_for_bit(cpt_run):
+    """The context is built from the data again, the same; the training resumes where it stopped."""
     directory, result = cpt_run
-    steps = []
-
-    def stop_after_four_steps() -> bool:
-        steps.append(1)
-        return len(steps) > 4
-
-    with pytest.raises(KeyboardInterrupt):
-        train(short_config(directory, output_dir=str(directory / "interrupted")), stop_requested=stop_after_four_steps)
-    resumed = train(short_config(directory, output_dir=str(directory / "interrupted"), resume=True))
-    assert resumed.resumed_from is not None and resumed.global_step == result.global_step
-    ours = load_file(resumed.adapter_directories["default"] / "adapter.safetensors")
-    uninterrupted = load_file(result.adapter_directories["default"] / "adapter.safetensors")
-    assert ours.keys() == uninterrupted.keys()
-    for name in ours:
-        assert torch.equal(ours[name].view(torch.uint8), uninterrupted[name].view(torch.uint8)), name
+    assert_resumes_bit_for_bit(lambda **resume: short_config(directory, output_dir=str(directory / "interrupted"),
+                                                             **resume), result, 4)

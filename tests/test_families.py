@@ -27,7 +27,7 @@ from softprompt.multi_task import make_trainable
 from softprompt.quickstart import build_tiny_model
 from softprompt.seams import cache_argument, enable_activation_checkpointing
 
-from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward
+from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward, random_token_batch
 from peft_reference import peft_config_for, peft_twin
 
 # fp32 on CPU. Both sides run the same kernels on the same numbers; what differs is summation order (another batch
@@ -59,16 +59,7 @@ def num_virtual(config) -> int:
 
 def random_batch(lengths: list[int], padding: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Rows of random ids, padded on `padding`'s side ("left" or "right") to the longest; labels on real tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    input_ids = torch.full((len(lengths), width), PAD_ID)
-    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        where = slice(width - n, width) if padding == "left" else slice(0, n)
-        input_ids[row, where] = torch.randint(4, VOCAB_SIZE, (n,), generator=generator)
-        attention_mask[row, where] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+    return random_token_batch(lengths, padding, VOCAB_SIZE, PAD_ID, seed)
 
 
 def test_every_supported_family_is_under_test():

@@ -25,10 +25,16 @@ from softprompt.methods import multitask_prompt_tuning
 from softprompt.multi_task import make_trainable
 from softprompt.params import base_model_config, meta_base_model, parameter_counts
 from softprompt.quickstart import build_tiny_model
-from softprompt.seams import enable_activation_checkpointing
 from softprompt.training import TrainConfig, read_metrics, train
 
-from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward, random_token_batch
+from helpers import (
+    FAMILY_MODEL_TYPES,
+    assert_checkpointing_changes_nothing,
+    assert_resumes_bit_for_bit,
+    gradient_isolation_errors,
+    greedy_by_forward,
+    random_token_batch,
+)
 from peft_reference import peft_config_for, peft_twin
 
 # fp32 on CPU: the same kernels on the same numbers in both libraries; only summation orders differ (another batch
@@ -97,7 +103,7 @@ def test_equals_peft_on_every_family(model_type):
     assert torch.equal(our_ids, their_ids)
 
 
-def test_parameter_counts_of_real_shapes_equal_pefts():
+def test_parameter_counts_of_real_shapes_equal_pefts(capsys):
     """On the meta device (no weights): bloomz-560m and Llama-3.2-1B, 20 tokens, 2 tasks, rank 1."""
     config = MultitaskPromptTuningConfig(num_virtual_tokens=20, num_tasks=2)
     counts = {}
@@ -108,6 +114,8 @@ def test_parameter_counts_of_real_shapes_equal_pefts():
         assert (ours.trainable, ours.total) == theirs, name
         counts[name] = ours.trainable
     assert counts["bigscience/bloomz-560m"] == 22_568  # P * C + N * P * r + N * r * C, as PEFT printed it
+    assert main(["params", "--method", "multitask-prompt-tuning", "--num-virtual-tokens", "20", "--num-tasks", "2"]) == 0
+    assert "trainable params: 22,568 || all params: 559,237,160" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------- inits
@@ -321,20 +329,7 @@ def test_gradient_checkpointing_changes_nothing(model_type):
     base = tiny_base(model_type)
     torch.manual_seed(1)
     model = with_random_weights(SoftPromptModel(base, copy.deepcopy(CONFIG)))
-    model.train()
-    batch, task_ids = batch_of([6, 4], "left"), torch.tensor([1, 2])
-
-    def loss_and_gradients(layout: str) -> list[torch.Tensor]:
-        model.zero_grad()
-        loss = model.compute_loss(**batch, virtual_token_layout=layout, task_ids=task_ids)
-        loss.backward()
-        return [loss.detach()] + [parameter.grad.clone() for parameter in model.prompts["default"].parameters()]
-
-    plain = {layout: loss_and_gradients(layout) for layout in ("prefix", "sequence")}
-    enable_activation_checkpointing(base)
-    for layout, expected in plain.items():
-        for value, reference in zip(loss_and_gradients(layout), expected):
-            torch.testing.assert_close(value, reference, rtol=0, atol=0)  # recomputation repeats the same ops
+    assert_checkpointing_changes_nothing(model, batch_of([6, 4], "left"), task_ids=torch.tensor([1, 2]))
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -443,23 +438,9 @@ def test_a_task_column_trains_one_adapter_with_a_task_id_per_task(task_run, caps
         capsys.readouterr().err
 
 
-def test_an_interrupted_run_resumes_bit_for_bit(task_run, tmp_path):
+def test_an_interrupted_run_resumes_bit_for_bit(task_run):
     directory, result = task_run
-    steps = []
-
-    def stop_after_three_steps() -> bool:
-        steps.append(1)
-        return len(steps) > 3
-
-    with pytest.raises(KeyboardInterrupt):
-        train(task_config(directory, "interrupted"), stop_requested=stop_after_three_steps)
-    resumed = train(task_config(directory, "interrupted", resume=True))
-    assert resumed.resumed_from is not None and resumed.global_step == result.global_step
-    ours = load_file(resumed.adapter_directories["default"] / "adapter.safetensors")
-    uninterrupted = load_file(result.adapter_directories["default"] / "adapter.safetensors")
-    assert ours.keys() == uninterrupted.keys()
-    for name in ours:
-        assert torch.equal(ours[name].view(torch.uint8), uninterrupted[name].view(torch.uint8)), name
+    assert_resumes_bit_for_bit(lambda **resume: task_config(directory, "interrupted", **resume), result, 3)
 
 
 def test_task_names_given_must_cover_the_data(tmp_path):
