@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from softprompt.methods import METHODS, method_named
+from softprompt.methods import METHODS, method_named, method_of
 from softprompt.methods.multitask_prompt_tuning import task_ids_of
 from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
 from softprompt.training.config import (
@@ -119,12 +119,13 @@ def add_method_flags(group: argparse._ArgumentGroup, seen: set[str]) -> None:
     # A field two methods type with their own enums (prompt_tuning_init) takes the values of both; each config
     # checks its own.
     for action in group._actions:
-        values = [choice for spec in METHODS.values() for item in dataclasses.fields(spec.config_class)
-                  if item.name == action.dest
-                  for choice in (argparse_options(typing.get_type_hints(spec.config_class)[item.name]) or {})
-                  .get("choices", [])]
-        if action.choices is not None and values:
-            action.choices = list(dict.fromkeys(values))
+        choices: list[str] = []
+        for spec in METHODS.values():
+            if action.dest in {item.name for item in dataclasses.fields(spec.config_class)}:
+                hint = typing.get_type_hints(spec.config_class)[action.dest]
+                choices += (argparse_options(hint) or {}).get("choices", [])
+        if action.choices is not None and choices:
+            action.choices = list(dict.fromkeys(choices))
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -470,7 +471,7 @@ def generation_task_id(config: Any, task: str | None) -> int | None:
     Raises:
         ValueError: a multitask adapter of several tasks without ``--task``, or a task it does not know.
     """
-    if not method_named(config.method).takes_task_ids:
+    if not method_of(config).takes_task_ids:
         return None
     if task is None:
         if config.num_tasks > 1:

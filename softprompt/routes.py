@@ -188,8 +188,10 @@ def virtual_token_labels(
         return sequence.place(values, torch.full((batch_size, sequence.length), fill, dtype=dtype, device=device),
                               batch_dim=0, slot_dim=1)
 
-    weighted = any(entry.weights is not None for entry in entries.values())
-    return per_slot("targets", IGNORE_INDEX, torch.long), per_slot("weights", 1.0, torch.float32) if weighted else None
+    targets = per_slot("targets", IGNORE_INDEX, torch.long)
+    if all(entry.weights is None for entry in entries.values()):
+        return targets, None
+    return targets, per_slot("weights", 1.0, torch.float32)
 
 
 def sequence_targets(labels: torch.Tensor, inputs: SequenceInputs) -> torch.Tensor:

@@ -343,7 +343,7 @@ def test_gradient_checkpointing_changes_nothing(model_type):
 # ------------------------------------------------------------------------------------------------- files
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", PEFT_FAMILIES)
 def test_both_formats_both_ways(model_type, tmp_path):
     base = tiny_base(model_type)
     torch.manual_seed(1)
@@ -402,6 +402,26 @@ def test_the_context_is_built_from_training_examples_in_the_recipes_layout():
     assert words == {1: "Tweet text :", 3: " Label : "}
     assert len({tuple(label for label in example["labels"] if label != -100) for example in left[:2]}) == 2  # by label
     assert context.num_virtual_tokens == len(ids) and context.cpt_mask == [1] * len(ids)
+
+
+def test_several_datasets_each_get_a_context_of_their_own(tmp_path):
+    files = {}
+    for name, column, word in (("pets", "pet", "purrs"), ("cars", "car", "honks")):
+        rows = [{column: f"the {name} number {i} {word}", "label": "yes" if i % 2 else "no"} for i in range(12)]
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = TrainConfig.from_dict(dict(dataset=[str(files["pets"]), str(files["cars"])], text_column=["pet", "car"],
+                                        label_column="label", method="cpt", context_examples=2,
+                                        output_dir=str(tmp_path / "run")))
+    tokenizer = build_tokenizer()
+    data, adapters = prepare_run_data(config, tokenizer)
+    for name, column, word in (("pets", "pet", "purrs"), ("cars", "car", "honks")):
+        context = adapters[name]
+        text = tokenizer.decode(context.cpt_token_ids)
+        assert text.count(f"{column} :") == 2 and word in text and text.count("Label :") == 2, text
+        head = [token for token, t in zip(context.cpt_token_ids, context.cpt_tokens_type_mask) if t == 1]
+        assert tokenizer.decode(head) == f"{column} :"  # each dataset's own text column heads its examples
+    assert len([example for example in data.train if example["task"] == "pets"]) == 12 - 2 - 2  # 2 held out
 
 
 def test_a_context_of_ones_own_comes_from_flags_or_a_config_file(tmp_path):

@@ -114,7 +114,8 @@ def test_parameter_counts_of_real_shapes_equal_pefts(capsys):
         assert (ours.trainable, ours.total) == theirs, name
         counts[name] = ours.trainable
     assert counts["bigscience/bloomz-560m"] == 22_568  # P * C + N * P * r + N * r * C, as PEFT printed it
-    assert main(["params", "--method", "multitask-prompt-tuning", "--num-virtual-tokens", "20", "--num-tasks", "2"]) == 0
+    assert main(["params", "--method", "multitask-prompt-tuning", "--num-virtual-tokens", "20",
+                 "--num-tasks", "2"]) == 0
     assert "trainable params: 22,568 || all params: 559,237,160" in capsys.readouterr().out
 
 
@@ -335,7 +336,7 @@ def test_gradient_checkpointing_changes_nothing(model_type):
 # ------------------------------------------------------------------------------------------------- files
 
 
-@pytest.mark.parametrize("model_type", ["llama", "bloom"])
+@pytest.mark.parametrize("model_type", FAMILY_MODEL_TYPES)
 def test_both_formats_both_ways(model_type, tmp_path):
     base = tiny_base(model_type)
     torch.manual_seed(1)
@@ -441,6 +442,20 @@ def test_a_task_column_trains_one_adapter_with_a_task_id_per_task(task_run, caps
 def test_an_interrupted_run_resumes_bit_for_bit(task_run):
     directory, result = task_run
     assert_resumes_bit_for_bit(lambda **resume: task_config(directory, "interrupted", **resume), result, 3)
+
+
+def test_several_datasets_are_the_tasks_of_one_adapter(tmp_path):
+    from softprompt.training.method_data import prepare_run_data
+
+    files = [task_data(tmp_path / "pets.jsonl"), task_data(tmp_path / "animals.jsonl")]
+    config = TrainConfig.from_dict(dict(dataset=[str(path) for path in files], text_column=["text"],
+                                        label_column="label", method="multitask-prompt-tuning",
+                                        output_dir=str(tmp_path / "run")))
+    data, adapters = prepare_run_data(config, softprompt.quickstart.build_tokenizer())
+    assert list(adapters) == data.adapter_names == ["default"]
+    assert (adapters["default"].num_tasks, adapters["default"].task_names) == (2, ["animals", "pets"])
+    assert sorted({example["task_id"] for example in data.train}) == [0, 1]
+    assert {example["task"] for example in data.train + data.eval + data.eval_prompts} == {"default"}
 
 
 def test_task_names_given_must_cover_the_data(tmp_path):

@@ -75,7 +75,8 @@ MIN_EPSILON = 1e-10
 """The radius of label and type-0 rows (PEFT's): they never move."""
 
 REFERENCE_WIDTH = 2048
-"""The radii scale with sqrt(C / 2048): the paper's radii are for a model 2048 wide (PEFT's rule)."""
+"""The radii scale with sqrt(C / 2048) (PEFT's rule): a delta whose coordinates have the same size has a norm
+proportional to sqrt(C), so one epsilon means the same per-coordinate change at every width."""
 
 WeightedLossType = Literal["none", "decay"]
 
@@ -178,8 +179,9 @@ def is_label(types: torch.Tensor) -> torch.Tensor:
 
 
 def is_trainable(types: torch.Tensor) -> torch.Tensor:
-    """Which types may move: templates and input text (``type % 4`` in 1, 2, 3; PEFT's gradient mask)."""
-    return (types % 4 == 1) | (types % 4 == 2) | (types % 4 == 3)
+    """Which types may move: templates and input text, ``type % 4`` in 1, 2, 3 (PEFT's gradient mask); labels and
+    type 0 may not."""
+    return types % 4 != 0
 
 
 def ball_radii(config: CPTConfig, embedding_width: int) -> torch.Tensor:

@@ -364,8 +364,8 @@ def task_ids_of(config: MultitaskPromptTuningConfig, tasks: Sequence[str | int])
         else:
             known = f"the names {config.task_names} or " if config.task_names else ""
             raise ValueError(
-                f"task {task!r}: this multitask adapter knows {known}the ids 0 to {config.num_tasks - 1}. Fix: pass "
-                "one of those (--task on the command line)."
+                f"task {task!r}: this multitask adapter knows {known}the ids 0 to {config.num_tasks - 1}. Fix: use "
+                "one of those (softprompt generate --task; softprompt eval: a --task-column holding them)."
             )
     return ids
 

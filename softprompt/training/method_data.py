@@ -18,7 +18,8 @@
   (``adapter: {cpt_token_ids: [...], cpt_tokens_type_mask: [...]}``) or as flags (``--cpt-token-ids 5 6 7``).
 
 Nothing here changes the run's settings (``train_config.json`` keeps what was asked for): the same data and seed give
-the same ids and context again on ``--resume``, and the saved adapters record them.
+the same ids and context again on ``--resume``, and the saved adapters record them. A CPT run's evaluation loss is
+the method's loss, as PEFT computes it: the held-out rows' labels and the context's own.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from softprompt.methods.multitask_prompt_tuning import MultitaskPromptTuningConf
 from softprompt.recipes import classification_prompt
 from softprompt.training.config import TrainConfig
 from softprompt.training.examples import DEFAULT_ADAPTER_NAME, PreparedData, prepare_data
+from softprompt.training.sections import adapter_name_for_source
 
 
 def prepare_run_data(config: TrainConfig, tokenizer: Any) -> tuple[PreparedData, dict[str, SoftPromptConfig]]:
@@ -54,9 +56,11 @@ def prepare_run_data(config: TrainConfig, tokenizer: Any) -> tuple[PreparedData,
     if method_of(adapter).takes_task_ids:
         return data, {DEFAULT_ADAPTER_NAME: multitask_config(adapter, data)}
     if isinstance(adapter, CPTConfig) and adapter.cpt_token_ids is None:
+        columns = config.data.resolved_text_columns  # one per dataset; the adapters of several are named after them
+        column_of = dict(zip(map(adapter_name_for_source, config.data.dataset), columns)) if len(columns) > 1 else {}
         configs = {}
         for name in data.adapter_names:
-            context, data.train = cpt_context(data, name, config.data.resolved_text_columns[0],
+            context, data.train = cpt_context(data, name, column_of.get(name, columns[0]),
                                               config.data.context_examples, tokenizer)
             configs[name] = dataclasses.replace(adapter, num_virtual_tokens=None, **context)
         return data, configs
