@@ -325,7 +325,7 @@ def build(
     return module.to(device)
 
 
-def check_task_ids(config: MultitaskPromptTuningConfig, task_ids: torch.Tensor | None) -> torch.Tensor:
+def valid_task_ids(config: MultitaskPromptTuningConfig, task_ids: torch.Tensor | None) -> torch.Tensor:
     """The rows' task ids, checked against the config.
 
     Raises:
@@ -372,7 +372,7 @@ def task_ids_of(config: MultitaskPromptTuningConfig, tasks: Sequence[str | int])
 
 def enter(module: nn.Module, request: EntryRequest) -> VirtualTokens:
     """One prompt per distinct task of the rows, and which one each row uses."""
-    task_ids = check_task_ids(module.config, request.task_ids)
+    task_ids = valid_task_ids(module.config, request.task_ids)
     device = module.embedding.weight.device
     tasks, group_of_row = torch.unique(task_ids, return_inverse=True)  # [G], [R]
     prompts = module(tasks.to(device))  # [G, P, C]
