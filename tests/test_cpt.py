@@ -112,6 +112,17 @@ def test_equals_peft_on_every_family(model_type):
     assert torch.equal(our_ids, greedy_by_forward(theirs, **prompt, max_new_tokens=4))
 
 
+def test_narrow_embeddings_fail_in_peft_and_run_here():
+    """OPT's narrow embeddings (the reason PEFT_FAMILIES leaves OPT out): PEFT's CPT sizes its tables by the hidden
+    size and fails; softprompt sizes them by the embedding width (the mixed-batch test checks its rows on OPT)."""
+    base = tiny_base("opt")
+    model = SoftPromptModel(base, copy.deepcopy(CONFIG))
+    batch = batch_of([6, 4], "right")
+    assert torch.isfinite(model(**batch).loss)
+    with pytest.raises(RuntimeError, match="must match the size of tensor"):
+        get_peft_model(copy.deepcopy(base), peft_config_for(CONFIG, base))(**batch)
+
+
 def test_without_decay_every_loss_term_weighs_one_as_in_peft():
     base = tiny_base("llama")
     torch.manual_seed(1)
