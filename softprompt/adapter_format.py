@@ -6,7 +6,8 @@
       "format": "softprompt-adapter",
       "format_version": 1,
       "library_version": "0.1.0",
-      "method": "prompt_tuning" | "p_tuning" | "prefix_tuning" | "adaption_prompt",
+      "method": "prompt_tuning" | "p_tuning" | "prefix_tuning" | "adaption_prompt" | "multitask_prompt_tuning" |
+                "cpt",
       "config": {...the method's config fields...},
       "base_model": {"name_or_path": ..., "model_type": "llama", "hidden_size": ..., "num_layers": L,
                      "num_heads": H, "num_key_value_heads": K, "head_dim": D, "embedding_width": C,
@@ -18,8 +19,9 @@
 ``adapter.safetensors`` holds, in fp32:
 
 - ``prompt.<name>``: every tensor of the method module's state dict (the table and, for p-tuning and projected
-  prefix tuning, the encoder's weights), so training resumes exactly where it stopped. PEFT drops the encoder and
-  keeps only its output, so a PEFT p-tuning adapter cannot be trained further the same way.
+  prefix tuning, the encoder's weights; multitask prompt tuning's shared prompt and task matrices; CPT's frozen
+  context embeddings and its delta), so training resumes exactly where it stopped. PEFT drops the encoder and
+  keeps only its output (and CPT's sum), so a PEFT p-tuning adapter cannot be trained further the same way.
 - ``materialized``: the module's output, ``[P, C]`` virtual tokens or ``[P, L * 2 * K * D]`` prefix, so that
   inference needs no encoder (`read(..., materialized_only=True)`); absent for methods whose output is not one
   table (`MethodSpec.materialized`: adaption prompt, whose tokens and gates are its weights).
@@ -56,6 +58,7 @@ from softprompt.files import (
     sha256_of,
 )
 from softprompt.methods import METHODS, MaterializedPrompt, SoftPromptConfig, method_of
+from softprompt.methods.multitask_prompt_tuning import SOURCE_INITS
 from softprompt.version import __version__
 
 FORMAT_NAME = "softprompt-adapter"
@@ -88,10 +91,14 @@ def config_from_dict(method: str, fields: dict[str, Any], source: str) -> SoftPr
     unknown = sorted(set(fields) - known)
     if unknown:
         raise AdapterFormatError(f"{source}: unknown {method} config fields {unknown}: expected only {sorted(known)}.")
-    if method == "prompt_tuning" and str(fields.get("prompt_tuning_init", "RANDOM")).upper() != "TEXT":
-        # PEFT's files, and softprompt's before it refused the pair, may record an init text that their RANDOM or
-        # SAMPLE_VOCAB init ignored; the stored table is what counts, so the text is dropped rather than refused.
-        fields = {key: value for key, value in fields.items() if key != "prompt_tuning_init_text"}
+    init = str(fields.get("prompt_tuning_init", "RANDOM")).upper()
+    if "prompt_tuning_init" in known:
+        # PEFT's files, and softprompt's before it refused the pair, may record an init text (or a multitask source
+        # file) that their init ignored; the stored tensors are what counts, so such values are dropped, not refused.
+        ignored = {"prompt_tuning_init_text", "tokenizer_kwargs"} if init != "TEXT" else set()
+        if init not in SOURCE_INITS:
+            ignored.add("prompt_tuning_init_state_dict_path")
+        fields = {key: value for key, value in fields.items() if key not in ignored}
     try:
         return config_class(**fields)
     except (TypeError, ValueError) as error:

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from softprompt.methods import METHODS, method_named
+from softprompt.methods import METHODS, method_named, method_of
+from softprompt.methods.multitask_prompt_tuning import task_ids_of
 from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
 from softprompt.training.config import (
     METHOD_NAMES,
@@ -65,10 +66,25 @@ def argparse_options(hint: Any) -> dict[str, Any] | None:
     if first is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(first) is list:
+        if typing.get_args(first) == (int,):  # a sequence of ids: --cpt-token-ids 5 6 7
+            return {"nargs": "+", "type": int}
         return {"action": "append"}
+    if first is dict or typing.get_origin(first) is dict:
+        return {"type": json_object}
     if first in (int, float, str):
         return {"type": first}
     return None
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A flag's JSON object (``--tokenizer-kwargs '{"use_fast": true}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object, e.g. '{{\"use_fast\": true}}'")
+    return value
 
 
 def add_field_flags(
@@ -101,6 +117,16 @@ def add_method_flags(group: argparse._ArgumentGroup, seen: set[str]) -> None:
 
     for spec in METHODS.values():
         add_field_flags(group, spec.config_class, seen, owner=owners)
+    # A field two methods type with their own enums (prompt_tuning_init) takes the values of both; each config
+    # checks its own.
+    for action in group._actions:
+        choices: list[str] = []
+        for spec in METHODS.values():
+            if action.dest in {item.name for item in dataclasses.fields(spec.config_class)}:
+                hint = typing.get_type_hints(spec.config_class)[action.dest]
+                choices += (argparse_options(hint) or {}).get("choices", [])
+        if action.choices is not None and choices:
+            action.choices = list(dict.fromkeys(choices))
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -170,7 +196,7 @@ def run_params(args: argparse.Namespace) -> int:
     else:
         spec = method_named(args.method)
         fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec.config_class) if hasattr(args, f.name)}
-        if any(f.name == "num_virtual_tokens" for f in dataclasses.fields(spec.config_class)):
+        if spec.default_num_virtual_tokens is not None:
             fields.setdefault("num_virtual_tokens", spec.default_num_virtual_tokens)
         configs = {args.method: spec.config_class(**fields)}
     rows = parameter_counts(base_model_config(args.model), configs)
@@ -395,6 +421,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
                         help="adapter directory; repeat with NAME=DIR for several")
     parser.add_argument("--use", action="append", metavar="NAME", help="the adapter(s) to generate with")
+    parser.add_argument("--task", help="the task of every prompt, for a multitask prompt tuning adapter: a task name "
+                        "it records (its run's task column or datasets) or a task id")
     parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")
     parser.add_argument("--model", help="base model (hub id, directory or .gguf file); omitted: the one the adapter "
                         "records (a .gguf file must still have the SHA-256 its run recorded)")
@@ -433,9 +461,30 @@ def run_generate(args: argparse.Namespace) -> int:
     with cpu_threads(default_threads(model.base_model)):
         for name in chosen:
             torch.manual_seed(args.seed)
-            for prompt, output in zip(args.prompt, generate_texts(model, tokenizer, args.prompt, name, **options)):
+            task_id = generation_task_id(model.adapter_configs[name], args.task)
+            for prompt, output in zip(args.prompt, generate_texts(model, tokenizer, args.prompt, name, task_id,
+                                                                  **options)):
                 print(f"[{name}] {prompt}{output}")
     return 0
+
+
+def generation_task_id(config: Any, task: str | None) -> int | None:
+    """The task id ``--task`` names for an adapter (None for an adapter without tasks).
+
+    Raises:
+        ValueError: a multitask adapter of several tasks without ``--task``, or a task it does not know.
+    """
+    if not method_of(config).takes_task_ids:
+        return None
+    if task is None:
+        if config.num_tasks > 1:
+            known = config.task_names or list(range(config.num_tasks))
+            raise ValueError(
+                f"The multitask adapter has {config.num_tasks} tasks ({known}): expected --task to say which one the "
+                "prompts are. Fix: pass --task with one of those."
+            )
+        return 0
+    return task_ids_of(config, [task])[0]
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

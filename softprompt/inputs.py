@@ -285,6 +285,12 @@ def check_forward_options(options: Mapping[str, Any]) -> None:
     Raises:
         ValueError: naming them and the fix.
     """
+    if "input_type_mask" in options:
+        raise ValueError(
+            "SoftPromptModel.forward got input_type_mask (PEFT's CPT argument): softprompt scores the input's tokens "
+            "by their labels, and a CPT adapter adds its context's own labels itself. Fix: drop input_type_mask and "
+            "set labels to -100 wherever no loss is wanted."
+        )
     refused = sorted(set(options) & _INPUTS_FORWARD_CANNOT_TAKE)
     if refused:
         raise ValueError(

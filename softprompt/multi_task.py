@@ -86,7 +86,7 @@ def make_trainable(model: SoftPromptModel, adapter_names: Iterable[str | None]) 
         adapter_names: the adapters to train; None entries (base-model rows) are skipped.
 
     Returns:
-        Their parameters, in adapter order, for the optimizer.
+        Their trainable parameters (not CPT's frozen context embeddings), in adapter order, for the optimizer.
 
     Raises:
         ValueError: a name is not loaded (the message lists the loaded ones).
@@ -95,22 +95,23 @@ def make_trainable(model: SoftPromptModel, adapter_names: Iterable[str | None]) 
     model.check_adapter_names(names)
     for name, module in model.prompts.items():
         module.requires_grad_(name in names)
-    return [parameter for name in names for parameter in model.prompts[name].parameters()]
+    return [parameter for name in names for parameter in model.prompts[name].parameters() if parameter.requires_grad]
 
 
 def labelled_positions(
-    model: SoftPromptModel, labels: torch.Tensor, adapter_names: Sequence[str | None]
+    model: SoftPromptModel, labels: torch.Tensor, adapter_names: Sequence[str | None],
+    task_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """How many positions of each row carry a loss, ``[B]`` (`SoftPromptModel.labelled_positions`).
 
     A causal LM scores token t + 1 from position t, so a row's first real token is scored only when something
     comes before it: the last virtual token of a virtual-token method. Prefix tuning and the base model add no
-    position, so their first token is never scored.
+    position, so their first token is never scored. A CPT row also counts its context's label tokens.
 
     Raises:
         ValueError: ``adapter_names`` does not have one entry per row, or names an adapter that is not loaded.
     """
-    return model.labelled_positions(labels, adapter_names)
+    return model.labelled_positions(labels, adapter_names, task_ids)
 
 
 def multi_adapter_loss(
@@ -122,9 +123,11 @@ def multi_adapter_loss(
     reduction: Reduction = "adapter_mean",
     implementation: LossImplementation = "torch",
     virtual_token_layout: VirtualTokenLayout = "auto",
+    task_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of a batch whose rows use different adapters, in one forward pass
-    (`SoftPromptModel.compute_loss` with a `reduction`; see the module docstring for the three).
+    (`SoftPromptModel.compute_loss` with a `reduction`; see the module docstring for the three); ``task_ids [B]``
+    gives the rows of multitask adapters their tasks.
 
     Raises:
         ValueError: an unknown reduction, or an adapter name that is not loaded.
@@ -132,7 +135,7 @@ def multi_adapter_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}. Fix: pass one of those.")
     return model.compute_loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout,
-                              reduction=reduction)
+                              reduction=reduction, task_ids=task_ids)
 
 
 __all__ = [

@@ -153,23 +153,7 @@ def sequence_inputs(
     virtual_mask = sequence.mask(input_ids.device, attention_mask.dtype)
     mask = torch.cat([prefix.mask.to(attention_mask.dtype), virtual_mask, attention_mask], dim=1)  # [B, P_k+P_e+T]
     check_positions(frozen.family, frozen.base_model.config, mask)
-    targets = weights = None
-    labelled = {name: entry for name, entry in virtual_entries.items() if entry.targets is not None}
-    if labelled:
-        targets = sequence.place(
-            {name: entry.targets if entry.group_of_row is None else entry.rows_of(entry.targets)
-             for name, entry in labelled.items()},
-            torch.full((batch_size, sequence.length), IGNORE_INDEX, device=input_ids.device),
-            batch_dim=0, slot_dim=1,
-        )
-        weighted = {name: entry for name, entry in labelled.items() if entry.weights is not None}
-        if weighted:
-            weights = sequence.place(
-                {name: entry.weights if entry.group_of_row is None else entry.rows_of(entry.weights)
-                 for name, entry in weighted.items()},
-                torch.ones(batch_size, sequence.length, dtype=torch.float32, device=input_ids.device),
-                batch_dim=0, slot_dim=1,
-            )
+    targets, weights = virtual_token_labels(sequence, virtual_entries, batch_size, input_ids.device)
     return SequenceInputs(
         decoder=DecoderInputs(
             embeddings=torch.cat([virtual, token_embeddings], dim=1),  # [B, P_e + T, C]
@@ -181,6 +165,33 @@ def sequence_inputs(
         virtual_targets=targets,
         virtual_weights=weights,
     )
+
+
+def virtual_token_labels(
+    sequence: Slots, entries: Mapping[str, VirtualTokens], batch_size: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``[B, P_e]`` the virtual tokens' own labels (-100 where none) and ``[B, P_e]`` their weights (1 where none) of
+    the sequence route, each adapter's in its rows' slots; None for each when no adapter has any. Adapters without
+    labels (prompt tuning beside CPT in a mixed batch) fill their slots with -100 and 1."""
+    if all(entry.targets is None for entry in entries.values()):
+        return None, None
+
+    def per_slot(field: str, fill: float, dtype: torch.dtype) -> torch.Tensor:
+        values = {}
+        for name, entry in entries.items():
+            own = getattr(entry, field)  # [G, P_a] per prompt, or None
+            if own is None:
+                own = torch.full((1, sequence.lengths[name]), fill, dtype=dtype, device=device)  # broadcast to its rows
+            elif entry.group_of_row is not None:
+                own = entry.rows_of(own)  # [R, P_a]
+            values[name] = own
+        return sequence.place(values, torch.full((batch_size, sequence.length), fill, dtype=dtype, device=device),
+                              batch_dim=0, slot_dim=1)
+
+    targets = per_slot("targets", IGNORE_INDEX, torch.long)
+    if all(entry.weights is None for entry in entries.values()):
+        return targets, None
+    return targets, per_slot("weights", 1.0, torch.float32)
 
 
 def sequence_targets(labels: torch.Tensor, inputs: SequenceInputs) -> torch.Tensor:

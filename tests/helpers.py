@@ -16,6 +16,7 @@ import peft
 import torch
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.file_download import repo_folder_name
+from safetensors.torch import load_file
 from peft import TaskType
 from torch import nn
 
@@ -24,6 +25,7 @@ import softprompt.kernels
 from softprompt import SoftPromptModel
 from softprompt.families import FAMILIES
 from softprompt.multi_task import make_trainable
+from softprompt.seams import enable_activation_checkpointing
 
 # The tiny model's embedding matrix has rows past the tokenizer's vocabulary, like BLOOM's (250880 rows for
 # 250680 ids), so that SAMPLE_VOCAB init can be checked to avoid them.
@@ -203,6 +205,7 @@ def gradient_isolation_errors(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     adapter_names: Sequence[str | None],
+    task_ids: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Checks that each trainable adapter's gradient from the mixed batch comes only from its own rows.
 
@@ -215,6 +218,7 @@ def gradient_isolation_errors(
         attention_mask: ``[B, T]`` or None.
         labels: ``[B, T]``.
         adapter_names: one name (or None) per row.
+        task_ids: ``[B]`` each row's task (multitask adapters), or None.
 
     Returns:
         Adapter name -> largest absolute difference over its parameters, divided by the largest absolute entry of
@@ -240,7 +244,7 @@ def gradient_isolation_errors(
     errors = dict.fromkeys(trained, 0.0)
     for layout in ("prefix", "sequence"):  # each layout places the rows' adapters its own way
         mixed_loss = model.compute_loss(input_ids, attention_mask, labels, adapter_names, reduction="sum",
-                                        virtual_token_layout=layout)
+                                        virtual_token_layout=layout, task_ids=task_ids)
         mixed = _gradients(mixed_loss, trained)
         alone = {name: [torch.zeros_like(p) for p in parameters] for name, parameters in trained.items()}
         for row, name in enumerate(adapter_names):
@@ -248,7 +252,8 @@ def gradient_isolation_errors(
                 continue
             rows = slice(row, row + 1)
             loss = model.compute_loss(input_ids[rows], attention_mask[rows], labels[rows], [name], reduction="sum",
-                                      virtual_token_layout=layout)
+                                      virtual_token_layout=layout,
+                                      task_ids=None if task_ids is None else task_ids[rows])
             for total, gradient in zip(alone[name], _gradients(loss, {name: trained[name]})[name]):
                 total += gradient
         for name in trained:
@@ -324,6 +329,59 @@ def assert_each_row_computes_what_it_computes_alone(
         assert torch.equal(greedy[row, width:], own[0, n:]), f"greedy, row {row} ({name})"
         own_beams = model.generate(input_ids=ids, adapter_names=[name], **beams)
         assert torch.equal(beam_ids[2 * row : 2 * row + 2, width:], own_beams[:, n:]), f"beams, row {row} ({name})"
+
+
+def assert_checkpointing_changes_nothing(model, batch: Mapping[str, torch.Tensor], **loss_options) -> None:
+    """The training loss and the gradient of every trainable adapter tensor, in both virtual-token layouts, are
+    bit-identical with the base's gradient checkpointing off and on (recomputation repeats the same operations).
+    Leaves checkpointing on; `loss_options` go to `compute_loss` (e.g. ``task_ids``)."""
+    parameters = [parameter for parameter in model.prompts.parameters() if parameter.requires_grad]
+
+    def loss_and_gradients(layout: str) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = model.compute_loss(**batch, virtual_token_layout=layout, **loss_options)
+        loss.backward()
+        return [loss.detach()] + [parameter.grad.clone() for parameter in parameters]
+
+    model.train()
+    plain = {layout: loss_and_gradients(layout) for layout in ("prefix", "sequence")}
+    enable_activation_checkpointing(model.base_model)
+    for layout, expected in plain.items():
+        for value, reference in zip(loss_and_gradients(layout), expected):
+            torch.testing.assert_close(value, reference, rtol=0, atol=0, msg=layout)
+
+
+def assert_resumes_bit_for_bit(run_config, uninterrupted, stop_after_steps: int) -> None:
+    """A run stopped (as by Ctrl-C) after `stop_after_steps` optimizer steps and resumed ends with the adapters of
+    the `uninterrupted` run (its `TrainResult`), bit for bit.
+
+    Args:
+        run_config: ``run_config(**overrides)`` the interrupted run's `TrainConfig` (its own output directory).
+        uninterrupted: the same run's result, uninterrupted.
+        stop_after_steps: optimizer steps before the stop.
+    """
+    from softprompt.training import train
+
+    asked = []
+
+    def stop_requested() -> bool:
+        asked.append(1)
+        return len(asked) > stop_after_steps
+
+    try:
+        train(run_config(), stop_requested=stop_requested)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the run was not interrupted")
+    resumed = train(run_config(resume=True))
+    assert resumed.resumed_from is not None and resumed.global_step == uninterrupted.global_step
+    for name, directory in uninterrupted.adapter_directories.items():
+        expected = load_file(directory / "adapter.safetensors")
+        actual = load_file(resumed.adapter_directories[name] / "adapter.safetensors")
+        assert actual.keys() == expected.keys()
+        for key in actual:  # as raw bytes: equal values with other bits (-0.0 / 0.0) would fail too
+            assert torch.equal(actual[key].view(torch.uint8), expected[key].view(torch.uint8)), (name, key)
 
 
 def _gradients(loss: torch.Tensor, parameters: Mapping[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:

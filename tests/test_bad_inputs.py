@@ -65,7 +65,8 @@ for flags, message in [
     (["--resume", "--overwrite"], r"pass only one of --resume / --overwrite"),
     (["--num-virtual-tokens", "0"], r"num_virtual_tokens=0: expected an integer >= 1"),
     (["--dataset", "some.csv"], r"dataset=\['some\.csv'\] without text_column.*Fix: pass --text-column"),
-    (["--method", "prefix-tuning", "--prompt-tuning-init", "TEXT"], r"applies to prompt tuning only"),
+    (["--method", "prefix-tuning", "--prompt-tuning-init", "TEXT"],
+     r"applies to prompt tuning / multitask prompt tuning only"),
     # defect 9: RANDOM init silently ignored an init text
     (["--prompt-tuning-init", "RANDOM", "--prompt-tuning-init-text", "Classify:"],
      r"prompt_tuning_init_text='Classify:' with prompt_tuning_init=RANDOM: the text would be ignored.*Fix: pass "

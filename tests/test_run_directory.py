@@ -70,7 +70,7 @@ def test_ctrl_c_before_the_run_writes_anything_leaves_nothing(tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "prepare_data", interrupted)
+    monkeypatch.setattr(loop, "prepare_run_data", interrupted)
     assert main(["train", *FLAGS, "--output-dir", str(tmp_path / "run")]) == 130
     assert "Interrupted before training began; nothing was written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

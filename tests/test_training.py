@@ -391,7 +391,8 @@ def test_an_absurd_learning_rate_stops_with_a_clear_message(tmp_path, capsys):
         ({"resume": True, "overwrite": True}, "pass only one of --resume / --overwrite"),
         ({"dataset": ["a.csv"]}, "without text_column"),
         ({"dataset": ["a.csv", "b.csv"], "text_column": ["x", "y", "z"]}, "one column for all datasets or one per"),
-        ({"method": "prefix-tuning", "prompt_tuning_init": "TEXT"}, "applies to prompt tuning only"),
+        ({"method": "prefix-tuning", "prompt_tuning_init": "TEXT"},
+         "applies to prompt tuning / multitask prompt tuning only"),
         ({"prompt_tuning_init": "TEXT", "dataset": ["a.csv"], "text_column": ["t"]}, "prompt_tuning_init_text"),
     ],
 )

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from softprompt.methods import adaption_prompt, p_tuning, prefix_tuning, prompt_tuning
+from softprompt.methods import (
+    adaption_prompt,
+    cpt,
+    multitask_prompt_tuning,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+)
 from softprompt.methods.spec import MaterializedPrompt, MethodSpec, materialize
 
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, adaption_prompt.METHOD)
+    spec.name: spec for spec in (prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, adaption_prompt.METHOD,
+                                 multitask_prompt_tuning.METHOD, cpt.METHOD)
 }
-"""Every method by its name (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``, ``adaption_prompt``)."""
+"""Every method by its name (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``, ``adaption_prompt``,
+``multitask_prompt_tuning``, ``cpt``)."""
 
 PUBLIC_CLASSES: dict[str, type] = {cls.__name__: cls for spec in METHODS.values() for cls in spec.exports}
 """Every method's public classes (its config and enums) by name: what ``softprompt`` exports for them."""

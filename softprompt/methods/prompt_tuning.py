@@ -140,7 +140,8 @@ def init_token_ids(config: PromptTuningConfig, tokenizer: Any | None) -> list[in
     Raises:
         ValueError: TEXT or SAMPLE_VOCAB init without a tokenizer.
     """
-    if config.prompt_tuning_init is PromptTuningInit.RANDOM:
+    # Compared by value (the enums are strings): multitask prompt tuning's init enum shares these three names.
+    if config.prompt_tuning_init == PromptTuningInit.RANDOM:
         return None
     if tokenizer is None:
         raise ValueError(
@@ -148,7 +149,7 @@ def init_token_ids(config: PromptTuningConfig, tokenizer: Any | None) -> list[in
             "Fix: SoftPromptModel(base_model, config, tokenizer=AutoTokenizer.from_pretrained(...)), "
             "or use prompt_tuning_init='RANDOM'."
         )
-    if config.prompt_tuning_init is PromptTuningInit.TEXT:
+    if config.prompt_tuning_init == PromptTuningInit.TEXT:
         # With special tokens, as PEFT tokenizes it (BLOOM's tokenizer adds none).
         return cycle_to_length(tokenizer(config.prompt_tuning_init_text)["input_ids"], config.num_virtual_tokens)
     # SAMPLE_VOCAB: only ids the tokenizer produces, so that no never-trained embedding row is drawn.
@@ -230,7 +231,7 @@ def reference_forward(
 
     Args:
         base_model: the frozen transformers causal LM.
-        virtual_tokens: ``[P, C]``, the method module's output.
+        virtual_tokens: ``[P, C]``, the method module's output (or ``[B, P, C]``, each row its own).
         input_ids: ``[B, T]``.
         attention_mask: ``[B, T]``.
         labels: ``[B, T]`` (-100 where no loss is wanted) or None.

@@ -63,9 +63,9 @@ class MethodSpec:
     """PEFT's ``peft_type`` for it, e.g. ``PROMPT_TUNING``."""
     peft_fields: tuple[str, ...]
     """The config fields PEFT shares with it (same names and meanings)."""
-    default_num_virtual_tokens: int
-    """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise; 0 for a method that takes
-    no slot)."""
+    default_num_virtual_tokens: int | None
+    """The seed guides' number of virtual tokens for it (8 for prompt tuning, 20 otherwise); None where there is none
+    to default: CPT derives it from its context, adaption prompt takes no slot."""
     peft_module: Callable[[Any, PreTrainedModel, dict[str, torch.Tensor]], nn.Module]
     """``peft_module(config, base_model, tensors)``: a module holding what PEFT saved (names and shapes already
     checked against `peft_tensors`)."""
@@ -83,6 +83,12 @@ class MethodSpec:
     """The method's plain reference forward, PEFT's way (the oracle the engine is tested against)."""
     exports: tuple[type, ...] = field(default_factory=tuple)
     """The public classes of the method (its config and enums), exported by ``softprompt``."""
+    takes_task_ids: bool = False
+    """Whether every call needs each row's task id (multitask prompt tuning): a training run then gives its rows
+    task ids from the data (`softprompt.training.method_data`)."""
+    after_optimizer_step: Callable[[nn.Module], None] | None = None
+    """``after_optimizer_step(module)``: what the method does to its trained module after each optimizer step (CPT
+    projects its deltas back into their balls), or None."""
 
     def __post_init__(self) -> None:
         if not self.exports:

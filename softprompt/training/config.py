@@ -111,7 +111,7 @@ class TrainConfig:
                 f"--{key.replace('_', '-')} or use --method {' / '.join(o.replace(' ', '-') for o in owners) or '...'}."
             )
         fields: dict[str, Any] = {}
-        if "num_virtual_tokens" in known:  # adaption prompt has none: its required fields come from the user
+        if spec.default_num_virtual_tokens is not None:  # None: derived (CPT) or none (adaption prompt)
             fields["num_virtual_tokens"] = spec.default_num_virtual_tokens
         if given.get("num_virtual_tokens") is None:
             given.pop("num_virtual_tokens", None)

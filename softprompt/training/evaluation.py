@@ -16,11 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from softprompt.data import DataError, collate
+from softprompt.methods import method_of
 from softprompt.model import SoftPromptModel
 from softprompt.recipes import label_accuracy
 from softprompt.training.base_model import cpu_threads, default_threads, load_adapters
 from softprompt.training.config import TrainConfig
 from softprompt.training.examples import PreparedData, prepare_data
+from softprompt.training.method_data import batch_task_ids, row_task_ids
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -82,13 +84,14 @@ def evaluate(
         batch = to_device(collate(rows, pad_token_id=tokenizer.pad_token_id, padding=padding, max_length=max_length),
                            device)
         names = batch["task"]
+        task_ids = batch_task_ids(batch)
         # One forward per adapter present, so each adapter's loss is known; a mixed batch would give only the sum.
         for name in dict.fromkeys(names):
             keep = torch.tensor([n == name for n in names], device=device)
             with autocast(device, autocast_dtype):
                 loss, per_row = model.summed_loss(
                     batch["input_ids"][keep], batch["attention_mask"][keep], batch["labels"][keep],
-                    [name] * int(keep.sum()),
+                    [name] * int(keep.sum()), task_ids=None if task_ids is None else task_ids[keep.cpu()],
                 )
             count = int(per_row.sum())
             if count:
@@ -135,6 +138,7 @@ def generate_labels(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 adapter_names=batch["task"],
+                task_ids=batch_task_ids(batch),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
@@ -150,6 +154,7 @@ def generate_texts(
     tokenizer: Any,
     prompts: Sequence[str],
     adapter_name: str | None,
+    task_id: int | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Generates a continuation of each prompt with one adapter (None: the base model alone).
@@ -157,6 +162,7 @@ def generate_texts(
     Args:
         prompts: the texts to continue.
         adapter_name: the loaded adapter to use.
+        task_id: the task of every prompt, for a multitask adapter.
         **generate_kwargs: passed to `SoftPromptModel.generate` (``max_new_tokens``, ``do_sample``, ...).
 
     Returns:
@@ -185,6 +191,7 @@ def generate_texts(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         adapter_names=[adapter_name] * len(prompts),
+        task_ids=None if task_id is None else torch.full((len(prompts),), task_id),
         **generate_kwargs,
     )
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -212,8 +219,8 @@ def sample_generations(
         ids = [token for token in row["input_ids"] if token != tokenizer.eos_token_id]
         cut = max(1, min(8, len(ids) // 2))
         prompt, rest = tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:])
-        output = generate_texts(model, tokenizer, [prompt], row["task"], max_new_tokens=max_new_tokens,
-                                do_sample=False, repetition_penalty=1.3)[0]
+        output = generate_texts(model, tokenizer, [prompt], row["task"], row.get("task_id"),
+                                max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3)[0]
         samples.append({"adapter": row["task"], "prompt": prompt, "output": output, "reference": rest})
     return samples
 
@@ -246,6 +253,16 @@ def evaluate_adapters(
     with cpu_threads(threads):
         data = prepare_data(config, tokenizer, whole_split=split)
         names = list(adapters)
+        multitask = [name for name in names if method_of(model.adapter_configs[name]).takes_task_ids]
+        if multitask and len(names) > 1:
+            raise ValueError(
+                f"--adapter {multitask[0]} is a multitask adapter (its rows' tasks are task ids, not adapters) among "
+                f"{names}. Fix: evaluate it alone."
+            )
+        if multitask:  # every row uses it, with the task id of its task, by the names the adapter records
+            rows = data.eval + data.eval_prompts
+            for row, task_id in zip(rows, row_task_ids(model.adapter_configs[names[0]], [row["task"] for row in rows])):
+                row.update(task_id=task_id, task=names[0])
         if len(names) == 1:
             only = names[0]
             if only in data.adapter_names:

@@ -4,7 +4,7 @@
    for the run's duration, refuses it if it holds another run, and picks the checkpoint a ``--resume`` continues
    from, its settings checked against the run's.
 2. `setup` seeds everything, loads the frozen base (a hub id or local directory, or the embedded tiny BLOOM),
-   prepares the data (`softprompt.training.examples`), builds one adapter per task, the optimizer (AdamW over the
+   prepares the data (`softprompt.training.method_data`), builds one adapter per task, the optimizer (AdamW over the
    adapters only), the linear warmup + decay schedule and, for fp16, a grad scaler, and restores the checkpoint: a
    `RunState`. Only then, every input checked, does it write: the settings and the embedded base.
 3. `run_loop` evaluates before training, then for every epoch walks the seeded order of the training rows in
@@ -59,8 +59,9 @@ from softprompt.training.evaluation import (
     sample_generations,
     to_device,
 )
-from softprompt.training.examples import epoch_order, prepare_data
+from softprompt.training.examples import epoch_order
 from softprompt.training.fsdp import process_mesh, shard_frozen_base
+from softprompt.training.method_data import prepare_run_data
 from softprompt.training.metrics import MetricsLog, plot_metrics, read_metrics
 from softprompt.training.optimizer_step import (
     NonFiniteStep,
@@ -175,14 +176,14 @@ def setup(
     base_directory = embedded_base_directory(output_dir) if config.uses_embedded_model else None
     if base_directory is not None:
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
-    data = prepare_data(config, tokenizer)
+    data, adapters = prepare_run_data(config, tokenizer)  # each adapter's config: the method's needs of the data
     sharded = config.execution.fsdp and dist.is_initialized()
     if not sharded:  # sharded, the base reaches the device layer by layer as it is sharded, never whole
         base.to(device)
     names = data.adapter_names
-    model = SoftPromptModel(base, config.adapter, tokenizer=tokenizer, adapter_name=names[0])
+    model = SoftPromptModel(base, adapters[names[0]], tokenizer=tokenizer, adapter_name=names[0])
     for name in names[1:]:
-        model.add_adapter(name, config.adapter, tokenizer=tokenizer)
+        model.add_adapter(name, adapters[name], tokenizer=tokenizer)
     model.prompts.to(device)  # built beside the base (on the CPU when sharded: an init may run the base)
     make_trainable(model, names)
     if config.execution.compile is not None:

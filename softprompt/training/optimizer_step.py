@@ -13,7 +13,8 @@ per micro-batch, which DDP needs ``no_sync`` to avoid) costs nothing next to the
 
 Clipping is per adapter: one adapter's large gradient must not shrink another's update. An adapter without rows in
 a step gets no update at all (no momentum, no decay), as if trained alone. With fp16 autocast, a grad scaler scales
-the loss and skips steps whose gradients overflowed.
+the loss and skips steps whose gradients overflowed. After the step, a method that constrains its parameters
+does so (`MethodSpec.after_optimizer_step`: CPT projects its deltas back into their balls).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from softprompt.methods import method_of
 from softprompt.model import SoftPromptModel
+from softprompt.training.method_data import batch_task_ids
 
 
 class NonFiniteStep(ArithmeticError):
@@ -73,7 +76,7 @@ def optimizer_step(
         optimizer: over those parameters.
         scheduler: stepped once.
         micro_batches: this process's collated batches of the step, on the model's device; every row names its
-            adapter in ``task``.
+            adapter in ``task`` (and, for multitask prompt tuning, its task id in ``task_id``).
         loss_options: passed to `SoftPromptModel.summed_loss` (``implementation``, ``virtual_token_layout``).
         max_grad_norm: per-adapter clipping; 0 turns it off.
         autocast: a context-manager factory for the forward passes.
@@ -100,7 +103,7 @@ def optimizer_step(
             # Each row trains the adapter of its task; the sum over labelled tokens is divided below, once the
             # step's token count over all micro-batches and processes is known.
             loss, per_row = model.summed_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                              row_names, **loss_options)
+                                              row_names, task_ids=batch_task_ids(batch), **loss_options)
         for index, name in enumerate(names):
             counts[index] += per_row[[n == name for n in row_names]].sum()
         if int(per_row.sum()) == 0:  # only first tokens that nothing before them predicts
@@ -145,6 +148,10 @@ def optimizer_step(
         if not math.isfinite(squared_norms):
             raise NonFiniteStep("gradient norm", math.sqrt(squared_norms))
         optimizer.step()
+    for name in parameters:  # e.g. CPT's projection back into its balls
+        after_step = method_of(model.adapter_configs[name]).after_optimizer_step
+        if after_step is not None:
+            after_step(model.prompts[name])
     scheduler.step()
     return StepResult(loss=mean_loss, grad_norm=math.sqrt(squared_norms), tokens=int(tokens),
                       skipped_micro_batches=skipped)

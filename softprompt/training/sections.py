@@ -65,7 +65,12 @@ class DataConfig:
     the shipped default data and no text column given: ``text_label``."""
 
     task_column: str | None = None
-    """Column naming each row's task: one adapter per distinct value, saved as ``output_dir/adapters/<task>``."""
+    """Column naming each row's task: one adapter per distinct value, saved as ``output_dir/adapters/<task>``
+    (multitask prompt tuning: one adapter, a task id per value)."""
+
+    context_examples: int = 4
+    """CPT without cpt_token_ids: how many training examples form the in-context prompt (one label after another;
+    they leave the training rows)."""
 
     max_length: int = 64
     """Most tokens per example (prompt + label + EOS for classification)."""
@@ -79,6 +84,7 @@ class DataConfig:
         self.dataset = as_list(self.dataset, "dataset")
         self.text_column = as_list(self.text_column, "text_column")
         check_int("max_length", self.max_length, minimum=1)
+        check_int("context_examples", self.context_examples, minimum=1)
         check_float("eval_fraction", self.eval_fraction, positive=False)
         if not self.eval_fraction < 1:
             raise ConfigError(
