@@ -363,11 +363,12 @@ def run_loop(run: RunState, started: float) -> TrainResult:
                 raise diverged(run, error, run.global_step + 1, epoch) from None
             run.global_step += 1
             global_step = run.global_step
-            throughput = step.tokens / (time.perf_counter() - step_started)
+            seconds = time.perf_counter() - step_started  # the batches' collation and the optimizer step
+            throughput = step.tokens / seconds
             learning_rate = run.scheduler.get_last_lr()[0]
             run.metrics.append({"event": "train", "epoch": epoch + (step_in_epoch + 1) / run.steps_per_epoch,
                                 "step": global_step, "loss": step.loss, "lr": learning_rate,
-                                "grad_norm": step.grad_norm, "tokens_per_second": throughput})
+                                "grad_norm": step.grad_norm, "tokens_per_second": throughput, "seconds": seconds})
             bar.update(1)
             bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{learning_rate:.2e}", tok_s=f"{throughput:,.0f}")
             if step_in_epoch + 1 == run.steps_per_epoch:
