@@ -80,12 +80,18 @@ def test_label_log_likelihoods_equal_the_brute_force_reference(two_task_model, p
                  for _, ids in choices[prompt["task"]]] for prompt in prompts]
     torch.testing.assert_close(torch.tensor(sum(scores, []), dtype=torch.float64),
                                torch.tensor(sum(expected, []), dtype=torch.float64), **TOLERANCE)
-    ranked = rank_labels(two_task_model, tokenizer, prompts, choices, batch_size=batch_size)
+    ranked = rank_labels(prompts, choices, scores)
     best = [choices[prompt["task"]][max(range(len(row)), key=row.__getitem__)][0]
             for prompt, row in zip(prompts, expected)]
     assert ranked == best
     gold = [prompt["label_text"] for prompt in prompts]
     assert label_accuracy(ranked, gold) == sum(a == b for a, b in zip(best, gold)) / len(gold)
+
+
+def test_the_best_score_wins_and_a_tie_goes_to_the_first_label():
+    choices = {"t": [("ham", [1, 2]), ("spam", [3, 2])], "u": [("no", [4, 2]), ("yes", [5, 2])]}
+    prompts = [{"task": "t"}, {"task": "u"}, {"task": "t"}]
+    assert rank_labels(prompts, choices, [[-3.0, -0.5], [-0.1, -2.0], [-1.0, -1.0]]) == ["spam", "no", "ham"]
 
 
 def test_a_task_without_candidates_is_refused(two_task_model, prompts, tokenizer):

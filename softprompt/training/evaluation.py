@@ -23,7 +23,7 @@ from softprompt.recipes import label_accuracy
 from softprompt.training.base_model import cpu_threads, default_threads, load_adapters
 from softprompt.training.config import TrainConfig
 from softprompt.training.examples import PreparedData, prepare_data
-from softprompt.training.rank_classification import rank_labels
+from softprompt.training.rank_classification import label_log_likelihoods, rank_labels
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -111,8 +111,9 @@ def evaluate(
         predictions = generate_labels(model, tokenizer, data.eval_prompts, batch_size, autocast_dtype, progress)
         gold = [row["label_text"] for row in data.eval_prompts]
         result["accuracy"] = label_accuracy(predictions, gold)
-        ranked = rank_labels(model, tokenizer, data.eval_prompts, data.label_choices, batch_size, autocast_dtype,
-                             progress)
+        scores = label_log_likelihoods(model, tokenizer, data.eval_prompts, data.label_choices, batch_size,
+                                       autocast_dtype, progress)
+        ranked = rank_labels(data.eval_prompts, data.label_choices, scores)
         result["rank_accuracy"] = label_accuracy(ranked, gold)
     model.train(was_training)
     return result

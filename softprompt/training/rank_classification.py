@@ -96,18 +96,18 @@ def label_log_likelihoods(
     return scores
 
 
-def rank_labels(
-    model: SoftPromptModel,
-    tokenizer: Any,
-    prompts: Sequence[Mapping[str, Any]],
-    choices: LabelChoices,
-    batch_size: int,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> list[str]:
-    """The label text each prompt's adapter scores highest among its task's candidates (`label_log_likelihoods`;
-    a tie goes to the first in the candidates' order). Score with `softprompt.recipes.label_accuracy`."""
-    scores = label_log_likelihoods(model, tokenizer, prompts, choices, batch_size, autocast_dtype, progress)
+def rank_labels(prompts: Sequence[Mapping[str, Any]], choices: LabelChoices, scores: Sequence[Sequence[float]]) -> list[str]:
+    """The label text each prompt scores highest among its task's candidates (a tie goes to the first in the
+    candidates' order).
+
+    Args:
+        prompts: the prompts, with ``task``.
+        choices: each task's candidates.
+        scores: `label_log_likelihoods` of the prompts.
+
+    Returns:
+        One label text per prompt: score it with `softprompt.recipes.label_accuracy`.
+    """
     predictions = []
     for prompt, row in zip(prompts, scores):
         best = max(range(len(row)), key=lambda candidate: (row[candidate], -candidate))
