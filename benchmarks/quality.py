@@ -85,12 +85,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def settings_for(method: str, args: argparse.Namespace, data: Path, output_dir: Path) -> TrainConfig:
     """The recipe's settings for one method, as `softprompt train` flags would give them."""
+    # --cli-defaults: what `softprompt train --method METHOD` picks by itself (adapter fields, gradient clipping).
+    recipe = {} if args.cli_defaults else {**RECIPES.get(method, {}), "max_grad_norm": 0.0}
     return TrainConfig.from_dict({
-        "model": str(args.model), "method": method, **RECIPES.get(method, {}),
+        "model": str(args.model), "method": method, **recipe,
         "dataset": [str(data)], "text_column": ["text"], "label_column": "label",
         "eval_fraction": args.eval_rows / args.rows, "max_length": args.max_length,
         "learning_rate": args.learning_rate, "num_epochs": args.epochs, "batch_size": args.batch_size,
-        "max_grad_norm": 0.0, "seed": args.seed, "output_dir": str(output_dir), "num_generations": 0,
+        "seed": args.seed, "output_dir": str(output_dir), "num_generations": 0,
         "progress": False, "save_every": 0, "num_threads": args.threads, **dict(args.set),
     }, "quality benchmark settings")
 
@@ -219,6 +221,8 @@ def main() -> None:
     parser.add_argument("--set", type=setting, action="append", default=[], metavar="FIELD=VALUE",
                         help="another value for a training setting (any `softprompt train` field; JSON values)")
     parser.add_argument("--no-peft", action="store_true", help="softprompt's runs only (choosing settings)")
+    parser.add_argument("--cli-defaults", action="store_true",
+                        help="each method as `softprompt train` configures it by itself, instead of the guide's recipe")
     parser.add_argument("--name", default="quality_cpu")
     args = parser.parse_args()
     if args.model is None:
