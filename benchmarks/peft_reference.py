@@ -18,7 +18,7 @@ from softprompt.families import family_of
 from softprompt.methods import method_of
 
 
-def peft_config_for(config: Any, base_model: torch.nn.Module | None = None) -> peft.PeftConfig:
+def peft_config_for(config: Any, base_model: torch.nn.Module | None = None, **peft_fields: Any) -> peft.PeftConfig:
     """A fresh PEFT configuration equal to a softprompt one (same class name and fields, CAUSAL_LM).
 
     Fresh on every call: ``get_peft_model`` fills a config's unset fields (``num_layers``, ``token_dim``,
@@ -30,6 +30,7 @@ def peft_config_for(config: Any, base_model: torch.nn.Module | None = None) -> p
         base_model: the base it will wrap, when known: virtual tokens narrower than the hidden size (OPT's
             ``project_in`` models) need PEFT's ``token_dim`` set to the embedding width, since its default, the
             hidden size, fails there.
+        **peft_fields: PEFT-only fields, e.g. ``tokenizer_name_or_path``, which PEFT's TEXT init needs.
 
     Raises:
         ValueError: not a softprompt config.
@@ -40,7 +41,7 @@ def peft_config_for(config: Any, base_model: torch.nn.Module | None = None) -> p
         shape = family_of(base_model.config).shape(base_model.config)
         if shape.embedding_width != shape.hidden_size:
             fields["token_dim"] = shape.embedding_width
-    return getattr(peft, type(config).__name__)(task_type=TaskType.CAUSAL_LM, **fields)
+    return getattr(peft, type(config).__name__)(task_type=TaskType.CAUSAL_LM, **{**fields, **peft_fields})
 
 
 def copy_adapter_weights(ours: Any, theirs: PeftModel, adapter_name: str = "default",
@@ -60,6 +61,18 @@ def copy_adapter_weights(ours: Any, theirs: PeftModel, adapter_name: str = "defa
                            f"unexpected {result.unexpected_keys}")
 
 
+def copy_weights_from_peft(theirs: PeftModel, ours: Any, adapter_name: str = "default",
+                           peft_adapter_name: str = "default") -> None:
+    """Gives softprompt's adapter PEFT's weights (after PEFT trained them): `copy_adapter_weights` the other way.
+
+    Raises:
+        RuntimeError: a tensor of ours PEFT does not have.
+    """
+    prefix = f"prompt_encoder.{peft_adapter_name}."
+    state = {key[len(prefix):]: value for key, value in theirs.state_dict().items() if key.startswith(prefix)}
+    ours.prompts[adapter_name].load_state_dict(state, strict=True)
+
+
 def peft_twin(ours: Any, base_model: torch.nn.Module, adapter_name: str = "default",
               peft_config: peft.PeftConfig | None = None, share_base: bool = False) -> PeftModel:
     """A PEFT model holding softprompt adapter `adapter_name`'s weights, in eval mode.
@@ -74,5 +87,8 @@ def peft_twin(ours: Any, base_model: torch.nn.Module, adapter_name: str = "defau
     """
     config = peft_config if peft_config is not None else peft_config_for(ours.adapter_configs[adapter_name], base_model)
     twin = get_peft_model(base_model if share_base else copy.deepcopy(base_model), config)
+    # PEFT builds its prompt encoder in float32 whatever the base's dtype; ours may be float64 (exactness tests).
+    dtype = next(ours.prompts[adapter_name].parameters()).dtype
+    twin.prompt_encoder.to(dtype)
     copy_adapter_weights(ours, twin, adapter_name)
     return twin.eval()

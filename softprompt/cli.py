@@ -138,6 +138,8 @@ def _format_eval(record: dict[str, Any]) -> str:
         text += f", perplexity {record['perplexity']:.2f}"
     if record.get("accuracy") is not None:
         text += f", accuracy {record['accuracy']:.3f}"
+    if record.get("rank_accuracy") is not None:
+        text += f", rank accuracy {record['rank_accuracy']:.3f}"
     return text
 
 

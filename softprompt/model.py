@@ -266,13 +266,13 @@ class SoftPromptModel(nn.Module):
                 or ``"full"`` (`forward`'s full logits, the reference); see `softprompt.loss`.
             virtual_token_layout: ``"auto"`` (`softprompt.training_loss.choose_layout`), ``"prefix"`` (virtual
                 tokens once per prompt, as keys and values) or ``"sequence"`` (in front of every row, one pass).
-            reduction: ``"mean"`` over the batch's labelled positions; ``"sum"``; or ``"adapter_mean"``: the value is
-                the batch mean, but each adapter's gradient is that of the mean over its own positions, as if its
-                rows were trained alone (`softprompt.multi_task`).
+            reduction: ``"mean"`` over the batch's labelled positions; ``"sum"``; ``"per_row"``: ``[B]`` each row's
+                sum; or ``"adapter_mean"``: the value is the batch mean, but each adapter's gradient is that of the
+                mean over its own positions, as if its rows were trained alone (`softprompt.multi_task`).
             task_ids: ``[B]`` each row's task, as in `forward`.
 
         Returns:
-            The scalar loss (fp32; fp64 for a float64 model).
+            The scalar loss (``[B]`` for ``per_row``; fp32, fp64 for a float64 model).
 
         Raises:
             ValueError: mismatched shapes, an unknown adapter name, implementation, layout or reduction, a mean over

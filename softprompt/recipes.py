@@ -3,7 +3,7 @@
 - `classification_examples`: classification as generation, the seed recipe (RAFT twitter_complaints): the model
   reads ``"{text_column} : {text} Label : "`` and learns to write the label text followed by EOS.
   `classification_eval_examples` gives the same prompts without the answer, for greedy-generation accuracy
-  (`label_accuracy`).
+  (`label_accuracy`) and rank classification among the dataset's labels (`label_choices`).
 - `causal_lm_examples`: plain next-token prediction over every real token of a text column.
 
 Every example is a dict of plain lists (``input_ids``, ``attention_mask`` and, for training, ``labels``) plus
@@ -254,6 +254,32 @@ def label_accuracy(predictions: Sequence[str], references: Sequence[str]) -> flo
         raise DataError("No references: expected at least one example. Fix: evaluate on a non-empty dataset.")
     correct = sum(prediction.strip() == reference.strip() for prediction, reference in zip(predictions, references))
     return correct / len(references)
+
+
+def label_choices(prompts: Sequence[dict[str, Any]]) -> dict[str | None, list[tuple[str, list[int]]]]:
+    """The labels a classification dataset chooses from, per task: what rank classification scores.
+
+    Args:
+        prompts: `classification_eval_examples` of every row that names the label set (training and held-out rows
+            alike: a label missing from the held-out rows is still a wrong answer the model may prefer).
+
+    Returns:
+        For each ``task`` (None where the examples carry none), its distinct ``(label_text, label_ids)`` pairs, the
+        ids ending with EOS as in the examples, sorted by label text so that the order is the same in every run.
+    """
+    choices: dict[str | None, dict[str, list[int]]] = {}
+    for example in prompts:
+        choices.setdefault(example.get("task"), {})[example["label_text"]] = list(example["label_ids"])
+    return {task: sorted(labels.items()) for task, labels in choices.items()}
+
+
+def merged_label_choices(
+    choices: dict[Any, list[tuple[str, list[int]]]], tasks: Sequence[Any]
+) -> list[tuple[str, list[int]]]:
+    """The candidates of rows of several tasks that one adapter now answers (a multitask adapter, or one adapter
+    evaluated on other tasks' rows): every label of those tasks, sorted by label text."""
+    labels = dict(label for task in sorted(tasks, key=str) for label in choices.get(task, []))
+    return sorted(labels.items())
 
 
 # --- Causal language modelling ----------------------------------------------------------------------------------

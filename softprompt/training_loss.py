@@ -50,8 +50,9 @@ whichever `choose_layout` says saves more."""
 
 LOSS_IMPLEMENTATIONS: tuple[str, ...] = get_args(LossImplementation)
 VIRTUAL_TOKEN_LAYOUTS: tuple[str, ...] = get_args(VirtualTokenLayout)
-REDUCTIONS = ("mean", "sum", "adapter_mean")
-"""``mean`` over the batch's labelled positions, ``sum``, or ``adapter_mean`` (`adapter_mean_weights`)."""
+REDUCTIONS = ("mean", "sum", "adapter_mean", "per_row")
+"""``mean`` over the batch's labelled positions, ``sum``, ``adapter_mean`` (`adapter_mean_weights`), or ``per_row``:
+``[B]`` each row's own sum (a label's log-likelihood, negated: rank classification)."""
 
 OVERHEAD_FLOPS_PER_OP = {"cpu": 3e6, "cuda": 4e9}
 """What one extra op costs, in FLOPs at the device's matrix rate: its dispatch and launch time times that rate.
@@ -118,10 +119,21 @@ class WeightedLosses:
     """``[N]`` the cross-entropy of each labelled position."""
     weights: torch.Tensor | None
     """``[N]`` each one's weight (CPT's decay, per-adapter means), or None for 1."""
+    rows: torch.Tensor
+    """``[N]`` the batch row each loss belongs to."""
 
     def total(self) -> torch.Tensor:
         """The weighted sum of the losses (a scalar)."""
-        return self.losses.sum() if self.weights is None else (self.losses * self.weights).sum()
+        return self.weighted().sum()
+
+    def weighted(self) -> torch.Tensor:
+        """``[N]`` each loss times its weight."""
+        return self.losses if self.weights is None else self.losses * self.weights
+
+    def per_row(self, batch_size: int) -> torch.Tensor:
+        """``[B]`` the weighted sum of each row's losses (0 for a row without any)."""
+        weighted = self.weighted()
+        return weighted.new_zeros(batch_size).index_add(0, self.rows, weighted)
 
 
 def without_padding_columns(
@@ -187,7 +199,7 @@ def labelled_losses(
             per_row = row_weights[:, None].expand_as(targets)
             weights = per_row if weights is None else weights * per_row
         losses = linear_cross_entropy(hidden_states[selected], targets[selected], head, implementation, softcap)
-        return WeightedLosses(losses, None if weights is None else weights[selected])
+        return WeightedLosses(losses, None if weights is None else weights[selected], selected.nonzero()[:, 0])
 
     # The last virtual token predicts the first real token (PEFT's layout); rows without virtual tokens score
     # nothing there. Taken before padding columns may be dropped.
@@ -210,6 +222,7 @@ def labelled_losses(
     scored = first_targets != IGNORE_INDEX
     rows = [prefix.last_virtual[scored], hidden_states[selected]]  # [N_first, C], [N_text, C]
     row_targets = [first_targets[scored], targets[selected]]
+    row_of = [scored.nonzero()[:, 0], selected.nonzero()[:, 0]]  # the batch row of each
     weights = None if row_weights is None else [row_weights[scored], row_weights[:, None].expand_as(targets)[selected]]
     for name, virtual in prefix.virtual_labels.items():
         # A virtual token's own label (CPT) is predicted by the virtual position before it, once per row.
@@ -222,6 +235,7 @@ def labelled_losses(
         labelled = own != IGNORE_INDEX
         rows.append(hidden[labelled])
         row_targets.append(own[labelled])
+        row_of.append(torch.tensor(layout.rows_of(name), device=own.device)[labelled.nonzero()[:, 0]])
         own_weights = torch.ones_like(own, dtype=hidden.dtype) if entry.weights is None else \
             entry.rows_of(entry.weights)[..., 1:].expand_as(own).to(hidden.dtype)
         if row_weights is not None:
@@ -230,7 +244,7 @@ def labelled_losses(
             weights = [torch.ones_like(target, dtype=hidden.dtype) for target in row_targets[:-1]]
         weights.append(own_weights[labelled])
     losses = linear_cross_entropy(torch.cat(rows), torch.cat(row_targets), head, implementation, softcap)  # [N]
-    return WeightedLosses(losses, None if weights is None else torch.cat(weights).to(losses.dtype))
+    return WeightedLosses(losses, None if weights is None else torch.cat(weights).to(losses.dtype), torch.cat(row_of))
 
 
 def labelled_counts(layout: RowLayout, entries: Mapping[str, Entry], labels: torch.Tensor) -> torch.Tensor:
@@ -270,8 +284,8 @@ def reduced_loss(
     virtual_token_layout: str,
     reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's loss, reduced as `SoftPromptModel.compute_loss` says (``mean``, ``sum``, ``adapter_mean``), and
-    each row's labelled positions ``[B]`` (`labelled_counts`)."""
+    """The batch's loss, reduced as `SoftPromptModel.compute_loss` says (``mean``, ``sum``, ``adapter_mean``,
+    ``per_row``), and each row's labelled positions ``[B]`` (`labelled_counts`)."""
     counts = labelled_counts(layout, entries, labels)  # [B]
     if reduction != "sum":
         check_some_label(counts)  # before any work: a mean over nothing has no value
@@ -280,6 +294,8 @@ def reduced_loss(
                              virtual_token_layout, row_weights)
     if reduction == "sum":
         return losses.total(), counts
+    if reduction == "per_row":
+        return losses.per_row(len(layout.names)), counts
     total = counts.sum()
     if reduction == "mean":
         return losses.total() / total, counts

@@ -130,18 +130,22 @@ def test_eval_reproduces_the_runs_last_evaluation(trained_run, capsys):
     # The same adapter, rows, batches and code: equal in practice; 1e-6 relative (a few fp32 ulps) allows only for
     # the eval running on another thread count than the run (BLAS blocking).
     assert result["loss"] == pytest.approx(last["loss"], rel=1e-6)
-    assert result["accuracy"] == last["accuracy"]
+    assert result["accuracy"] == last["accuracy"] and result["rank_accuracy"] == last["rank_accuracy"]
     assert main(["eval", "--adapter", str(trained_run / "adapter")]) == 0
-    assert "12 rows held out by the training run" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "12 rows held out by the training run" in printed
+    assert f"accuracy {last['accuracy']:.3f}, rank accuracy {last['rank_accuracy']:.3f}" in printed, printed
 
 
 def loss_and_accuracy_row_by_row(adapter: Path, base_directory: Path, rows: list[dict], text_column: str,
-                                 label_column: str) -> tuple[float, float]:
-    """The classification recipe's loss and accuracy as the README describes them, computed without the eval code:
-    one row at a time (no padding), the full-logits forward for the loss, plain greedy generation for the label.
+                                 label_column: str) -> tuple[float, float, float]:
+    """The classification recipe's loss and accuracies as the README describes them, computed without the eval
+    code: one row at a time (no padding), the full-logits forward for the loss, plain greedy generation for the
+    label, and every label of the rows scored by the full logits for rank classification.
 
     Prompt ``"{text_column} : {text} Label : "``, target = label ids + EOS; the loss is the mean over every target
-    token of all rows; a row is correct when its generated text (special tokens dropped) is its label.
+    token of all rows; a row is correct when its generated text (special tokens dropped) is its label, and correct
+    by rank when its label's target has the highest summed log-probability among all labels' targets.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,17 +157,23 @@ def loss_and_accuracy_row_by_row(adapter: Path, base_directory: Path, rows: list
     targets = [tokenizer(row[label_column], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for row in rows]
     max_new_tokens = max(len(target) for target in targets)
-    loss_sum, num_targets, correct = 0.0, 0, 0
+    candidates = {row[label_column]: target for row, target in zip(rows, targets)}
+    loss_sum, num_targets, correct, ranked_correct = 0.0, 0, 0, 0
     for row, target in zip(rows, targets):
         prompt = tokenizer(f"{text_column} : {row[text_column]} Label : ", add_special_tokens=False)["input_ids"]
+        log_likelihoods = {}
         with torch.no_grad():
             loss = model(torch.tensor([prompt + target]), labels=torch.tensor([[-100] * len(prompt) + target])).loss
+            for label, ids in candidates.items():
+                label_loss = model(torch.tensor([prompt + ids]), labels=torch.tensor([[-100] * len(prompt) + ids])).loss
+                log_likelihoods[label] = -float(label_loss) * len(ids)
+        ranked_correct += max(log_likelihoods, key=log_likelihoods.get) == row[label_column]
         loss_sum += float(loss) * len(target)
         num_targets += len(target)
         generated = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         correct += tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True).strip() == row[label_column]
-    return loss_sum / num_targets, correct / len(rows)
+    return loss_sum / num_targets, correct / len(rows), ranked_correct / len(rows)
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +203,8 @@ def test_eval_on_a_whole_split_of_another_file(learned_run, tmp_path, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == len(rows)
-    loss, accuracy = loss_and_accuracy_row_by_row(learned_run / "adapter", learned_run / "base-model", rows, "tweet",
-                                                  "label")
+    loss, accuracy, rank_accuracy = loss_and_accuracy_row_by_row(learned_run / "adapter", learned_run / "base-model",
+                                                                 rows, "tweet", "label")
     assert 0 < accuracy < 1, "all right or all wrong: the accuracy comparison below would prove little"
     # fp32 on CPU: the eval batches and pads the rows and takes the label-only head, the reference runs each row
     # alone with full logits; that changes only summation order (measured: 5e-8 relative on a loss of 1.4). 1e-5
@@ -202,6 +212,7 @@ def test_eval_on_a_whole_split_of_another_file(learned_run, tmp_path, capsys):
     assert result["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert result["accuracy"] == accuracy  # the same greedy choices: the logits agree to ~1e-7
+    assert result["rank_accuracy"] == rank_accuracy
     assert main(["eval", "--adapter", str(learned_run / "adapter"), "--dataset", str(path), "--text-column",
                  "text"]) == 2
     assert "Column 'text' is not in the data" in capsys.readouterr().err

@@ -417,6 +417,8 @@ def test_a_task_column_trains_one_adapter_with_a_task_id_per_task(task_run, caps
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["loss"] == pytest.approx(result.final_eval["loss"], rel=1e-6)
     assert evaluated["accuracy"] == result.final_eval["accuracy"]
+    # Rank classification chooses among every task's labels with the task ids (the same score in eval and train).
+    assert evaluated["rank_accuracy"] is not None and evaluated["rank_accuracy"] == result.final_eval["rank_accuracy"]
 
     prompt = "text : my dogs number 7 sleeps Label : "
     generate = SoftPromptModel.generate

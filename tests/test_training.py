@@ -80,7 +80,7 @@ def test_a_short_run_learns_and_writes_everything(tmp_path):
     assert result.final_eval["loss"] == evaluations[-1]["loss"]
     # A classification run scores label accuracy at every evaluation (a short run's is still 0 here; the value itself
     # is checked against an independent computation in test_cli.py, on a run that gets some labels right).
-    assert all(isinstance(r["accuracy"], float) for r in evaluations), evaluations
+    assert all(isinstance(r["accuracy"], float) and isinstance(r["rank_accuracy"], float) for r in evaluations)
     assert len(result.generations) == 2 and {"prompt", "output", "reference"} <= result.generations[0].keys()
     # The embedded base is saved beside the adapter, and the adapter points to it.
     recorded = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model"]["name_or_path"]
@@ -131,6 +131,12 @@ def test_held_out_split_and_epoch_order_are_seeded(tokenizer):
     # The accuracy prompts are the held-out rows' prompts: the loss examples minus the answer.
     for loss_row, prompt_row in zip(first.eval, first.eval_prompts):
         assert loss_row["input_ids"] == prompt_row["input_ids"] + prompt_row["label_ids"]
+    # Rank classification chooses among the labels of every row, training rows included.
+    labels = {(row["label_text"], tuple(row["label_ids"])) for row in first.eval_prompts}
+    assert [(text, tuple(ids)) for text, ids in first.label_choices["default"]] == sorted(labels)
+    assert [text for text, _ in first.label_choices["default"]] == ["complaint", "no complaint"]
+    one_row = prepare_data(TrainConfig.from_dict({"split": "train[:59]", "eval_split": "train[59:60]"}), tokenizer)
+    assert len(one_row.eval_prompts) == 1 and one_row.label_choices == first.label_choices  # both labels still
     assert epoch_order(48, 0, 3) == epoch_order(48, 0, 3) != epoch_order(48, 0, 4)
 
 
@@ -146,7 +152,8 @@ def test_several_datasets_train_one_adapter_each(tmp_path):
     for name, directory in result.adapter_directories.items():
         assert directory == tmp_path / "run" / "adapters" / name and (directory / "adapter.safetensors").is_file()
     final = result.final_eval
-    assert set(final["loss_by_adapter"]) == {"quotes", "prompts"} and final["accuracy"] is None
+    assert set(final["loss_by_adapter"]) == {"quotes", "prompts"}
+    assert final["accuracy"] is None and final["rank_accuracy"] is None
     assert final["loss"] < result.initial_eval["loss"]
 
 
@@ -335,8 +342,9 @@ def test_sigkill_during_every_kind_of_write_then_resume_is_bit_identical_and_lea
 
     assert paths(killed) == paths(uninterrupted)  # no leftover, no lock file
 
-    def records(run: Path) -> list[dict]:  # throughput is timing, the rest must agree exactly
-        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_metrics(run / "metrics.jsonl")]
+    def records(run: Path) -> list[dict]:  # throughput and step time are timings, the rest must agree exactly
+        timings = {"tokens_per_second", "seconds"}
+        return [{k: v for k, v in r.items() if k not in timings} for r in read_metrics(run / "metrics.jsonl")]
 
     assert records(killed) == records(uninterrupted)
     assert [r["step"] for r in records(killed) if r["event"] == "train"] == list(range(1, 10))

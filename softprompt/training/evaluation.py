@@ -1,7 +1,9 @@
 """Evaluation: held-out loss, perplexity and label accuracy, and a few generations for people to read.
 
 Loss and perplexity are means over labelled tokens, per adapter and overall; accuracy is the share of held-out
-classification prompts whose greedily generated text is the label (`softprompt.recipes.label_accuracy`).
+classification prompts whose greedily generated text is the label (`softprompt.recipes.label_accuracy`), and rank
+accuracy the share whose label the model scores highest among the dataset's labels
+(`softprompt.training.rank_classification`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from tqdm.auto import tqdm
 from softprompt.data import DataError, collate
 from softprompt.methods import method_of
 from softprompt.model import SoftPromptModel
-from softprompt.recipes import label_accuracy
+from softprompt.recipes import label_accuracy, merged_label_choices
 from softprompt.training.base_model import cpu_threads, default_threads, load_adapters
 from softprompt.training.config import TrainConfig
 from softprompt.training.examples import PreparedData, prepare_data
 from softprompt.training.method_data import batch_task_ids, row_task_ids
+from softprompt.training.rank_classification import label_log_likelihoods, rank_labels
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -70,8 +73,8 @@ def evaluate(
         progress: show a tqdm bar.
 
     Returns:
-        ``loss`` (mean over labelled tokens), ``perplexity`` (None if it overflows), ``accuracy`` (None for causal
-        LM), ``loss_by_adapter`` and ``examples``.
+        ``loss`` (mean over labelled tokens), ``perplexity`` (None if it overflows), ``accuracy`` and
+        ``rank_accuracy`` (classification; None for causal LM), ``loss_by_adapter`` and ``examples``.
     """
     was_training = model.training
     model.eval()
@@ -103,12 +106,18 @@ def evaluate(
         "loss": loss,
         "perplexity": math.exp(loss) if math.isfinite(loss) and loss < 700 else None,
         "accuracy": None,
+        "rank_accuracy": None,
         "loss_by_adapter": {name: loss_sums[name] / counts[name] for name in counts if counts[name]},
         "examples": len(data.eval),
     }
     if data.eval_prompts:
         predictions = generate_labels(model, tokenizer, data.eval_prompts, batch_size, autocast_dtype, progress)
-        result["accuracy"] = label_accuracy(predictions, [row["label_text"] for row in data.eval_prompts])
+        gold = [row["label_text"] for row in data.eval_prompts]
+        result["accuracy"] = label_accuracy(predictions, gold)
+        scores = label_log_likelihoods(model, tokenizer, data.eval_prompts, data.label_choices, batch_size,
+                                       autocast_dtype, progress)
+        ranked = rank_labels(data.eval_prompts, data.label_choices, scores)
+        result["rank_accuracy"] = label_accuracy(ranked, gold)
     model.train(was_training)
     return result
 
@@ -261,6 +270,7 @@ def evaluate_adapters(
             )
         if multitask:  # every row uses it, with the task id of its task, by the names the adapter records
             rows = data.eval + data.eval_prompts
+            data.label_choices = {names[0]: merged_label_choices(data.label_choices, {row["task"] for row in rows})}
             for row, task_id in zip(rows, row_task_ids(model.adapter_configs[names[0]], [row["task"] for row in rows])):
                 row.update(task_id=task_id, task=names[0])
         if len(names) == 1:
@@ -268,6 +278,9 @@ def evaluate_adapters(
             if only in data.adapter_names:
                 data.eval = [row for row in data.eval if row["task"] == only]
                 data.eval_prompts = [row for row in data.eval_prompts if row["task"] == only]
+            # The rows evaluated all use this adapter now: its candidates are the labels of their tasks.
+            tasks = {row["task"] for row in data.eval_prompts}
+            data.label_choices = {only: merged_label_choices(data.label_choices, tasks)}
             for row in data.eval + data.eval_prompts:
                 row["task"] = only
             data.adapter_names = [only]

@@ -7,7 +7,7 @@ the task column, or ``default``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from softprompt.recipes import (
     causal_lm_examples,
     classification_eval_examples,
     classification_examples,
+    label_choices,
 )
 from softprompt.training.config import TrainConfig
 from softprompt.training.sections import adapter_name_for_source
@@ -41,6 +42,9 @@ class PreparedData:
     """Held-out examples with labels (loss, perplexity)."""
     eval_prompts: list[dict[str, Any]]
     """Classification only: the held-out prompts with ``label_text`` / ``label_ids`` (accuracy)."""
+    label_choices: dict[str, list[tuple[str, list[int]]]] = field(default_factory=dict)
+    """Classification only: each task's labels ``(text, ids + EOS)``, from its training and held-out rows: the
+    candidates of rank classification (`softprompt.recipes.label_choices`)."""
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = None) -> PreparedData:
@@ -62,6 +66,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
     train: list[dict[str, Any]] = []
     evaluation: list[dict[str, Any]] = []
     prompts: list[dict[str, Any]] = []
+    labelled_prompts: list[dict[str, Any]] = []  # every row's prompt and label: where the label set comes from
     for index, (source, text_column) in enumerate(zip(sources, text_columns)):
         task = adapter_name_for_source(source) if several else None
 
@@ -71,9 +76,12 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
 
         if whole_split is not None:  # `softprompt eval --split`: every row is an evaluation row
             source_eval, source_prompts = examples_of(whole_split)
+            labelled_prompts += source_prompts
         elif config.data.eval_split is not None:
-            train += examples_of(config.data.split)[0]
+            source_train, train_prompts = examples_of(config.data.split)
+            train += source_train
             source_eval, source_prompts = examples_of(config.data.eval_split)
+            labelled_prompts += train_prompts + source_prompts
         else:
             # Examples are built over all rows before the split so that the classification recipe's prompt budget
             # (set by the longest label) is the same for training and evaluation rows.
@@ -82,6 +90,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
             train += [example for i, example in enumerate(examples) if i not in held_out]
             source_eval = [examples[i] for i in sorted(held_out)]
             source_prompts = [all_prompts[i] for i in sorted(held_out)] if all_prompts else []
+            labelled_prompts += all_prompts
         evaluation += source_eval
         prompts += source_prompts
     names = sorted({example["task"] for example in train + evaluation})
@@ -96,7 +105,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
             f"No training rows are left after holding out eval_fraction={config.data.eval_fraction} of {sources}. "
             "Fix: lower --eval-fraction or use more rows."
         )
-    return PreparedData(kind=kind, adapter_names=names, train=train, eval=evaluation, eval_prompts=prompts)
+    return PreparedData(kind=kind, adapter_names=names, train=train, eval=evaluation, eval_prompts=prompts,
+                        label_choices=label_choices(labelled_prompts))
 
 
 def _examples(

@@ -272,11 +272,12 @@ def run_loop(run: RunState, started: float) -> TrainResult:
                 raise diverged(run, error, run.global_step + 1, epoch) from None
             run.global_step += 1
             global_step = run.global_step
-            throughput = step.tokens / (time.perf_counter() - step_started)
+            seconds = time.perf_counter() - step_started  # the batches' collation and the optimizer step
+            throughput = step.tokens / seconds
             learning_rate = run.scheduler.get_last_lr()[0]
             record = {"event": "train", "epoch": epoch + (step_in_epoch + 1) / run.steps_per_epoch,
                       "step": global_step, "loss": step.loss, "lr": learning_rate, "grad_norm": step.grad_norm,
-                      "tokens_per_second": throughput}
+                      "tokens_per_second": throughput, "seconds": seconds}
             if step.skipped_micro_batches:  # micro-batches without a labelled position: counted, never a NaN
                 record["skipped_micro_batches"] = step.skipped_micro_batches
             run.metrics.append(record)

@@ -35,7 +35,7 @@ from softprompt.loss import IGNORE_INDEX
 from softprompt.methods import SoftPromptConfig, method_of
 from softprompt.methods.cpt import CPTConfig
 from softprompt.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, task_ids_of
-from softprompt.recipes import classification_prompt
+from softprompt.recipes import classification_prompt, merged_label_choices
 from softprompt.training.config import TrainConfig
 from softprompt.training.examples import DEFAULT_ADAPTER_NAME, PreparedData, prepare_data
 from softprompt.training.sections import adapter_name_for_source
@@ -92,6 +92,7 @@ def multitask_config(config: MultitaskPromptTuningConfig, data: PreparedData) ->
             "task id), or drop --task-names to take the data's tasks."
         )
     config = dataclasses.replace(config, num_tasks=len(names), task_names=list(names))
+    data.label_choices = {DEFAULT_ADAPTER_NAME: merged_label_choices(data.label_choices, tasks)}
     for example in data.train + data.eval + data.eval_prompts:
         example["task_id"] = names.index(example["task"])
         example["task"] = DEFAULT_ADAPTER_NAME

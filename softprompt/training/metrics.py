@@ -93,7 +93,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
-    """Draws training loss per step with evaluation loss, and evaluation accuracy (or perplexity), to a PNG.
+    """Draws training loss per step with evaluation loss, and evaluation accuracy (the generated label's and rank
+    classification's) or perplexity, to a PNG.
 
     Uses matplotlib's Agg canvas directly, so no global backend is set and no display is needed.
 
@@ -122,10 +123,15 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str | No
     loss_axes.legend()
     loss_axes.grid(alpha=0.3)
     if any(r.get("accuracy") is not None for r in eval_records):
-        score_axes.plot([r["epoch"] for r in eval_records], [r["accuracy"] for r in eval_records], "o-",
-                        color="tab:green")
-        score_axes.set_ylabel("eval accuracy (greedy label)")
+        for key, label, color in (("accuracy", "generated label", "tab:green"),
+                                  ("rank_accuracy", "rank classification", "tab:orange")):
+            scored = [r for r in eval_records if r.get(key) is not None]
+            if scored:
+                score_axes.plot([r["epoch"] for r in scored], [r[key] for r in scored], "o-", color=color,
+                                label=label)
+        score_axes.set_ylabel("eval accuracy")
         score_axes.set_ylim(-0.02, 1.02)
+        score_axes.legend()
     else:
         score_axes.plot([r["epoch"] for r in eval_records], [r.get("perplexity") for r in eval_records], "o-",
                         color="tab:purple")
