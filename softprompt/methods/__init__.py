@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from softprompt.methods import p_tuning, prefix_tuning, prompt_tuning
+from softprompt.methods import cartridge, p_tuning, prefix_tuning, prompt_tuning
 from softprompt.methods.spec import MaterializedPrompt, MethodSpec, materialize
 
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD)
+    spec.name: spec for spec in (prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, cartridge.METHOD)
 }
-"""Every method by its name (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``)."""
+"""Every method by its name (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``, ``cartridge``)."""
 
 PUBLIC_CLASSES: dict[str, type] = {cls.__name__: cls for spec in METHODS.values() for cls in spec.exports}
 """Every method's public classes (its config and enums) by name: what ``softprompt`` exports for them."""
