@@ -188,7 +188,7 @@ def test_unknown_method_and_corrupt_json_are_refused(saved, tiny_bloom):
     document = json.loads((saved / "adapter_config.json").read_text())
     document["method"] = "lora"
     (saved / "adapter_config.json").write_text(json.dumps(document))
-    with pytest.raises(AdapterFormatError, match=r"unknown method 'lora': expected one of \['p_tuning', 'prefix_tuning', 'prompt_tuning'\]"):
+    with pytest.raises(AdapterFormatError, match=r"unknown method 'lora': expected one of \['cartridge', 'p_tuning', 'prefix_tuning', 'prompt_tuning'\]"):
         SoftPromptModel.from_pretrained(tiny_bloom, saved, format="softprompt")
     (saved / "adapter_config.json").write_text('{"format": "softprompt-adap')
     with pytest.raises(AdapterFormatError, match="adapter_config.json: not valid JSON"):
