@@ -10,10 +10,9 @@ from __future__ import annotations
 import copy
 import json
 
-import peft
 import pytest
 import torch
-from peft import PeftModel, TaskType, get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.tuners.cartridge.utils import (
     compose_cartridge_adapters as peft_compose,
     initialize_kv_prefix_from_text as peft_initialize_from_text,

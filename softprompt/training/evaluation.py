@@ -60,7 +60,7 @@ def evaluate(
     Args:
         model: the model with every adapter named by the examples' ``task`` loaded.
         tokenizer: for pad / EOS ids and decoding generated labels.
-        data: `prepare_data`'s output; ``eval`` and ``eval_prompts`` are used.
+        data: `prepare_data`'s output; ``eval`` and ``eval_prompts`` are used, and its ``loss``.
         batch_size: rows per batch.
         padding: ``longest`` or ``max_length`` (then ``max_length`` is needed).
         max_length: the recipes' ``max_length``.
@@ -68,8 +68,8 @@ def evaluate(
         progress: show a tqdm bar.
 
     Returns:
-        ``loss`` (mean over labelled tokens), ``perplexity`` (None if it overflows), ``accuracy`` (None for causal
-        LM), ``loss_by_adapter`` and ``examples``.
+        ``loss`` (mean over labelled tokens; for context distillation, over distilled positions), ``perplexity``
+        (None if it overflows), ``accuracy`` (None for causal LM), ``loss_by_adapter`` and ``examples``.
     """
     was_training = model.training
     model.eval()
@@ -84,12 +84,11 @@ def evaluate(
         names = batch["task"]
         # One forward per adapter present, so each adapter's loss is known; a mixed batch would give only the sum.
         for name in dict.fromkeys(names):
-            keep = torch.tensor([n == name for n in names], device=device)
+            keep = [n == name for n in names]
+            rows = {key: value[torch.tensor(keep, device=device)] if torch.is_tensor(value) else
+                    [item for item, kept in zip(value, keep) if kept] for key, value in batch.items()}
             with autocast(device, autocast_dtype):
-                loss, per_row = model.summed_loss(
-                    batch["input_ids"][keep], batch["attention_mask"][keep], batch["labels"][keep],
-                    [name] * int(keep.sum()),
-                )
+                loss, per_row = data.loss(model, rows)
             count = int(per_row.sum())
             if count:
                 loss_sums[name] += float(loss)
@@ -244,7 +243,7 @@ def evaluate_adapters(
     threads = config.execution.num_threads
     threads = threads if threads is not None else default_threads(model.base_model)
     with cpu_threads(threads):
-        data = prepare_data(config, tokenizer, whole_split=split)
+        data = prepare_data(config, tokenizer, whole_split=split, base_model=model.base_model)
         names = list(adapters)
         if len(names) == 1:
             only = names[0]

@@ -272,12 +272,12 @@ def setup(
     base_directory = embedded_base_directory(output_dir) if config.uses_embedded_model else None
     if base_directory is not None:
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
-    data = prepare_data(config, tokenizer)
-    base.to(device)
+    data = prepare_data(config, tokenizer, base_model=base.to(device))
     names = data.adapter_names
     model = SoftPromptModel(base, config.adapter, tokenizer=tokenizer, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, config.adapter, tokenizer=tokenizer)
+    data.initialize(model)  # the recipe's own init (a cartridge from the corpus), under any checkpoint restored
     make_trainable(model, names)
     if config.execution.compile is not None:
         model.compile_decoder(mode=config.execution.compile)
@@ -310,6 +310,7 @@ def setup(
         if base_directory is not None:
             save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
         write_run_config(output_dir, config)
+        data.write(output_dir)
     trainable_count, total_count = model.num_parameters()
     layout = config.execution.virtual_token_layout
     if layout == "auto":  # what it chooses for a full micro-batch (rows of one adapter)
@@ -358,7 +359,7 @@ def run_loop(run: RunState, started: float) -> TrainResult:
             try:
                 step = optimizer_step(model, run.trainable, run.optimizer, run.scheduler,
                                       [batch for batch in batches if batch is not None], loss_options,
-                                      optimization.max_grad_norm, run.autocast, run.scaler, run.world_size)
+                                      optimization.max_grad_norm, run.autocast, run.scaler, run.world_size, data.loss)
             except NonFiniteStep as error:
                 raise diverged(run, error, run.global_step + 1, epoch) from None
             run.global_step += 1
