@@ -9,6 +9,7 @@ Shapes: D document tokens, P cartridge positions, N positions, k kept tokens, V 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import softprompt.cartridges.recipe as recipe
 from softprompt import CartridgeConfig, PrefixTuningConfig, SoftPromptModel
 from softprompt.cartridges import ChatFormat, TopKTargets, document_cache, rows_of_head, teacher_targets, topk_kl
 from softprompt.cartridges.distillation import summed_distillation_loss
+from softprompt.cartridges.evaluation import QuestionAnswer, evaluate_cartridge, read_questions
 from softprompt.cartridges.self_study import document_chunks
 from softprompt.cli import main
 from softprompt.methods.cartridge import table_from_text
@@ -225,3 +227,29 @@ def test_a_missing_corpus_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"missing.txt'?: cannot read it as UTF-8 text"):
         train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_evaluation_compares_the_cartridge_with_the_document_and_with_nothing(setup, tokenizer):
+    """A cartridge of every document position is the document in context: the same answer likelihoods and greedy
+    answers, the whole gap closed, the same memory."""
+    base, _, context_ids, _, _ = setup
+    model = SoftPromptModel(base, CartridgeConfig(num_virtual_tokens=len(context_ids), init_text=DOCUMENT),
+                            tokenizer=tokenizer)
+    questions = [QuestionAnswer(question, answer) for question, answer in CONVERSATIONS]
+    report = evaluate_cartridge(model, tokenizer, DOCUMENT, questions, max_new_tokens=4, speed_tokens=2, repeats=1)
+    per_token = report["log_likelihood_per_token"]
+    torch.testing.assert_close(per_token["cartridge"], per_token["document"], rtol=0, atol=1e-5)
+    assert per_token["none"] != per_token["document"] and report["gap_closed"] == pytest.approx(1, abs=1e-3)
+    assert [row["greedy"]["cartridge"] for row in report["per_question"]] == \
+        [row["greedy"]["document"] for row in report["per_question"]]
+    assert report["memory"]["fraction"] == 1 and report["memory"]["cartridge_bytes"] == \
+        len(context_ids) * model.shape.prefix_width * 4
+    assert set(report["speed"]["seconds"]) == {"cartridge", "document cache (prefilled once)", "document in the prompt"}
+
+
+def test_the_shipped_document_and_questions_are_readable():
+    data = resources.files("softprompt") / "data"
+    questions = read_questions(Path(str(data / "cartridge_questions.jsonl")))
+    document = recipe.read_corpus(str(data / "cartridge_document.md"))
+    assert len(questions) == 12 and "Checkpoints and resume" in document
+    assert "cartridge_document.md" in (data / "ATTRIBUTION.md").read_text()
