@@ -36,7 +36,7 @@ from real_model import TRANSFORMERS_FOLDER, real_model_directory
 from softprompt import CartridgeConfig, SoftPromptModel
 from softprompt.cartridges.chat import ChatFormat
 from softprompt.cartridges.evaluation import answer_log_likelihoods, evaluate_cartridge, read_questions
-from softprompt.cartridges.recipe import read_corpus
+from softprompt.training.context_distillation import read_corpus
 from softprompt.training import TrainConfig, load_base_model, train
 
 DATA = resources.files("softprompt") / "data"

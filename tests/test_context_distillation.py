@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import softprompt.cartridges.recipe as recipe
+import softprompt.training.context_distillation as recipe
 from softprompt import CartridgeConfig, PrefixTuningConfig, SoftPromptModel
 from softprompt.cartridges import ChatFormat, TopKTargets, document_cache, rows_of_head, teacher_targets, topk_kl
 from softprompt.cartridges.distillation import summed_distillation_loss

@@ -5,7 +5,7 @@ on self-study conversations, as Eyuboglu et al. (arXiv 2506.06266) do, measuring
 - `softprompt.cartridges.self_study`: conversations written by the frozen model with the document in context;
 - `softprompt.cartridges.teacher`: the document's own cache and the teacher's top-k targets, computed once;
 - `softprompt.cartridges.distillation`: the top-k KL loss, from k rows of the LM head;
-- `softprompt.cartridges.recipe`: all of it as the ``context-distillation`` recipe of ``softprompt train``;
+- `softprompt.training.context_distillation`: all of it as the ``context-distillation`` recipe of ``softprompt train``;
 - `softprompt.cartridges.evaluation`: answers' likelihood with the cartridge, the document or nothing; memory; speed;
 - `softprompt.cartridges.adapters`: PEFT's helpers (initialize from a text or a cache, compose saved cartridges).
 """

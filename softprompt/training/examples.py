@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from softprompt.cartridges.recipe import context_distillation_data
+from softprompt.training.context_distillation import context_distillation_data
 from softprompt.data import DataError, load_rows
 from softprompt.quickstart import shipped_dataset_path
 from softprompt.recipes import causal_lm_examples, classification_eval_examples, classification_examples
@@ -31,7 +31,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
         tokenizer: the base model's tokenizer.
         whole_split: evaluate on every row of this split instead (``softprompt eval --split``); no training rows.
         base_model: the frozen base, on the run's device: the context-distillation recipe makes its data with it
-            (`softprompt.cartridges.recipe.context_distillation_data`).
+            (`softprompt.training.context_distillation.context_distillation_data`).
 
     Raises:
         DataError: a source, column or row cannot be used (see `softprompt.data`).

@@ -3,7 +3,7 @@ steps around the run (`PreparedData`).
 
 The default recipes (classification as generation, causal LM) score labels with `label_loss`. A recipe whose loss
 is not next-token cross-entropy on labels brings its own: context distillation's scores the student against the
-teacher's top-k distributions, whose rows the batch names (``softprompt/cartridges/recipe.py``).
+teacher's top-k distributions, whose rows the batch names (``softprompt/training/context_distillation.py``).
 """
 
 from __future__ import annotations
