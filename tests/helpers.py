@@ -240,6 +240,68 @@ def gradient_isolation_errors(
     return errors
 
 
+def assert_each_row_as_alone(
+    model,
+    rows: Sequence[tuple[str | None, int]],
+    batch: Mapping[str, torch.Tensor],
+    tolerance: Mapping[str, float],
+    generation: Mapping[str, object],
+    beams: bool = True,
+) -> None:
+    """Checks that every row of a left-padded mixed batch gets what it gets alone: logits, loss in both layouts,
+    gradients (every adapter trained at once, `gradient_isolation_errors`), greedy ids and, with `beams`, beam ids.
+
+    Args:
+        model: a `SoftPromptModel` holding every adapter `rows` names.
+        rows: (adapter name or None, real tokens) per row.
+        batch: ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``, left-padded to the longest row.
+        tolerance: ``rtol`` / ``atol`` for the comparisons.
+        generation: options every ``generate`` call gets (``eos_token_id``, ``pad_token_id``).
+        beams: also compare 2 beams x 2 returned sequences.
+    """
+    from softprompt.multi_task import make_trainable
+
+    names = [name for name, _ in rows]
+    width = batch["input_ids"].shape[1]
+    # In a left-padded batch a row's first real token is predicted from padding; alone, from its last virtual
+    # token or not at all: it is left unscored, every other token is scored alike.
+    labels = batch["labels"].clone()
+    for row, (_, n) in enumerate(rows):
+        labels[row, width - n] = -100
+
+    def alone(row: int, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[row : row + 1, width - rows[row][1] :]
+
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"], adapter_names=names).logits
+        for row, (name, n) in enumerate(rows):
+            own = model(alone(row, batch["input_ids"]), adapter_names=[name])
+            torch.testing.assert_close(logits[row, -n:], own.logits[0], **tolerance, msg=f"row {row} ({name})")
+            only_this_row = torch.full_like(labels, -100)
+            only_this_row[row] = labels[row]
+            own_loss = model(alone(row, batch["input_ids"]), labels=alone(row, labels), adapter_names=[name]).loss
+            for layout in ("prefix", "sequence"):
+                mixed_loss = model.compute_loss(batch["input_ids"], batch["attention_mask"], only_this_row, names,
+                                                virtual_token_layout=layout)
+                torch.testing.assert_close(mixed_loss, own_loss, **tolerance, msg=f"row {row} ({name}) {layout}")
+
+    make_trainable(model, names)  # several adapters trained at once: each gradient from its own rows only
+    errors = gradient_isolation_errors(model, batch["input_ids"], batch["attention_mask"], labels, names)
+    assert max(errors.values()) < 1e-5, errors
+
+    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    greedy = model.generate(**prompt, adapter_names=names, max_new_tokens=5, do_sample=False, **generation)
+    beam_options = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False, **generation)
+    beam_ids = model.generate(**prompt, adapter_names=names, **beam_options) if beams else None
+    for row, (name, n) in enumerate(rows):
+        ids = alone(row, batch["input_ids"])
+        own = model.generate(input_ids=ids, adapter_names=[name], max_new_tokens=5, do_sample=False, **generation)
+        assert torch.equal(greedy[row, width:], own[0, n:]), f"greedy, row {row} ({name})"
+        if beams:
+            own_beams = model.generate(input_ids=ids, adapter_names=[name], **beam_options)
+            assert torch.equal(beam_ids[2 * row : 2 * row + 2, width:], own_beams[:, n:]), f"beams, row {row} ({name})"
+
+
 def _gradients(loss: torch.Tensor, parameters: Mapping[str, list[nn.Parameter]]) -> dict[str, list[torch.Tensor]]:
     flat = [p for group in parameters.values() for p in group]
     gradients = torch.autograd.grad(loss, flat, allow_unused=True)

@@ -35,7 +35,7 @@ from softprompt.multi_task import make_trainable
 from softprompt.quickstart import build_tiny_model
 from softprompt.seams import cache_argument, enable_activation_checkpointing
 
-from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward
+from helpers import FAMILY_MODEL_TYPES, assert_each_row_as_alone, greedy_by_forward
 from peft_reference import peft_config_for, peft_twin
 
 # fp32 on CPU, same weights: only the summation order differs (cache concatenation, batch size), a few ulps of
@@ -169,39 +169,9 @@ def test_a_left_padded_mixed_batch_gives_every_row_what_it_gives_alone(model_typ
     model = SoftPromptModel(base, copy.deepcopy(MIXED_ADAPTERS["cartridge"]), adapter_name="cartridge")
     for name in ("prompt", "prefix"):
         model.add_adapter(name, copy.deepcopy(MIXED_ADAPTERS[name]))
-    names = [name for name, _ in MIXED_ROWS]
     batch = random_batch([n for _, n in MIXED_ROWS], "left")
-    width = batch["input_ids"].shape[1]
-    labels = batch["labels"].clone()
-    for row, (_, n) in enumerate(MIXED_ROWS):
-        labels[row, width - n] = -100  # predicted from padding here, from the adapter (or nothing) alone
-
-    def alone(row: int, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[row : row + 1, width - MIXED_ROWS[row][1] :]
-
-    with torch.no_grad():
-        logits = model(batch["input_ids"], batch["attention_mask"], adapter_names=names).logits
-        for row, (name, n) in enumerate(MIXED_ROWS):
-            own = model(alone(row, batch["input_ids"]), adapter_names=[name])
-            torch.testing.assert_close(logits[row, -n:], own.logits[0], **TOLERANCE, msg=f"row {row} ({name})")
-            only_this_row = torch.full_like(labels, -100)
-            only_this_row[row] = labels[row]
-            own_loss = model(alone(row, batch["input_ids"]), labels=alone(row, labels), adapter_names=[name]).loss
-            for layout in ("prefix", "sequence"):
-                mixed_loss = model.compute_loss(batch["input_ids"], batch["attention_mask"], only_this_row, names,
-                                                virtual_token_layout=layout)
-                torch.testing.assert_close(mixed_loss, own_loss, **TOLERANCE, msg=f"row {row} ({name}) {layout}")
-
-    make_trainable(model, list(MIXED_ADAPTERS))
+    assert_each_row_as_alone(model, MIXED_ROWS, batch, TOLERANCE, GENERATION, beams=False)
     assert not model.prompts["cartridge"].frozen_embedding.requires_grad  # make_trainable leaves the sink frozen
-    errors = gradient_isolation_errors(model, batch["input_ids"], batch["attention_mask"], labels, names)
-    assert max(errors.values()) < 1e-5, errors
-
-    greedy = model.generate(**prompt_of(batch), adapter_names=names, max_new_tokens=5, do_sample=False, **GENERATION)
-    for row, (name, n) in enumerate(MIXED_ROWS):
-        own = model.generate(alone(row, batch["input_ids"]), adapter_names=[name], max_new_tokens=5, do_sample=False,
-                             **GENERATION)
-        assert torch.equal(greedy[row, -5:], own[0, -5:]), f"row {row} ({name})"
 
 
 # ------------------------------------------------------------------------------------- initialization from a text

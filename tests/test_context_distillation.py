@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import softprompt.training.context_distillation as recipe
-from softprompt import CartridgeConfig, PrefixTuningConfig, SoftPromptModel
+from softprompt import CartridgeConfig, SoftPromptModel
 from softprompt.cartridges import ChatFormat, TopKTargets, document_cache, rows_of_head, teacher_targets, topk_kl
 from softprompt.cartridges.distillation import summed_distillation_loss
 from softprompt.cartridges.evaluation import QuestionAnswer, evaluate_cartridge, read_questions
@@ -187,7 +187,7 @@ def test_resume_is_bit_exact_and_does_not_generate_again(tmp_path, monkeypatch):
         assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
 
 
-def test_the_command_line_runs_the_recipe_with_questions_from_a_file(tmp_path, capsys):
+def test_the_command_line_runs_the_recipe_with_questions_from_a_file(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(DOCUMENT)
     questions = tmp_path / "questions.txt"
@@ -200,6 +200,13 @@ def test_the_command_line_runs_the_recipe_with_questions_from_a_file(tmp_path, c
     assert "context_distillation recipe, 5 training / 1 held-out examples" in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "run" / "data" / "conversations.jsonl").read_text().splitlines()]
     assert [row["question"] for row in rows] == [question for question, _ in CONVERSATIONS * 2]
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+
+    # `softprompt eval` on the adapter: the held-out distillation loss again, from the run's stored data.
+    monkeypatch.setattr(recipe, "teacher_targets", lambda *args, **kwargs: pytest.fail("made the data again"))
+    monkeypatch.chdir(tmp_path / "run")  # the run's data is found from the adapter, wherever eval runs
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(final["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(

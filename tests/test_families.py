@@ -23,11 +23,10 @@ import softprompt
 from softprompt import SoftPromptModel, UnsupportedModelError, supported_model_types
 from softprompt.families import family_named
 from softprompt.methods.prefix_tuning import merge_key_values
-from softprompt.multi_task import make_trainable
 from softprompt.quickstart import build_tiny_model
 from softprompt.seams import cache_argument, enable_activation_checkpointing
 
-from helpers import FAMILY_MODEL_TYPES, gradient_isolation_errors, greedy_by_forward
+from helpers import FAMILY_MODEL_TYPES, assert_each_row_as_alone, greedy_by_forward
 from peft_reference import peft_config_for, peft_twin
 
 # fp32 on CPU. Both sides run the same kernels on the same numbers; what differs is summation order (another batch
@@ -165,45 +164,8 @@ def test_a_left_padded_mixed_batch_gives_every_row_what_it_gives_alone(model_typ
     model = SoftPromptModel(base, copy.deepcopy(VARIANTS[adapters[0]]), adapter_name=adapters[0])
     for name in adapters[1:]:
         model.add_adapter(name, copy.deepcopy(VARIANTS[name]))
-    names = [name for name, _ in MIXED_ROWS]
     batch = random_batch([n for _, n in MIXED_ROWS], "left")
-    width = batch["input_ids"].shape[1]
-    # In a left-padded batch a row's first real token is predicted from padding; alone, from its last virtual
-    # token or not at all: it is left unscored, every other token is scored alike.
-    labels = batch["labels"].clone()
-    for row, (_, n) in enumerate(MIXED_ROWS):
-        labels[row, width - n] = -100
-
-    def alone(row: int, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[row : row + 1, width - MIXED_ROWS[row][1] :]
-
-    with torch.no_grad():
-        logits = model(batch["input_ids"], batch["attention_mask"], adapter_names=names).logits
-        for row, (name, n) in enumerate(MIXED_ROWS):
-            own = model(alone(row, batch["input_ids"]), adapter_names=[name])
-            torch.testing.assert_close(logits[row, -n:], own.logits[0], **TOLERANCE, msg=f"row {row} ({name})")
-            only_this_row = torch.full_like(labels, -100)
-            only_this_row[row] = labels[row]
-            own_loss = model(alone(row, batch["input_ids"]), labels=alone(row, labels), adapter_names=[name]).loss
-            for layout in ("prefix", "sequence"):
-                mixed_loss = model.compute_loss(batch["input_ids"], batch["attention_mask"], only_this_row, names,
-                                                virtual_token_layout=layout)
-                torch.testing.assert_close(mixed_loss, own_loss, **TOLERANCE, msg=f"row {row} ({name}) {layout}")
-
-    make_trainable(model, adapters)  # several adapters trained at once: each gradient from its own rows only
-    errors = gradient_isolation_errors(model, batch["input_ids"], batch["attention_mask"], labels, names)
-    assert max(errors.values()) < 1e-5, errors
-
-    prompt = {key: batch[key] for key in ("input_ids", "attention_mask")}
-    greedy = model.generate(**prompt, adapter_names=names, max_new_tokens=5, do_sample=False, **GENERATION)
-    beams = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False, **GENERATION)
-    beam_ids = model.generate(**prompt, adapter_names=names, **beams)
-    for row, (name, n) in enumerate(MIXED_ROWS):
-        ids = alone(row, batch["input_ids"])
-        own = model.generate(input_ids=ids, adapter_names=[name], max_new_tokens=5, do_sample=False, **GENERATION)
-        assert torch.equal(greedy[row, width:], own[0, n:]), f"greedy, row {row} ({name})"
-        own_beams = model.generate(input_ids=ids, adapter_names=[name], **beams)
-        assert torch.equal(beam_ids[2 * row : 2 * row + 2, width:], own_beams[:, n:]), f"beams, row {row} ({name})"
+    assert_each_row_as_alone(model, MIXED_ROWS, batch, TOLERANCE, GENERATION)
 
 
 @pytest.mark.parametrize("variant", ["prompt", "prefix"])

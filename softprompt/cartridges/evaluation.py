@@ -81,25 +81,37 @@ def answer_log_likelihoods(
 
 @torch.no_grad()
 def generation_seconds(
-    model: SoftPromptModel, chat: ChatFormat, questions: Sequence[QuestionAnswer], adapter_name: str | None,
-    new_tokens: int, repeats: int, context_ids: Sequence[int] = (),
-) -> float:
-    """The median wall time of greedily generating `new_tokens` tokens for every question at once (one left-padded
-    batch, exactly `new_tokens` each: no EOS), after one warm-up call; `context_ids` go in front of every prompt."""
+    model: SoftPromptModel, chat: ChatFormat, questions: Sequence[QuestionAnswer],
+    contexts: dict[str, tuple[str | None, Sequence[int]]], new_tokens: int, repeats: int,
+) -> dict[str, list[float]]:
+    """Wall times of greedily generating `new_tokens` tokens for every question at once (one left-padded batch,
+    exactly `new_tokens` each: no EOS), per context, after one warm-up call of each.
+
+    Args:
+        contexts: label -> (adapter in front, ids put in front of every prompt).
+        repeats: timed calls per context, alternated (repeat i of every context before repeat i + 1 of any), so
+            that a change in the machine's load falls on all of them alike.
+
+    Returns:
+        Each context's `repeats` times, in seconds.
+    """
     device = model.base_model.get_input_embeddings().weight.device
     pad = chat.tokenizer.pad_token_id if chat.tokenizer.pad_token_id is not None else chat.tokenizer.eos_token_id
-    batch = collate([{"input_ids": list(context_ids) + chat.prompt_ids(item.question)} for item in questions],
-                    pad_token_id=pad, padding_side="left")
-    options = dict(adapter_names=[adapter_name] * len(questions), max_new_tokens=new_tokens, do_sample=False,
-                   eos_token_id=None, pad_token_id=pad)
-    input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    model.generate(input_ids, mask, **options)  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.generate(input_ids, mask, **options)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    calls = {}
+    for label, (adapter, context_ids) in contexts.items():
+        batch = collate([{"input_ids": list(context_ids) + chat.prompt_ids(item.question)} for item in questions],
+                        pad_token_id=pad, padding_side="left")
+        calls[label] = (batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                        {"adapter_names": [adapter] * len(questions), "max_new_tokens": new_tokens,
+                         "do_sample": False, "eos_token_id": None, "pad_token_id": pad})
+    times: dict[str, list[float]] = {label: [] for label in contexts}
+    for repeat in range(repeats + 1):
+        for label, (input_ids, mask, options) in calls.items():
+            started = time.perf_counter()
+            model.generate(input_ids, mask, **options)
+            if repeat:  # the first round warms up
+                times[label].append(time.perf_counter() - started)
+    return times
 
 
 def evaluate_cartridge(
@@ -115,7 +127,7 @@ def evaluate_cartridge(
         questions: held-out questions and reference answers.
         max_new_tokens: most tokens of a greedy answer.
         speed_tokens: tokens generated per question when timing.
-        repeats: timed calls per context (the median is reported).
+        repeats: timed calls per context, alternated (the median is reported, every sample kept).
 
     Returns:
         ``log_likelihood_per_token`` and ``mean_log_likelihood`` (per answer) for each context, ``gap_closed``
@@ -144,13 +156,12 @@ def evaluate_cartridge(
               "cartridge_bytes": positions * shape.prefix_width * element,
               "document_bytes": len(context_ids) * shape.prefix_width * element,
               "fraction": positions / len(context_ids)}
-    seconds = {
-        "cartridge": generation_seconds(compared, chat, questions, CARTRIDGE_ADAPTER, speed_tokens, repeats),
-        "document cache (prefilled once)": generation_seconds(compared, chat, questions, DOCUMENT_ADAPTER,
-                                                              speed_tokens, repeats),
-        "document in the prompt": generation_seconds(compared, chat, questions, None, speed_tokens, repeats,
-                                                     context_ids),
-    }
+    times = generation_seconds(compared, chat, questions, {
+        "cartridge": (CARTRIDGE_ADAPTER, ()),
+        "document cache (prefilled once)": (DOCUMENT_ADAPTER, ()),
+        "document in the prompt": (None, context_ids),
+    }, speed_tokens, repeats)
+    seconds = {label: statistics.median(values) for label, values in times.items()}
     return {
         "questions": len(questions),
         "answer_tokens": tokens,
@@ -164,7 +175,7 @@ def evaluate_cartridge(
             for index, item in enumerate(questions)
         ],
         "memory": memory,
-        "speed": {"batch": len(questions), "new_tokens": speed_tokens, "seconds": seconds,
+        "speed": {"batch": len(questions), "new_tokens": speed_tokens, "seconds": seconds, "samples": times,
                   "tokens_per_second": {label: len(questions) * speed_tokens / value
                                         for label, value in seconds.items()}},
     }
