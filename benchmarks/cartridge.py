@@ -62,7 +62,7 @@ config = TrainConfig.from_dict({
     "corpus": str(corpus_path), "num_virtual_tokens": args.num_virtual_tokens,
     "num_conversations": args.num_conversations, "max_answer_tokens": args.max_answer_tokens, "max_length": 256,
     "learning_rate": args.learning_rate, "num_epochs": args.num_epochs, "batch_size": args.batch_size,
-    "eval_fraction": 0.125, "eval_batch_size": 16, "num_generations": 0, "progress": False, "device": "cpu",
+    "eval_fraction": 0.125, "eval_batch_size": 32, "num_generations": 0, "progress": False, "device": "cpu",
     "num_threads": args.threads, "output_dir": args.output_dir, "overwrite": True,
 })
 
@@ -85,7 +85,7 @@ torch.set_num_threads(args.threads)
 base, tokenizer = load_base_model(str(model_directory), torch.float32)
 document, questions = read_corpus(str(corpus_path)), read_questions(questions_path)
 trained = SoftPromptModel.from_pretrained(base, result.adapter_directories["default"])
-report = evaluate_cartridge(trained, tokenizer, document, questions, speed_tokens=32, repeats=3)
+report = evaluate_cartridge(trained, tokenizer, document, questions, speed_tokens=32, speed_questions=4, repeats=3)
 initial = SoftPromptModel(base, CartridgeConfig(num_virtual_tokens=args.num_virtual_tokens, init_text=document),
                           tokenizer=tokenizer)  # what the run started from: the document's first positions
 at_init = answer_log_likelihoods(initial, ChatFormat(tokenizer), questions, "default")
@@ -113,6 +113,10 @@ table = "\n\n".join([
                             for label, seconds in speed["seconds"].items()]),
     f"Speed: {speed['batch']} questions in one batch, {speed['new_tokens']} new tokens each (greedy, no EOS), "
     "median of 3 after a warm-up.",
+    harness.markdown_table([{"question": row["question"], "reference": row["reference"],
+                             **{f"greedy, {label}": " ".join(row["greedy"][label].split())[:120]
+                                for label in ("cartridge", "document", "none")}}
+                            for row in report["per_question"][:4]]),
     f"Times: self-study and teacher {moments['data made'] - moments['begin']:.0f} s, training "
     f"{moments['trained'] - moments['data made']:.0f} s ({result.global_step} steps), evaluation "
     f"{moments['evaluated'] - moments['trained']:.0f} s.",

@@ -116,7 +116,8 @@ def generation_seconds(
 
 def evaluate_cartridge(
     model: SoftPromptModel, tokenizer: Any, document: str, questions: Sequence[QuestionAnswer],
-    adapter_name: str | None = None, max_new_tokens: int = 48, speed_tokens: int = 32, repeats: int = 3,
+    adapter_name: str | None = None, max_new_tokens: int = 48, speed_tokens: int = 32, speed_questions: int = 4,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Compares the cartridge with the document in context and with nothing (module docstring).
 
@@ -127,6 +128,7 @@ def evaluate_cartridge(
         questions: held-out questions and reference answers.
         max_new_tokens: most tokens of a greedy answer.
         speed_tokens: tokens generated per question when timing.
+        speed_questions: the first this many questions form the timed batch.
         repeats: timed calls per context, alternated (the median is reported, every sample kept).
 
     Returns:
@@ -156,7 +158,8 @@ def evaluate_cartridge(
               "cartridge_bytes": positions * shape.prefix_width * element,
               "document_bytes": len(context_ids) * shape.prefix_width * element,
               "fraction": positions / len(context_ids)}
-    times = generation_seconds(compared, chat, questions, {
+    timed = questions[:speed_questions]
+    times = generation_seconds(compared, chat, timed, {
         "cartridge": (CARTRIDGE_ADAPTER, ()),
         "document cache (prefilled once)": (DOCUMENT_ADAPTER, ()),
         "document in the prompt": (None, context_ids),
@@ -175,7 +178,7 @@ def evaluate_cartridge(
             for index, item in enumerate(questions)
         ],
         "memory": memory,
-        "speed": {"batch": len(questions), "new_tokens": speed_tokens, "seconds": seconds, "samples": times,
-                  "tokens_per_second": {label: len(questions) * speed_tokens / value
+        "speed": {"batch": len(timed), "new_tokens": speed_tokens, "seconds": seconds, "samples": times,
+                  "tokens_per_second": {label: len(timed) * speed_tokens / value
                                         for label, value in seconds.items()}},
     }
