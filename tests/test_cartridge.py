@@ -141,11 +141,15 @@ def test_the_peft_export_loads_in_peft_with_the_same_logits(model_type, tmp_path
     module = ours.prompts["default"]
     assert torch.equal(stored["prompt_embeddings"], torch.cat([module.frozen_embedding, module.trainable_embedding]))
     # The config as PEFT writes it, field for field (PEFT adds its own version, which softprompt does not claim).
-    get_peft_model(copy.deepcopy(base), peft_config_for(ours.active_config)).save_pretrained(tmp_path / "peft")
-    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    peft_written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    peft_written.pop("peft_version")
-    assert written == peft_written
+    peft_written = get_peft_model(copy.deepcopy(base), peft_config_for(ours.active_config))
+    peft_written.save_pretrained(tmp_path / "peft")
+    document = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    document.pop("peft_version")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text()) == document
+    # ...and what PEFT saves loads here: its weight, split by its frozen count.
+    loaded = SoftPromptModel.from_pretrained(base, tmp_path / "peft").prompts["default"]
+    assert loaded.config.num_frozen_tokens == 2
+    assert torch.equal(loaded(), peft_written.prompt_encoder["default"].weight)
 
 
 # ------------------------------------------------------------------------------------------ each row as alone

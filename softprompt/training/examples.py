@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from softprompt.training.context_distillation import context_distillation_data
 from softprompt.data import DataError, load_rows
 from softprompt.quickstart import shipped_dataset_path
 from softprompt.recipes import causal_lm_examples, classification_eval_examples, classification_examples
 from softprompt.training.config import TrainConfig
+from softprompt.training.context_distillation import context_distillation_data
 from softprompt.training.prepared import DEFAULT_ADAPTER_NAME, PreparedData, held_out_indices
 from softprompt.training.sections import adapter_name_for_source
 
