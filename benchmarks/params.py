@@ -30,6 +30,7 @@ import harness
 import peft_reference
 from softprompt.families import FAMILIES, family_of
 from softprompt.families.bloom import BLOOM_SHAPES, bloom_config
+from softprompt.methods import method_of
 from softprompt.params import SEED_CONFIGS, base_model_config, meta_base_model, parameter_counts
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +52,8 @@ for model_name, base_config in models.items():
         peft_default = get_peft_model(meta_base_model(base_config), peft_reference.peft_config_for(config))
         peft_trainable, peft_total = peft_default.get_nb_trainable_parameters()
         peft_config = peft_reference.peft_config_for(config)
-        if not hasattr(config, "prefix_projection") and shape.embedding_width != shape.hidden_size:
+        virtual_tokens = method_of(config).enters_as == "virtual_tokens"
+        if virtual_tokens and shape.embedding_width != shape.hidden_size:
             peft_config.token_dim = shape.embedding_width  # what PEFT needs to run on narrow embeddings
         fixed = get_peft_model(meta_base_model(base_config), peft_config).get_nb_trainable_parameters()
         rows.append(

@@ -193,9 +193,10 @@ class SoftPromptModel(nn.Module):
         if labels is not None:
             check_labels(self.base_model, labels, input_ids)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return (attention_mask, *self._layout_and_entries(input_ids.shape[0], adapter_names, task_ids))
+        return (attention_mask, *self.layout_and_entries(input_ids.shape[0], adapter_names, task_ids))
 
-    def _layout_and_entries(self, batch_size: int, adapter_names: Any, task_ids: Any) -> tuple[RowLayout, dict]:
+    def layout_and_entries(self, batch_size: int, adapter_names: Any, task_ids: Any) -> tuple[RowLayout, dict]:
+        """The row layout and each present adapter's entry, for losses written outside this class (distillation)."""
         layout = self.row_layout(batch_size, adapter_names)
         task_ids = check_task_ids(task_ids, batch_size)
         entries = {}
@@ -324,7 +325,7 @@ class SoftPromptModel(nn.Module):
         """``[B]`` how many positions of each row carry a loss: its labels (the first token only when a virtual token
         comes before it) and its adapter's own virtual-token labels (CPT)."""
         with torch.no_grad():
-            layout, entries = self._layout_and_entries(labels.shape[0], adapter_names, task_ids)
+            layout, entries = self.layout_and_entries(labels.shape[0], adapter_names, task_ids)
         return labelled_counts(layout, entries, labels)
 
     def compile_decoder(self, **compile_options: Any) -> None:

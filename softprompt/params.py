@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from softprompt.families import known_config, known_model_names
 from softprompt.methods import SoftPromptConfig
+from softprompt.methods.cartridge import CartridgeConfig
 from softprompt.methods.p_tuning import PromptEncoderConfig
 from softprompt.methods.prefix_tuning import PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuningConfig
@@ -64,6 +65,7 @@ SEED_CONFIGS: Mapping[str, SoftPromptConfig] = MappingProxyType({
     ),
     "prefix tuning, 20 tokens": PrefixTuningConfig(num_virtual_tokens=20),
     "prefix tuning, 20 tokens, projection": PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True),
+    "cartridge, 20 tokens, 1 frozen": CartridgeConfig(num_virtual_tokens=20),
 })
 """The configurations of the seed guides (and PEFT's published counts for bloomz-560m); read-only, and
 `SoftPromptModel` keeps its own copy of a config it is given."""

@@ -109,6 +109,33 @@ def prefix_for_rows(
     return Prefix(keys, values, mask, last_virtual, virtual_labels)
 
 
+def prefix_route_hidden_states(
+    frozen: FrozenModel,
+    layout: RowLayout,
+    entries: Mapping[str, Entry],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, Prefix]:
+    """The prefix route through the frozen decoder: every adapter as keys and values, attention patches installed.
+
+    Returns:
+        The final hidden states of the text ``[B, T, C]`` (position t predicts token t + 1), and the `Prefix`
+        (its ``last_virtual`` predicts each row's first token).
+
+    Raises:
+        ValueError: inputs longer than the model can attend to (`softprompt.positions.check_positions`).
+    """
+    token_embeddings = frozen.embed(input_ids)  # [B, T, C]
+    prefix = prefix_for_rows(frozen, layout.as_prefix, entries, token_embeddings.dtype)
+    mask = torch.cat([prefix.mask.to(attention_mask.dtype), attention_mask], dim=1)  # [B, P + T]
+    check_positions(frozen.family, frozen.base_model.config, mask)
+    with patches(layout, entries):
+        hidden_states = frozen.decoder_pass(DecoderInputs(
+            token_embeddings, mask, prefix.cache(), position_inputs(frozen.family, mask, input_ids.shape[1])
+        ))  # [B, T, C]
+    return hidden_states, prefix
+
+
 @dataclass
 class SequenceInputs:
     """What the sequence route gives a decoder call."""

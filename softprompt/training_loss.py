@@ -26,7 +26,7 @@ from typing import Literal, get_args
 import torch
 
 from softprompt.entries import Entry
-from softprompt.frozen import DecoderInputs, FrozenModel
+from softprompt.frozen import FrozenModel
 from softprompt.inputs import check_some_label
 from softprompt.loss import (
     IGNORE_INDEX,
@@ -34,10 +34,9 @@ from softprompt.loss import (
     linear_cross_entropy,
     next_token_targets,
 )
-from softprompt.positions import check_positions, position_inputs
 from softprompt.routes import (
     patches,
-    prefix_for_rows,
+    prefix_route_hidden_states,
     sequence_inputs,
     sequence_targets,
     sequence_weights,
@@ -208,14 +207,7 @@ def labelled_losses(
     if scored_first is not None:
         first_targets = first_targets.masked_fill(~scored_first, IGNORE_INDEX)
     input_ids, attention_mask, labels = without_padding_columns(input_ids, attention_mask, labels)
-    token_embeddings = frozen.embed(input_ids)  # [B, T, C]
-    prefix = prefix_for_rows(frozen, layout.as_prefix, entries, token_embeddings.dtype)
-    mask = torch.cat([prefix.mask.to(attention_mask.dtype), attention_mask], dim=1)  # [B, P + T]
-    check_positions(frozen.family, frozen.base_model.config, mask)
-    with patches(layout, entries):
-        hidden_states = frozen.decoder_pass(DecoderInputs(
-            token_embeddings, mask, prefix.cache(), position_inputs(frozen.family, mask, input_ids.shape[1])
-        ))  # [B, T, C]
+    hidden_states, prefix = prefix_route_hidden_states(frozen, layout, entries, input_ids, attention_mask)  # [B, T, C]
 
     targets = next_token_targets(labels, 0)  # [B, T]
     selected = targets != IGNORE_INDEX

@@ -78,6 +78,8 @@ PEFT_COUNTS_BLOOMZ_560M = {
     "prefix tuning, 20 tokens": (983_040, 560_197_632),
     # 20 x 1024 table + Linear(1024, 1024) + Linear(1024, 2 x 24 x 1024), biases included.
     "prefix tuning, 20 tokens, projection": (51_450_880, 610_665_472),
+    # The first of the 20 positions is frozen: counted in all params, not in the trainable ones.
+    "cartridge, 20 tokens, 1 frozen": (933_888, 560_197_632),
 }
 
 

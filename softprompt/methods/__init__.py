@@ -10,6 +10,7 @@ from typing import Any, Union
 
 from softprompt.methods import (
     adaption_prompt,
+    cartridge,
     cpt,
     multitask_prompt_tuning,
     p_tuning,
@@ -20,10 +21,10 @@ from softprompt.methods.spec import MaterializedPrompt, MethodSpec, materialize
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (prompt_tuning.METHOD, p_tuning.METHOD, prefix_tuning.METHOD, adaption_prompt.METHOD,
-                                 multitask_prompt_tuning.METHOD, cpt.METHOD)
+                                 multitask_prompt_tuning.METHOD, cpt.METHOD, cartridge.METHOD)
 }
 """Every method by its name (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``, ``adaption_prompt``,
-``multitask_prompt_tuning``, ``cpt``)."""
+``multitask_prompt_tuning``, ``cpt``, ``cartridge``)."""
 
 PUBLIC_CLASSES: dict[str, type] = {cls.__name__: cls for spec in METHODS.values() for cls in spec.exports}
 """Every method's public classes (its config and enums) by name: what ``softprompt`` exports for them."""

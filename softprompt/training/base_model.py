@@ -231,7 +231,9 @@ def run_config_for_adapter(adapter_directory: str | Path) -> TrainConfig | None:
                    "--label-column, --split).")
             try:
                 values = flatten_settings(read_json(candidate, error=ConfigError))
-                values.update(resume=False, overwrite=False)
+                # The run's directory is where its settings are, wherever it was started from (a recipe reads the
+                # data it made there).
+                values.update(resume=False, overwrite=False, output_dir=str(candidate.parent))
                 return TrainConfig.from_dict(values, str(candidate))
             except ConfigError as error:
                 where = "" if str(error).startswith(str(candidate)) else f"{candidate}: "

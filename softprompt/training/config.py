@@ -1,9 +1,10 @@
 """`TrainConfig`: every setting of a training run, typed, documented and validated where it is declared.
 
 A run's settings are nested by what they are about: the base ``model``, the ``method`` and its own configuration
-(``adapter``: a `PromptTuningConfig`, `PromptEncoderConfig`, `PrefixTuningConfig` or `AdaptionPromptConfig`, PEFT's
-field names), then ``data``, ``optimization``, ``execution`` (where and how a step runs) and ``output``. Precedence:
-the defaults below, then a config file, then the command-line flags.
+(``adapter``: one method's config, e.g. `PromptTuningConfig`, `PromptEncoderConfig`, `PrefixTuningConfig`,
+`AdaptionPromptConfig` or `CartridgeConfig`, PEFT's field names), then ``data``, ``optimization``, ``execution``
+(where and how a step runs), ``output`` and ``distillation`` (the context-distillation recipe's own settings).
+Precedence: the defaults below, then a config file, then the command-line flags.
 
 A config file (YAML or JSON) holds the same nesting::
 
@@ -40,6 +41,7 @@ from softprompt.training.sections import (
     SECTIONS,
     SEED_PROMPT_TUNING_INIT_TEXT,
     DataConfig,
+    DistillationConfig,
     ExecutionConfig,
     OptimizationConfig,
     OutputConfig,
@@ -74,6 +76,7 @@ class TrainConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -88,6 +91,29 @@ class TrainConfig:
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, section(**getattr(self, name)))
         self.adapter = self._resolved_adapter()
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The context-distillation recipe's settings fit together (and no distillation setting goes unused)."""
+        given = [f.name for f in dataclasses.fields(self.distillation)
+                 if getattr(self.distillation, f.name) != f.default]
+        if self.data.recipe != "context-distillation":
+            if given:
+                raise ConfigError(f"{given[0]}={getattr(self.distillation, given[0])!r} with recipe={self.data.recipe!r}: "
+                                  "the setting belongs to the context-distillation recipe. Fix: pass --recipe "
+                                  f"context-distillation, or drop --{given[0].replace('_', '-')}.")
+            return
+        if method_named(self.method).enters_as != "key_values" or getattr(self.adapter, "prefix_projection", False):
+            raise ConfigError(f"recipe='context-distillation' with method={self.method!r}: expected a key/value cache "
+                              "that the corpus's own cache can start (cartridge, or prefix-tuning without projection). "
+                              "Fix: --method cartridge.")
+        if self.distillation.corpus is None or self.data.dataset:
+            raise ConfigError(f"recipe='context-distillation' with corpus={self.distillation.corpus!r} and dataset="
+                              f"{self.data.dataset!r}: expected a corpus file and no dataset (the conversations are "
+                              "made from the corpus). Fix: --corpus FILE, without --dataset.")
+        if self.distillation.init_from_corpus and getattr(self.adapter, "init_text", None) is not None:
+            raise ConfigError("init_text with init_from_corpus=True: two inits for one cartridge. Fix: drop "
+                              "--init-text, or pass --no-init-from-corpus to start from the text.")
 
     def _resolved_adapter(self) -> SoftPromptConfig:
         spec = method_named(self.method)

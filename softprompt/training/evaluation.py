@@ -24,7 +24,8 @@ from softprompt.recipes import label_accuracy, merged_label_choices
 from softprompt.training.base_model import cpu_threads, default_threads, load_adapters
 from softprompt.training.config import TrainConfig
 from softprompt.training.examples import PreparedData, prepare_data
-from softprompt.training.method_data import batch_task_ids, row_task_ids
+from softprompt.training.method_data import row_task_ids
+from softprompt.training.prepared import batch_task_ids
 from softprompt.training.rank_classification import label_log_likelihoods, rank_labels
 
 
@@ -65,7 +66,7 @@ def evaluate(
     Args:
         model: the model with every adapter named by the examples' ``task`` loaded.
         tokenizer: for pad / EOS ids and decoding generated labels.
-        data: `prepare_data`'s output; ``eval`` and ``eval_prompts`` are used.
+        data: `prepare_data`'s output; ``eval`` and ``eval_prompts`` are used, and its ``loss``.
         batch_size: rows per batch.
         padding: ``longest`` or ``max_length`` (then ``max_length`` is needed).
         max_length: the recipes' ``max_length``.
@@ -73,8 +74,9 @@ def evaluate(
         progress: show a tqdm bar.
 
     Returns:
-        ``loss`` (mean over labelled tokens), ``perplexity`` (None if it overflows), ``accuracy`` and
-        ``rank_accuracy`` (classification; None for causal LM), ``loss_by_adapter`` and ``examples``.
+        ``loss`` (mean over labelled tokens; for context distillation, over distilled positions), ``perplexity``
+        (None if it overflows), ``accuracy`` and ``rank_accuracy`` (classification; None otherwise),
+        ``loss_by_adapter`` and ``examples``.
     """
     was_training = model.training
     model.eval()
@@ -87,15 +89,13 @@ def evaluate(
         batch = to_device(collate(rows, pad_token_id=tokenizer.pad_token_id, padding=padding, max_length=max_length),
                            device)
         names = batch["task"]
-        task_ids = batch_task_ids(batch)
         # One forward per adapter present, so each adapter's loss is known; a mixed batch would give only the sum.
         for name in dict.fromkeys(names):
-            keep = torch.tensor([n == name for n in names], device=device)
+            keep = [n == name for n in names]
+            rows = {key: value[torch.tensor(keep, device=device)] if torch.is_tensor(value) else
+                    [item for item, kept in zip(value, keep) if kept] for key, value in batch.items()}
             with autocast(device, autocast_dtype):
-                loss, per_row = model.summed_loss(
-                    batch["input_ids"][keep], batch["attention_mask"][keep], batch["labels"][keep],
-                    [name] * int(keep.sum()), task_ids=None if task_ids is None else task_ids[keep.cpu()],
-                )
+                loss, per_row = data.loss(model, rows)
             count = int(per_row.sum())
             if count:
                 loss_sums[name] += float(loss)
@@ -260,7 +260,7 @@ def evaluate_adapters(
     threads = config.execution.num_threads
     threads = threads if threads is not None else default_threads(model.base_model)
     with cpu_threads(threads):
-        data = prepare_data(config, tokenizer, whole_split=split)
+        data = prepare_data(config, tokenizer, whole_split=split, base_model=model.base_model)
         names = list(adapters)
         multitask = [name for name in names if method_of(model.adapter_configs[name]).takes_task_ids]
         if multitask and len(names) > 1:

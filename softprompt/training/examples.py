@@ -7,7 +7,6 @@ the task column, or ``default``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,42 +21,29 @@ from softprompt.recipes import (
     label_choices,
 )
 from softprompt.training.config import TrainConfig
+from softprompt.training.context_distillation import context_distillation_data
+from softprompt.training.prepared import DEFAULT_ADAPTER_NAME, PreparedData, held_out_indices
 from softprompt.training.sections import adapter_name_for_source
 
-DEFAULT_ADAPTER_NAME = "default"
-"""The adapter of a run with one task."""
+__all__ = ["DEFAULT_ADAPTER_NAME", "PreparedData", "epoch_order", "prepare_data"]
 
 
-@dataclass
-class PreparedData:
-    """Token ids ready for `collate`; every example carries ``task``, the name of the adapter that trains on it."""
-
-    kind: str
-    """``classification`` or ``causal_lm``."""
-    adapter_names: list[str]
-    """One adapter per task, sorted."""
-    train: list[dict[str, Any]]
-    """Training examples."""
-    eval: list[dict[str, Any]]
-    """Held-out examples with labels (loss, perplexity)."""
-    eval_prompts: list[dict[str, Any]]
-    """Classification only: the held-out prompts with ``label_text`` / ``label_ids`` (accuracy)."""
-    label_choices: dict[str, list[tuple[str, list[int]]]] = field(default_factory=dict)
-    """Classification only: each task's labels ``(text, ids + EOS)``, from its training and held-out rows: the
-    candidates of rank classification (`softprompt.recipes.label_choices`)."""
-
-
-def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = None) -> PreparedData:
+def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = None,
+                 base_model: Any | None = None) -> PreparedData:
     """Loads the configured data and builds training and evaluation examples.
 
     Args:
         config: data fields: dataset(s), config, split, eval split or fraction, columns, max_length, seed.
         tokenizer: the base model's tokenizer.
         whole_split: evaluate on every row of this split instead (``softprompt eval --split``); no training rows.
+        base_model: the frozen base, on the run's device: the context-distillation recipe makes its data with it
+            (`softprompt.training.context_distillation.context_distillation_data`).
 
     Raises:
         DataError: a source, column or row cannot be used (see `softprompt.data`).
     """
+    if config.data.recipe == "context-distillation":
+        return context_distillation_data(config, tokenizer, base_model, whole_split)
     sources = config.data.dataset or [str(shipped_dataset_path("complaints"))]
     text_columns = config.data.resolved_text_columns
     label_column = config.data.resolved_label_column
@@ -86,7 +72,7 @@ def prepare_data(config: TrainConfig, tokenizer: Any, whole_split: str | None = 
             # Examples are built over all rows before the split so that the classification recipe's prompt budget
             # (set by the longest label) is the same for training and evaluation rows.
             examples, all_prompts = examples_of(config.data.split)
-            held_out = _held_out_indices(len(examples), config.data.eval_fraction, config.optimization.seed + index, source)
+            held_out = held_out_indices(len(examples), config.data.eval_fraction, config.optimization.seed + index, source)
             train += [example for i, example in enumerate(examples) if i not in held_out]
             source_eval = [examples[i] for i in sorted(held_out)]
             source_prompts = [all_prompts[i] for i in sorted(held_out)] if all_prompts else []
@@ -127,19 +113,6 @@ def _examples(
         for example in examples + prompts:
             example["task"] = task or DEFAULT_ADAPTER_NAME
     return examples, prompts
-
-
-def _held_out_indices(count: int, fraction: float, seed: int, source: str) -> set[int]:
-    if fraction == 0:
-        return set()
-    size = max(1, round(count * fraction))
-    if size >= count:
-        raise DataError(
-            f"{source}: holding out eval_fraction={fraction} of {count} rows leaves no training rows. "
-            "Fix: lower --eval-fraction, pass --eval-split, or use more rows."
-        )
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return set(order[:size])
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:

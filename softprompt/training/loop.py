@@ -176,14 +176,16 @@ def setup(
     base_directory = embedded_base_directory(output_dir) if config.uses_embedded_model else None
     if base_directory is not None:
         base.config._name_or_path = str(base_directory)  # recorded by every adapter saved from this base
-    data, adapters = prepare_run_data(config, tokenizer)  # each adapter's config: the method's needs of the data
     sharded = config.execution.fsdp and dist.is_initialized()
     if not sharded:  # sharded, the base reaches the device layer by layer as it is sharded, never whole
         base.to(device)
+    # Each adapter's config: the method's needs of the data. A recipe may run the base here (a teacher's targets).
+    data, adapters = prepare_run_data(config, tokenizer, base_model=base)
     names = data.adapter_names
     model = SoftPromptModel(base, adapters[names[0]], tokenizer=tokenizer, adapter_name=names[0])
     for name in names[1:]:
         model.add_adapter(name, adapters[name], tokenizer=tokenizer)
+    data.initialize(model)  # the recipe's own init (a cartridge from the corpus), under any checkpoint restored
     model.prompts.to(device)  # built beside the base (on the CPU when sharded: an init may run the base)
     make_trainable(model, names)
     if config.execution.compile is not None:
@@ -217,6 +219,7 @@ def setup(
         if base_directory is not None:
             save_tiny_bloom(base_directory, tokenizer=tokenizer, model=base)
         write_run_config(output_dir, config)
+        data.write(output_dir)
     if sharded:  # after the writes: the embedded base is saved whole
         shard_frozen_base(model, process_mesh(device), param_dtype=autocast_dtype)
     trainable_count, total_count = model.num_parameters()
@@ -267,7 +270,7 @@ def run_loop(run: RunState, started: float) -> TrainResult:
             try:
                 step = optimizer_step(model, run.trainable, run.optimizer, run.scheduler,
                                       [batch for batch in batches if batch is not None], loss_options,
-                                      optimization.max_grad_norm, run.autocast, run.scaler, run.world_size)
+                                      optimization.max_grad_norm, run.autocast, run.scaler, run.world_size, data.loss)
             except NonFiniteStep as error:
                 raise diverged(run, error, run.global_step + 1, epoch) from None
             run.global_step += 1

@@ -28,7 +28,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 
 from softprompt.data import DataError
 from softprompt.loss import IGNORE_INDEX
@@ -41,8 +40,11 @@ from softprompt.training.examples import DEFAULT_ADAPTER_NAME, PreparedData, pre
 from softprompt.training.sections import adapter_name_for_source
 
 
-def prepare_run_data(config: TrainConfig, tokenizer: Any) -> tuple[PreparedData, dict[str, SoftPromptConfig]]:
-    """The run's examples and each adapter's configuration (see the module docstring).
+def prepare_run_data(
+    config: TrainConfig, tokenizer: Any, base_model: Any | None = None
+) -> tuple[PreparedData, dict[str, SoftPromptConfig]]:
+    """The run's examples and each adapter's configuration (see the module docstring); `base_model` is for a
+    recipe that runs it (context distillation's self-study and teacher).
 
     Returns:
         (the prepared data, with task ids or without the context rows where the method needs that; the config of
@@ -51,7 +53,7 @@ def prepare_run_data(config: TrainConfig, tokenizer: Any) -> tuple[PreparedData,
     Raises:
         DataError: the data cannot serve the method (see `multitask_config`, `cpt_context`).
     """
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, base_model=base_model)
     adapter = config.adapter
     if method_of(adapter).takes_task_ids:
         return data, {DEFAULT_ADAPTER_NAME: multitask_config(adapter, data)}
@@ -112,11 +114,6 @@ def row_task_ids(config: Any, tasks: Sequence[str]) -> list[int] | None:
     if config.num_tasks == 1:
         return [0] * len(tasks)
     return task_ids_of(config, tasks)
-
-
-def batch_task_ids(batch: dict[str, Any]) -> torch.Tensor | None:
-    """``[B]`` each row of a collated batch's task id (multitask prompt tuning's examples carry one), or None."""
-    return torch.tensor(batch["task_id"]) if "task_id" in batch else None
 
 
 def cpt_context(

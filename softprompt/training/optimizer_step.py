@@ -30,7 +30,7 @@ from torch import nn
 
 from softprompt.methods import method_of
 from softprompt.model import SoftPromptModel
-from softprompt.training.method_data import batch_task_ids
+from softprompt.training.prepared import LossFunction, label_loss
 
 
 class NonFiniteStep(ArithmeticError):
@@ -67,6 +67,7 @@ def optimizer_step(
     autocast: Callable[[], Any],
     scaler: torch.amp.GradScaler | None = None,
     world_size: int = 1,
+    loss_function: LossFunction = label_loss,
 ) -> StepResult:
     """Accumulates `micro_batches`, sums over processes, normalizes and clips per adapter, steps.
 
@@ -77,11 +78,13 @@ def optimizer_step(
         scheduler: stepped once.
         micro_batches: this process's collated batches of the step, on the model's device; every row names its
             adapter in ``task`` (and, for multitask prompt tuning, its task id in ``task_id``).
-        loss_options: passed to `SoftPromptModel.summed_loss` (``implementation``, ``virtual_token_layout``).
+        loss_options: passed to `loss_function` (``implementation``, ``virtual_token_layout``).
         max_grad_norm: per-adapter clipping; 0 turns it off.
         autocast: a context-manager factory for the forward passes.
         scaler: the fp16 grad scaler, or None.
         world_size: processes summing their gradients.
+        loss_function: the recipe's loss on a micro-batch, summed, and each row's scored positions
+            (`softprompt.training.prepared.LossFunction`; the default: next-token loss on the labels).
 
     Raises:
         NonFiniteStep: the loss or the gradient norm is not finite (checked before the optimizer moves).
@@ -96,14 +99,13 @@ def optimizer_step(
     for batch in micro_batches:
         row_names = batch["task"]
         tokens += batch["attention_mask"].sum()
-        if not bool((batch["labels"] != -100).any()):  # nothing to learn from: no forward at all
+        if "labels" in batch and not bool((batch["labels"] != -100).any()):  # nothing to learn: no forward at all
             skipped += 1
             continue
         with autocast():
             # Each row trains the adapter of its task; the sum over labelled tokens is divided below, once the
             # step's token count over all micro-batches and processes is known.
-            loss, per_row = model.summed_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                              row_names, task_ids=batch_task_ids(batch), **loss_options)
+            loss, per_row = loss_function(model, batch, **loss_options)
         for index, name in enumerate(names):
             counts[index] += per_row[[n == name for n in row_names]].sum()
         if int(per_row.sum()) == 0:  # only first tokens that nothing before them predicts

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from softprompt.data import DataError, collate
 from softprompt.loss import IGNORE_INDEX
 from softprompt.model import SoftPromptModel
-from softprompt.training.method_data import batch_task_ids
+from softprompt.training.prepared import batch_task_ids
 
 LabelChoices = Mapping[str, Sequence[tuple[str, Sequence[int]]]]
 """Each task's candidate labels: ``(label text, label ids + EOS)`` (`softprompt.recipes.label_choices`)."""

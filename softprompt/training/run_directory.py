@@ -37,11 +37,13 @@ ADAPTER_DIR = "adapter"
 """The final adapter of a one-adapter run: ``output_dir/adapter``."""
 ADAPTERS_DIR = "adapters"
 """The final adapters of a multi-adapter run: ``output_dir/adapters/<task>``."""
+RECIPE_DATA_DIR = "data"
+"""The data a recipe made for the run (context distillation's conversations and teacher targets): ``output_dir/data``."""
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, PLOT_FILE)
-RUN_FOLDERS = (ADAPTER_DIR, ADAPTERS_DIR, CHECKPOINTS_DIR, BASE_MODEL_DIR)
+RUN_FOLDERS = (ADAPTER_DIR, ADAPTERS_DIR, CHECKPOINTS_DIR, BASE_MODEL_DIR, RECIPE_DATA_DIR)
 """What a run writes into its directory; any of them there means the directory holds a run."""
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -132,7 +134,7 @@ def inspect_run_directory(output_dir: Path) -> RunContents:
         contents.leftovers += sorted(path for path in root.iterdir() if _TEMPORARY_CHECKPOINT.match(path.name))
     contents.leftovers += sorted(path for path in output_dir.iterdir() if path.is_dir()
                                  and _BASE_MODEL_STAGING.match(path.name))
-    folders = [output_dir, output_dir / ADAPTER_DIR, output_dir / BASE_MODEL_DIR]
+    folders = [output_dir, output_dir / ADAPTER_DIR, output_dir / BASE_MODEL_DIR, output_dir / RECIPE_DATA_DIR]
     if (output_dir / ADAPTERS_DIR).is_dir():
         folders += sorted(path for path in (output_dir / ADAPTERS_DIR).iterdir() if path.is_dir())
     for folder in folders:

@@ -34,6 +34,7 @@ MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 BaseDtype = Literal["float32", "bfloat16", "float16"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+Recipe = Literal["auto", "context-distillation"]
 
 @dataclass
 class DataConfig:
@@ -77,6 +78,10 @@ class DataConfig:
 
     padding: Padding = "longest"
     """``longest`` (pad each batch to its longest row) or ``max_length`` (the seed's fixed shape)."""
+
+    recipe: Recipe = "auto"
+    """What the rows are and what the loss is: ``auto`` (classification with a label column, else causal LM), or
+    ``context-distillation`` (Cartridges' self-study on ``--corpus``: the section ``distillation``)."""
 
     def __post_init__(self) -> None:
         check_literals(self)
@@ -271,11 +276,52 @@ class OutputConfig:
             )
 
 
+@dataclass
+class DistillationConfig:
+    """The context-distillation recipe (``--recipe context-distillation``): a cartridge (or a plain prefix) trained so
+    that the frozen model with it answers as with the whole corpus in context (``softprompt/cartridges/``)."""
+
+    corpus: str | None = None
+    """The document (a UTF-8 text file) the adapter stands in for: the teacher reads it in context. Required by the
+    recipe."""
+
+    queries: str = "self-study"
+    """Where the conversations' questions come from: ``self-study`` (the frozen model asks them about chunks of the
+    corpus, then answers them) or a file: one question per line (.txt), or JSON lines with ``question`` and
+    optionally ``answer`` (used as given: a run's own ``data/conversations.jsonl`` repeats it without generating)."""
+
+    num_conversations: int = 64
+    """Self-study conversations to generate (a question and its answer each)."""
+
+    chunk_tokens: int = 512
+    """Self-study shows the model one chunk of the corpus of at most this many tokens at a time."""
+
+    max_answer_tokens: int = 128
+    """Most new tokens of a generated answer (a question: at most 64)."""
+
+    top_k: int = 20
+    """The teacher's k most likely next tokens kept at every position (the paper's 20): the student matches their
+    distribution, and the loss needs only those k rows of the LM head."""
+
+    init_from_corpus: bool = True
+    """Start the adapter as the corpus's first P tokens in context (the frozen model's own cache of them, the paper's
+    choice); ``--no-init-from-corpus`` keeps the adapter's own init (N(0, 1), or ``--init-text``)."""
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_strings(self)
+        for name in ("num_conversations", "chunk_tokens", "max_answer_tokens", "top_k"):
+            check_int(name, getattr(self, name), minimum=1)
+        if not isinstance(self.init_from_corpus, bool):
+            raise ConfigError(f"init_from_corpus={self.init_from_corpus!r}: expected true or false.")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "optimization": OptimizationConfig,
     "execution": ExecutionConfig,
     "output": OutputConfig,
+    "distillation": DistillationConfig,
 }
 """The nested sections of `TrainConfig`, by field name."""
 
