@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 
 import harness
-from real_model import TRANSFORMERS_FOLDER, real_model_directory
 from softprompt import CartridgeConfig, SoftPromptModel
 from softprompt.cartridges.chat import ChatFormat
 from softprompt.cartridges.evaluation import answer_log_likelihoods, evaluate_cartridge, read_questions
 from softprompt.training.context_distillation import read_corpus
 from softprompt.training import TrainConfig, load_base_model, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from real_model import TRANSFORMERS_FOLDER, real_model_directory  # noqa: E402
 
 DATA = resources.files("softprompt") / "data"
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -7,7 +7,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
+# The suite's models are tiny: one op is microseconds of work, and a second intra-op thread only adds its wake-up
+# and join (on a 2-core machine that also runs other work, the suite took several times as long). Subprocesses
+# (the command-line tests, torchrun) inherit it. A value set outside wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch may have been imported before this file
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run under Triton's CPU interpreter, which must be switched on before triton is
