@@ -95,6 +95,30 @@ def test_parameter_counts_equal_peft_on_the_meta_device():
     assert counts == PEFT_COUNTS_BLOOMZ_560M
 
 
+def test_the_readme_methods_table_counts_are_pefts():
+    """The README's generated methods table (scripts/readme_tables.py): every count cell is PEFT's, from its published
+    bloomz-560m figures and from PEFT itself on Llama-3.2-1B, where it runs all seven methods."""
+    from peft import get_peft_model
+
+    import readme_tables
+    from peft_reference import peft_config_for
+    from softprompt.methods import METHODS
+    from softprompt.params import meta_base_model
+
+    rows = readme_tables.method_rows()
+    bloomz, llama = (readme_tables.model_column(name) for name in readme_tables.COUNTED_ON)
+    assert [row["method"].split("`")[1] for row in rows] == [spec.cli_name for spec in METHODS.values()]
+    llama_config = base_model_config("meta-llama/Llama-3.2-1B")
+    for row, (label, config) in zip(rows, readme_tables.counted_configs().values()):
+        assert row["counted as"] == label
+        if label == ADAPTION_PROMPT:  # PEFT refuses BLOOM: the tokens and the gate of each of the 8 layers
+            assert row[bloomz] == f"{8 * (10 * 1024 + 1):,d}"
+        else:
+            assert row[bloomz] == f"{PEFT_COUNTS_BLOOMZ_560M[label][0]:,d}", label
+        peft_model = get_peft_model(meta_base_model(llama_config), peft_config_for(config))
+        assert row[llama] == f"{peft_model.get_nb_trainable_parameters()[0]:,d}", label
+
+
 def test_counting_uses_no_memory_for_weights():
     config = bloom_config(*BLOOM_SHAPES["7b1"])
     with torch.device("meta"):
