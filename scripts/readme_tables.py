@@ -110,7 +110,8 @@ GENERATED: dict[str, Callable[[], str]] = {
     "params example": params_example,
     "families table": families_table,
 }
-"""Each generated block by its markers' name: ``<!-- NAME: scripts/readme_tables.py -->`` ... ``<!-- end of NAME -->``."""
+"""Each generated block by its markers' name: between ``<!-- NAME: scripts/readme_tables.py -->`` and
+``<!-- end of NAME -->``."""
 
 
 def with_tables(readme: str) -> str:

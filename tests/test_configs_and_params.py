@@ -7,6 +7,7 @@ import torch
 
 from softprompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SoftPromptModel
 from softprompt.families.bloom import BLOOM_SHAPES, bloom_config
+from softprompt.methods.spec import Paper
 from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
 from softprompt.cli import main
 
@@ -48,6 +49,12 @@ def test_bad_config_values_name_the_value_and_the_fix():
 def test_null_and_bool_config_values_are_refused_by_name(config_class, field, value, expected):
     with pytest.raises(ValueError, match=rf"{field}={value!r}: expected {expected}.*Fix:"):
         config_class(num_virtual_tokens=4, **{field: value})
+
+
+def test_a_papers_arxiv_id_is_checked():
+    assert Paper("Li and Liang", 2021, "2101.00190", "Prefix-Tuning").url == "https://arxiv.org/abs/2101.00190"
+    with pytest.raises(ValueError, match=r"arxiv='arXiv:2101.00190v4': expected an arXiv id such as .*Fix: pass"):
+        Paper("Li and Liang", 2021, "arXiv:2101.00190v4", "Prefix-Tuning")
 
 
 def test_init_text_without_a_tokenizer_is_refused(tiny_bloom):
