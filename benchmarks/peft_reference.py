@@ -13,6 +13,7 @@ from typing import Any
 import peft
 import torch
 from peft import PeftModel, TaskType, get_peft_model
+from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
 
 from softprompt.families import family_of
 from softprompt.methods import method_of
@@ -42,6 +43,14 @@ def peft_config_for(config: Any, base_model: torch.nn.Module | None = None, **pe
         if shape.embedding_width != shape.hidden_size:
             fields["token_dim"] = shape.embedding_width
     return getattr(peft, type(config).__name__)(task_type=TaskType.CAUSAL_LM, **{**fields, **peft_fields})
+
+
+def peft_refusal(config: Any, model_type: str) -> str | None:
+    """Why PEFT refuses to build `config` on a model of `model_type`, or None where it builds it: PEFT runs adaption
+    prompt on the model types of its own table only (llama, mistral, gpt2 in 0.21.2); softprompt on every family."""
+    if method_of(config).name == "adaption_prompt" and model_type not in TRANSFORMERS_MODEL_CONFIG:
+        return f"PEFT runs adaption prompt on {', '.join(TRANSFORMERS_MODEL_CONFIG)} only"
+    return None
 
 
 def copy_adapter_weights(ours: Any, theirs: PeftModel, adapter_name: str = "default",

@@ -26,7 +26,7 @@ from typing import Any
 from softprompt.cli_flags import add_field_flags, add_method_flags
 from softprompt.methods import method_named, method_of
 from softprompt.methods.multitask_prompt_tuning import task_ids_of
-from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
+from softprompt.params import SEED_CONFIGS, base_model_config, counts_text, parameter_counts
 from softprompt.training.config import (
     METHOD_NAMES,
     SECTIONS,
@@ -108,14 +108,7 @@ def run_params(args: argparse.Namespace) -> int:
         if spec.default_num_virtual_tokens is not None:
             fields.setdefault("num_virtual_tokens", spec.default_num_virtual_tokens)
         configs = {args.method: spec.config_class(**fields)}
-    rows = parameter_counts(base_model_config(args.model), configs)
-    print(f"{args.model} (counted on the meta device)")
-    width = max(len(row.label) for row in rows)
-    for row in rows:
-        print(
-            f"{row.label:<{width}}  trainable params: {row.trainable:,d} || all params: {row.total:,d} "
-            f"|| trainable%: {row.trainable_percent:.4f}"
-        )
+    print(counts_text(args.model, parameter_counts(base_model_config(args.model), configs)))
     return 0
 
 

@@ -19,7 +19,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from softprompt.families import known_config, known_model_names
 from softprompt.methods import SoftPromptConfig
+from softprompt.methods.adaption_prompt import AdaptionPromptConfig
 from softprompt.methods.cartridge import CartridgeConfig
+from softprompt.methods.cpt import CPTConfig
+from softprompt.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from softprompt.methods.p_tuning import PromptEncoderConfig
 from softprompt.methods.prefix_tuning import PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuningConfig
@@ -65,10 +68,17 @@ SEED_CONFIGS: Mapping[str, SoftPromptConfig] = MappingProxyType({
     ),
     "prefix tuning, 20 tokens": PrefixTuningConfig(num_virtual_tokens=20),
     "prefix tuning, 20 tokens, projection": PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True),
+    # LLaMA-Adapter's 10 tokens per layer, in the top 8 layers: every known model has at least 12 (gpt2).
+    "adaption prompt, 10 tokens, top 8 layers": AdaptionPromptConfig(adapter_len=10, adapter_layers=8),
+    "multitask, 20 tokens, 2 tasks, rank 1": MultitaskPromptTuningConfig(num_virtual_tokens=20, num_tasks=2),
+    # Two labelled examples, typed as CPT types them; only the context's length, 10, changes the count.
+    "CPT, 10-token context": CPTConfig(cpt_token_ids=list(range(100, 110)),
+                                       cpt_tokens_type_mask=[1, 2, 2, 2, 3, 4, 5, 6, 7, 8]),
     "cartridge, 20 tokens, 1 frozen": CartridgeConfig(num_virtual_tokens=20),
 })
-"""The configurations of the seed guides (and PEFT's published counts for bloomz-560m); read-only, and
-`SoftPromptModel` keeps its own copy of a config it is given."""
+"""The configurations of the seed guides and one of every other method, in the registry's order (PEFT's published
+counts for bloomz-560m where it has them; `softprompt params` prints them, the README's methods table counts the
+first of each method); read-only, and `SoftPromptModel` keeps its own copy of a config it is given."""
 
 
 @dataclass(frozen=True)
@@ -104,3 +114,17 @@ def parameter_counts(base_config: PretrainedConfig, configs: Mapping[str, SoftPr
         trainable, total = SoftPromptModel(base_model, config).num_parameters()
         rows.append(ParameterCount(label, trainable, total))
     return rows
+
+
+def counts_text(model_name: str, rows: list[ParameterCount]) -> str:
+    """What ``softprompt params`` prints: a title line, then one line per row in PEFT's wording, aligned.
+
+    Args:
+        model_name: the base model as the user named it.
+        rows: the counts (`parameter_counts`).
+    """
+    width = max(len(row.label) for row in rows)
+    lines = [f"{model_name} (counted on the meta device)"]
+    lines += [f"{row.label:<{width}}  trainable params: {row.trainable:,d} || all params: {row.total:,d} "
+              f"|| trainable%: {row.trainable_percent:.4f}" for row in rows]
+    return "\n".join(lines)

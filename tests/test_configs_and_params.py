@@ -7,6 +7,7 @@ import torch
 
 from softprompt import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SoftPromptModel
 from softprompt.families.bloom import BLOOM_SHAPES, bloom_config
+from softprompt.methods.spec import Paper
 from softprompt.params import SEED_CONFIGS, base_model_config, parameter_counts
 from softprompt.cli import main
 
@@ -50,6 +51,12 @@ def test_null_and_bool_config_values_are_refused_by_name(config_class, field, va
         config_class(num_virtual_tokens=4, **{field: value})
 
 
+def test_a_papers_arxiv_id_is_checked():
+    assert Paper("Li and Liang", 2021, "2101.00190", "Prefix-Tuning").url == "https://arxiv.org/abs/2101.00190"
+    with pytest.raises(ValueError, match=r"arxiv='arXiv:2101.00190v4': expected an arXiv id such as .*Fix: pass"):
+        Paper("Li and Liang", 2021, "arXiv:2101.00190v4", "Prefix-Tuning")
+
+
 def test_init_text_without_a_tokenizer_is_refused(tiny_bloom):
     config = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="Hello")
     with pytest.raises(ValueError, match=r"prompt_tuning_init=TEXT needs a tokenizer, got tokenizer=None. Fix:"):
@@ -78,14 +85,45 @@ PEFT_COUNTS_BLOOMZ_560M = {
     "prefix tuning, 20 tokens": (983_040, 560_197_632),
     # 20 x 1024 table + Linear(1024, 1024) + Linear(1024, 2 x 24 x 1024), biases included.
     "prefix tuning, 20 tokens, projection": (51_450_880, 610_665_472),
+    # P * C + N * P * r + N * r * C.
+    "multitask, 20 tokens, 2 tasks, rank 1": (22_568, 559_237_160),
+    # delta [10, C]; the frozen copy of the context's embeddings counts in all params.
+    "CPT, 10-token context": (10_240, 559_235_072),
     # The first of the 20 positions is frozen: counted in all params, not in the trainable ones.
     "cartridge, 20 tokens, 1 frozen": (933_888, 560_197_632),
 }
+ADAPTION_PROMPT = "adaption prompt, 10 tokens, top 8 layers"  # PEFT refuses BLOOM for it: no figure of PEFT's
 
 
 def test_parameter_counts_equal_peft_on_the_meta_device():
     rows = parameter_counts(base_model_config("bigscience/bloomz-560m"), SEED_CONFIGS)
-    assert {row.label: (row.trainable, row.total) for row in rows} == PEFT_COUNTS_BLOOMZ_560M
+    counts = {row.label: (row.trainable, row.total) for row in rows}
+    assert counts.pop(ADAPTION_PROMPT) == (8 * (10 * 1024 + 1), 559_214_592 + 8 * (10 * 1024 + 1))  # tokens + gate
+    assert counts == PEFT_COUNTS_BLOOMZ_560M
+
+
+def test_the_readme_methods_table_counts_are_pefts():
+    """The README's generated methods table (scripts/readme_tables.py): every count cell is PEFT's, from its published
+    bloomz-560m figures and from PEFT itself on Llama-3.2-1B, where it runs all seven methods."""
+    from peft import get_peft_model
+
+    import readme_tables
+    from peft_reference import peft_config_for
+    from softprompt.methods import METHODS
+    from softprompt.params import meta_base_model
+
+    rows = readme_tables.method_rows()
+    bloomz, llama = (readme_tables.model_column(name) for name in readme_tables.COUNTED_ON)
+    assert [row["method"].split("`")[1] for row in rows] == [spec.cli_name for spec in METHODS.values()]
+    llama_config = base_model_config("meta-llama/Llama-3.2-1B")
+    for row, (label, config) in zip(rows, readme_tables.counted_configs().values()):
+        assert row["counted as"] == label
+        if label == ADAPTION_PROMPT:  # PEFT refuses BLOOM: the tokens and the gate of each of the 8 layers
+            assert row[bloomz] == f"{8 * (10 * 1024 + 1):,d}"
+        else:
+            assert row[bloomz] == f"{PEFT_COUNTS_BLOOMZ_560M[label][0]:,d}", label
+        peft_model = get_peft_model(meta_base_model(llama_config), peft_config_for(config))
+        assert row[llama] == f"{peft_model.get_nb_trainable_parameters()[0]:,d}", label
 
 
 def test_counting_uses_no_memory_for_weights():

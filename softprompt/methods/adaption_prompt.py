@@ -68,7 +68,7 @@ from softprompt.attention import (
 from softprompt.entries import AttentionPatch, EntryRequest
 from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape, Family
-from softprompt.methods.spec import MethodSpec, check_positive_int, device_memory
+from softprompt.methods.spec import MethodSpec, Paper, check_positive_int, device_memory
 from softprompt.positions import position_inputs
 
 PEFT_PREFIX = "base_model.model."
@@ -300,6 +300,10 @@ METHOD = MethodSpec(
     peft_fields=("target_modules", "adapter_len", "adapter_layers"),
     default_num_virtual_tokens=None,  # no virtual tokens: the adapter takes no slot
     peft_module=peft_module,
+    paper=Paper("Zhang et al.", 2023, "2303.16199",
+                "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention"),
+    trains="`[A, C]` tokens and a scalar gate in each of the top N_a layers (A = `adapter_len`, N_a = "
+           "`adapter_layers`)",
     peft_tensors=peft_tensors,
     peft_state=peft_state,
     materialized=None,  # tokens and gates per layer, not one output table

@@ -53,7 +53,13 @@ from softprompt.families.family import BaseModelShape
 from softprompt.frozen import FrozenModel
 from softprompt.methods.prefix_tuning import merge_key_values, split_key_values
 from softprompt.methods.prefix_tuning import reference_forward as prefix_reference_forward
-from softprompt.methods.spec import MethodSpec, check_fits_in_memory, check_positive_int, from_prompt_embeddings
+from softprompt.methods.spec import (
+    MethodSpec,
+    Paper,
+    check_fits_in_memory,
+    check_positive_int,
+    from_prompt_embeddings,
+)
 
 
 @dataclass
@@ -350,5 +356,9 @@ METHOD = MethodSpec(
     peft_fields=("num_virtual_tokens", "num_frozen_tokens"),
     default_num_virtual_tokens=20,
     peft_module=from_prompt_embeddings(from_table),
+    paper=Paper("Eyuboglu et al.", 2025, "2506.06266",
+                "Cartridges: Lightweight and general-purpose long context representations via self-study"),
+    trains="a `[P - F, L·2·K·D]` table of keys and values after F frozen ones (F = `num_frozen_tokens`, "
+           "counted in all params)",
     reference_forward=reference_forward,
 )

@@ -69,7 +69,7 @@ from softprompt.families import family_of
 from softprompt.families.family import BaseModelShape
 from softprompt.loss import IGNORE_INDEX
 from softprompt.methods.prompt_tuning import reference_forward as prompt_tuning_reference_forward
-from softprompt.methods.spec import MethodSpec, from_prompt_embeddings
+from softprompt.methods.spec import MethodSpec, Paper, from_prompt_embeddings
 
 MIN_EPSILON = 1e-10
 """The radius of label and type-0 rows (PEFT's): they never move."""
@@ -389,6 +389,10 @@ METHOD = MethodSpec(
                  "tokenizer_name_or_path"),
     default_num_virtual_tokens=None,
     peft_module=from_prompt_embeddings(from_table),
+    paper=Paper("Blau et al.", 2024, "2410.17222",
+                "Context-aware Prompt Tuning: Advancing In-Context Learning with Adversarial Methods"),
+    trains="`delta [P, C]` on the frozen embeddings of a P-token context (`cpt_token_ids`), whose label tokens' rows "
+           "never move; the frozen `[P, C]` copy counts in all params",
     reference_forward=reference_forward,
     exports=(CPTConfig,),
     after_optimizer_step=project,

@@ -65,7 +65,7 @@ from softprompt.families.family import BaseModelShape
 from softprompt.files import read_safetensors
 from softprompt.methods.prompt_tuning import init_token_ids
 from softprompt.methods.prompt_tuning import reference_forward as prompt_tuning_reference_forward
-from softprompt.methods.spec import PEFT_TENSOR, MethodSpec, check_fits_in_memory, check_positive_int
+from softprompt.methods.spec import PEFT_TENSOR, MethodSpec, Paper, check_fits_in_memory, check_positive_int
 
 PEFT_COLUMNS = "prefix_task_cols"
 PEFT_ROWS = "prefix_task_rows"
@@ -447,6 +447,10 @@ METHOD = MethodSpec(
                  "num_tasks"),
     default_num_virtual_tokens=8,
     peft_module=peft_module,
+    paper=Paper("Wang et al.", 2023, "2303.02861",
+                "Multitask Prompt Tuning Enables Parameter-Efficient Transfer Learning"),
+    trains="a shared `[P, C]` prompt and, for each of N tasks, rank-r factors `[P, r]` and `[r, C]` (N = "
+           "`num_tasks`, r = `num_ranks`)",
     peft_tensors=peft_tensors,
     peft_state=peft_state,
     materialized=None,  # one prompt per task: no single output table

@@ -39,6 +39,7 @@ from softprompt.methods.prompt_tuning import enter, reference_forward
 from softprompt.methods.spec import (
     MaterializedPrompt,
     MethodSpec,
+    Paper,
     check_fits_in_memory,
     check_positive_int,
     from_prompt_embeddings,
@@ -204,6 +205,9 @@ METHOD = MethodSpec(
     ),
     default_num_virtual_tokens=20,
     peft_module=from_prompt_embeddings(from_table),
+    paper=Paper("Liu et al.", 2021, "2103.10385", "GPT Understands, Too"),
+    trains="a `[P, C]` table and its encoder: an MLP `C -> h -> h -> C`, or a bidirectional LSTM `(C, h)` then "
+           "`2h -> 2h -> C` (h = `encoder_hidden_size`)",
     reference_forward=reference_forward,
     exports=(PromptEncoderConfig, PromptEncoderReparameterizationType),
 )

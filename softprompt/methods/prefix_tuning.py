@@ -44,6 +44,7 @@ from softprompt.families.family import BaseModelShape
 from softprompt.methods.spec import (
     MaterializedPrompt,
     MethodSpec,
+    Paper,
     check_fits_in_memory,
     check_positive_int,
     from_prompt_embeddings,
@@ -230,5 +231,8 @@ METHOD = MethodSpec(
     peft_fields=("num_virtual_tokens", "encoder_hidden_size", "prefix_projection"),
     default_num_virtual_tokens=20,
     peft_module=from_prompt_embeddings(from_table),
+    paper=Paper("Li and Liang", 2021, "2101.00190", "Prefix-Tuning: Optimizing Continuous Prompts for Generation"),
+    trains="a `[P, L·2·K·D]` table of keys and values; with `prefix_projection`, a `[P, K·D]` table through "
+           "`K·D -> h -> L·2·K·D` (Tanh between; h = `encoder_hidden_size`)",
     reference_forward=reference_forward,
 )

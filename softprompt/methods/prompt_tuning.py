@@ -48,6 +48,7 @@ from softprompt.families.family import BaseModelShape
 from softprompt.loss import IGNORE_INDEX
 from softprompt.methods.spec import (
     MethodSpec,
+    Paper,
     check_fits_in_memory,
     check_positive_int,
     from_prompt_embeddings,
@@ -266,6 +267,9 @@ METHOD = MethodSpec(
     peft_fields=("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path"),
     default_num_virtual_tokens=8,
     peft_module=from_prompt_embeddings(from_table),
+    paper=Paper("Lester, Al-Rfou and Constant", 2021, "2104.08691",
+                "The Power of Scale for Parameter-Efficient Prompt Tuning"),
+    trains="a `[P, C]` table of virtual-token embeddings",
     reference_forward=reference_forward,
     exports=(PromptTuningConfig, PromptTuningInit),
 )

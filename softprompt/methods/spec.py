@@ -12,6 +12,7 @@ Shapes: P virtual tokens, L layers, K key/value heads, D head dim, C embedding w
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,30 @@ def module_output(module: nn.Module) -> torch.Tensor:
 def output_as_prompt_embeddings(module: nn.Module, base_model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The module's output as PEFT's one ``prompt_embeddings`` tensor: the default `MethodSpec.peft_state`."""
     return {PEFT_TENSOR: materialize(module)}
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The paper a method comes from: what the README's methods table cites (`scripts/readme_tables.py`)."""
+
+    authors: str
+    """As cited: every author up to three (``Lester, Al-Rfou and Constant``), else the first and et al."""
+    year: int
+    """The year of its first arXiv version."""
+    arxiv: str
+    """Its arXiv id, e.g. ``2104.08691``."""
+    title: str
+    """Its title."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"\d{4}\.\d{4,5}", self.arxiv):
+            raise ValueError(f"arxiv={self.arxiv!r}: expected an arXiv id such as '2104.08691'. Fix: pass the id "
+                             "alone, without 'arXiv:' or a version.")
+
+    @property
+    def url(self) -> str:
+        """The paper's arXiv page."""
+        return f"https://arxiv.org/abs/{self.arxiv}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,11 @@ class MethodSpec:
     peft_module: Callable[[Any, PreTrainedModel, dict[str, torch.Tensor]], nn.Module]
     """``peft_module(config, base_model, tensors)``: a module holding what PEFT saved (names and shapes already
     checked against `peft_tensors`)."""
+    paper: Paper
+    """The paper it comes from (the method file's docstring teaches it)."""
+    trains: str
+    """What trains, in one line of Markdown: the tensors with their shapes in the package's letters (P, C, L, K, D,
+    r, ...) and the config fields that set the others, as the README's methods table shows it."""
     peft_tensors: Callable[[Any, PreTrainedModel], dict[str, tuple[int, ...]]] | None = None
     """``peft_tensors(config, base_model)``: the tensors PEFT's ``adapter_model.safetensors`` holds, by name, with
     the shapes the config and base imply (names may follow the base's module paths). None: one
