@@ -88,12 +88,13 @@ def peft_twin(ours: Any, base_model: torch.nn.Module, adapter_name: str = "defau
     """
     our_config = ours.adapter_configs[adapter_name]
     config = peft_config if peft_config is not None else peft_config_for(our_config, base_model)
-    twin = get_peft_model(base_model if share_base else copy.deepcopy(base_model), config)
     spec = method_of(our_config)
-    if spec.enters_as == "attention":
-        # Not a prompt-learning method (adaption prompt): PEFT's adapter lives in the base's attention modules, in
-        # the base's dtype, under the base's module paths, the names the spec's PEFT export writes.
-        state = spec.peft_state(ours.prompts[adapter_name], base_model)
+    # Adaption prompt is not a prompt-learning method: PEFT's adapter lives in the base's attention modules, in the
+    # base's dtype, under the base's module paths, the names the spec's PEFT export writes (read before PEFT wraps
+    # those modules, which share_base would do to `base_model` itself).
+    state = spec.peft_state(ours.prompts[adapter_name], base_model) if spec.enters_as == "attention" else None
+    twin = get_peft_model(base_model if share_base else copy.deepcopy(base_model), config)
+    if state is not None:
         result = twin.load_state_dict(state, strict=False)
         trainable = {name for name, parameter in twin.named_parameters() if parameter.requires_grad}
         if result.unexpected_keys or trainable != set(state):
