@@ -84,7 +84,8 @@ def copy_weights_from_peft(theirs: PeftModel, ours: Any, adapter_name: str = "de
 
 def peft_twin(ours: Any, base_model: torch.nn.Module, adapter_name: str = "default",
               peft_config: peft.PeftConfig | None = None, share_base: bool = False) -> PeftModel:
-    """A PEFT model holding softprompt adapter `adapter_name`'s weights, in eval mode.
+    """A PEFT model holding softprompt adapter `adapter_name`'s weights, in eval mode (any method: a prompt-learning
+    adapter's under ``prompt_encoder.<name>.``, an adaption prompt's in the base's attention modules).
 
     Args:
         ours: the `SoftPromptModel`.
@@ -94,8 +95,21 @@ def peft_twin(ours: Any, base_model: torch.nn.Module, adapter_name: str = "defau
         share_base: wrap `base_model` itself (PEFT then holds it: benchmarks, one copy of the weights) instead of
             a deep copy (tests, which keep using the base).
     """
-    config = peft_config if peft_config is not None else peft_config_for(ours.adapter_configs[adapter_name], base_model)
+    our_config = ours.adapter_configs[adapter_name]
+    config = peft_config if peft_config is not None else peft_config_for(our_config, base_model)
+    spec = method_of(our_config)
+    # Adaption prompt is not a prompt-learning method: PEFT's adapter lives in the base's attention modules, in the
+    # base's dtype, under the base's module paths, the names the spec's PEFT export writes (read before PEFT wraps
+    # those modules, which share_base would do to `base_model` itself).
+    state = spec.peft_state(ours.prompts[adapter_name], base_model) if spec.enters_as == "attention" else None
     twin = get_peft_model(base_model if share_base else copy.deepcopy(base_model), config)
+    if state is not None:
+        result = twin.load_state_dict(state, strict=False)
+        trainable = {name for name, parameter in twin.named_parameters() if parameter.requires_grad}
+        if result.unexpected_keys or trainable != set(state):
+            raise RuntimeError(f"PEFT's adapter did not take softprompt's weights: PEFT trains {sorted(trainable)}, "
+                               f"softprompt gave {sorted(state)}")
+        return twin.eval()
     # PEFT builds its prompt encoder in float32 whatever the base's dtype; ours may be float64 (exactness tests).
     dtype = next(ours.prompts[adapter_name].parameters()).dtype
     twin.prompt_encoder.to(dtype)
