@@ -9,6 +9,7 @@ process measured as JSON for the tests to read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,13 +40,17 @@ from softprompt.training import (
     train,
 )
 from softprompt.training.fsdp import process_mesh
+from softprompt.training.optimizer_step import STAND_IN, optimizer_step
+from softprompt.training.prepared import label_loss
 
 METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
 
-SETTINGS = {"split": "train[:60]", "num_epochs": 2, "batch_size": 4, "save_every": 2, "num_generations": 2,
+SETTINGS = {"split": "train[:55]", "num_epochs": 2, "batch_size": 4, "save_every": 2, "num_generations": 2,
             "progress": False, "device": "cpu"}
-"""48 training rows: with 2 processes x 4 rows, 6 optimizer steps per epoch, 12 in all; an evaluation (loss and
-generated labels) before training and at each epoch end, a checkpoint every 2 steps, 2 generations at the end."""
+"""44 training rows: with 2 processes x 4 rows, 6 optimizer steps per epoch, 12 in all, the last of each epoch with
+4 rows, all process 0's (process 1 runs a stand-in: its passes gather weights for process 0's); an evaluation
+(loss and generated labels) before training and at each epoch end, a checkpoint every 2 steps, 2 generations at
+the end."""
 
 ADAPTER_CONFIGS = {
     "prompt-tuning": PromptTuningConfig(num_virtual_tokens=4),
@@ -190,18 +195,22 @@ def test_sharded_training_gives_the_one_process_adapter(sharded_runs, tmp_path, 
     alone = load_file(str(tmp_path / "one-process" / "adapter" / "adapter.safetensors"))
     assert sharded.keys() == alone.keys()
     for name, tensor in sharded.items():
-        # Measured: bitwise equal (the all-reduce adds the same two partial sums that accumulation adds).
+        # Measured: bitwise equal (the all-reduce adds the same two partial sums that accumulation adds, and a
+        # stand-in's passes add zeros).
         torch.testing.assert_close(tensor, alone[name], rtol=0, atol=1e-5, msg=name)
 
-    # Evaluation ran on both processes (each pass needs both) and rank 0 logged it once: the one-process figures.
+    # Evaluation ran on both processes (each pass needs both) and rank 0 logged it once: the one-process figures;
+    # each step's loss too, the steps whose last micro-batch only process 0 had rows in included.
     records = read_metrics(sharded_runs / method / "metrics.jsonl")
-    evaluations = [r for r in records if r["event"] == "eval"]
-    assert [r["epoch"] for r in evaluations] == [0, 1, 2]
-    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 13))
-    expected = [r for r in read_metrics(tmp_path / "one-process" / "metrics.jsonl") if r["event"] == "eval"]
-    for got, want in zip(evaluations, expected):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
-        assert got["accuracy"] == want["accuracy"]
+    expected = read_metrics(tmp_path / "one-process" / "metrics.jsonl")
+    assert [r["epoch"] for r in records if r["event"] == "eval"] == [0, 1, 2]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, one.global_step + 1))
+    for event in ("eval", "train"):
+        got, want = ([r for r in log if r["event"] == event] for log in (records, expected))
+        assert len(got) == len(want)
+        for measured, reference in zip(got, want):
+            assert measured["loss"] == pytest.approx(reference["loss"], rel=1e-6), (event, measured["step"])
+            assert measured.get("accuracy") == reference.get("accuracy")
     # The final generations, on both processes, are the one-process ones.
     for rank in (0, 1):
         assert json.loads((sharded_runs / f"train-{rank}.json").read_text())[method] == one.generations
@@ -243,6 +252,49 @@ def worker_of_rank(launcher: int, rank: int) -> int:
                 return int(child)
         time.sleep(0.01)
     raise AssertionError(f"no worker of rank {rank} under pid {launcher}")
+
+
+def test_a_sharded_step_runs_every_micro_batch_and_learns_only_from_its_labels():
+    """Sharded, a process must make the passes the others make (each gathers weights from all): a micro-batch
+    without labels and a stand-in (a process without rows) run forward and backward, and add exact zeros."""
+    torch.manual_seed(0)
+    model = SoftPromptModel(build_tiny_model("llama", vocab_size=64, seed=0), PromptTuningConfig(num_virtual_tokens=4))
+    make_trainable(model, ["default"])
+    input_ids = torch.randint(4, 64, (2, 6))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "task": ["default", "default"]}
+    unlabelled = {**batch, "labels": torch.full_like(labels, -100)}
+    stand_in = {**batch, STAND_IN: True}
+    passes = []
+
+    def loss_function(model, batch, **options):
+        loss, per_row = label_loss(model, batch, **options)
+        loss.register_hook(lambda gradient: passes.append("backward"))
+        passes.append("forward")
+        return loss, per_row
+
+    def step(micro_batches, sharded):
+        with torch.no_grad():
+            model.prompts["default"].embedding.weight.copy_(start)
+        parameters = {"default": [model.prompts["default"].embedding.weight]}
+        optimizer = torch.optim.AdamW(parameters["default"], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        result = optimizer_step(model, parameters, optimizer, scheduler, micro_batches, {}, 1.0,
+                                contextlib.nullcontext, loss_function=loss_function, sharded=sharded)
+        return result, model.prompts["default"].embedding.weight.detach().clone()
+
+    start = model.prompts["default"].embedding.weight.detach().clone()
+    alone, expected = step([batch, unlabelled], sharded=False)
+    assert passes == ["forward", "backward"]  # the unlabelled micro-batch is skipped: no pass at all
+    passes.clear()
+    result, trained_weight = step([batch, unlabelled, stand_in], sharded=True)
+    assert passes == ["forward", "backward"] * 3
+    assert torch.equal(trained_weight, expected) and not torch.equal(expected, start)
+    measured = ("loss", "grad_norm", "tokens", "skipped_micro_batches")
+    assert [getattr(result, name) for name in measured] == [getattr(alone, name) for name in measured]
+    assert (result.tokens, result.skipped_micro_batches) == (2 * 12, 1)  # the stand-in's tokens are not counted
 
 
 def test_fsdp_setting_is_checked():
