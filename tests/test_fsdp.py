@@ -53,6 +53,8 @@ the end."""
 
 TASK_DATA = "tasks.jsonl"
 """The shipped complaints with a ``task`` column (`write_data`), in the `sharded_runs` directory."""
+CORPUS = "corpus.txt"
+"""A short text for context distillation (`write_data`), in the `sharded_runs` directory."""
 
 TRAINING_NEEDS = {
     # What a run needs beyond SETTINGS, by its name (a method's, trained with the defaults on the shipped data).
@@ -63,10 +65,15 @@ TRAINING_NEEDS = {
     "cpt": {"context_examples": 2},  # its context from 2 training rows (not 4: fewer virtual tokens, a faster run)
     # Started from the base's own keys and values of a text: the init runs the base, before it is sharded.
     "cartridge": {"num_virtual_tokens": 6, "init_text": "Tweet text : the crew was lovely and kind today"},
+    # Cartridge's own recipe, whose loss runs the frozen passes itself: 12 small conversations (10 trained on, the
+    # last micro-batch of 2 rows process 0's), the teacher's targets, the cartridge started from the corpus.
+    "context-distillation": {"method": "cartridge", "recipe": "context-distillation", "corpus": CORPUS,
+                             "split": "train", "num_virtual_tokens": 4, "num_conversations": 12,
+                             "max_answer_tokens": 12, "chunk_tokens": 24, "max_length": 48, "top_k": 5},
 }
 
-RUNS = METHODS
-"""The training runs of `sharded_runs`: every method."""
+RUNS = (*METHODS, "context-distillation")
+"""The training runs of `sharded_runs`: every method, and cartridge's context-distillation recipe."""
 
 CALL_NEEDS = {
     # The per-call checks' adapters beside 4 virtual tokens (where a method takes slots) on the 64-token vocabulary.
@@ -86,15 +93,20 @@ def run_settings(run: str, directory: Path) -> dict:
     needs = dict(TRAINING_NEEDS.get(run, {}))
     if "dataset" in needs:
         needs["dataset"] = [str(directory / name) for name in needs["dataset"]]
+    if "corpus" in needs:
+        needs["corpus"] = str(directory / needs["corpus"])
     return {**SETTINGS, "method": run, **needs}
 
 
 def write_data(directory: Path) -> None:
-    """`TASK_DATA`: the shipped complaints' first 60 rows, alternately of task ``even`` and ``odd``."""
+    """`TASK_DATA` (the shipped complaints' first 60 rows, alternately of task ``even`` and ``odd``) and `CORPUS`."""
     with shipped_dataset_path("complaints").open(newline="") as file:
         rows = list(csv.DictReader(file))[:60]
     lines = [json.dumps({**row, "task": ("even", "odd")[index % 2]}) + "\n" for index, row in enumerate(rows)]
     (directory / TASK_DATA).write_text("".join(lines))
+    corpus = ("Tweet text : my flight was cancelled again and the crew was lovely and kind today . thanks for the "
+              "coffee , the dinner was late but the pilot was great . ")
+    (directory / CORPUS).write_text(corpus * 2)
 
 
 def adapter_config(method: str):

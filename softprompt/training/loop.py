@@ -60,7 +60,7 @@ from softprompt.training.evaluation import (
     to_device,
 )
 from softprompt.training.examples import epoch_order
-from softprompt.training.fsdp import process_mesh, shard_frozen_base
+from softprompt.training.fsdp import as_model_call, process_mesh, shard_frozen_base
 from softprompt.training.method_data import prepare_run_data
 from softprompt.training.metrics import MetricsLog, plot_metrics, read_metrics
 from softprompt.training.optimizer_step import (
@@ -223,6 +223,9 @@ def setup(
         data.write(output_dir)
     if sharded:  # after the writes: the embedded base is saved whole
         shard_frozen_base(model, process_mesh(device), param_dtype=autocast_dtype)
+        # The recipe's loss (the steps' and the evaluation's) as one call of the sharded model: context
+        # distillation's runs the frozen passes itself, which would find the embeddings and head sharded.
+        data.loss = as_model_call(data.loss)
     trainable_count, total_count = model.num_parameters()
     layout = config.execution.virtual_token_layout
     if layout == "auto":  # what it chooses for a full micro-batch (rows of one adapter)
