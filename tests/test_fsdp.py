@@ -9,6 +9,8 @@ process measured as JSON for the tests to read.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
 import signal
@@ -22,15 +24,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from softprompt import (
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptTuningConfig,
-    SoftPromptModel,
-    enable_activation_checkpointing,
-)
+from softprompt import PromptTuningConfig, SoftPromptModel, enable_activation_checkpointing
+from softprompt.methods import METHODS as METHOD_REGISTRY
+from softprompt.methods import method_named
 from softprompt.multi_task import make_trainable
-from softprompt.quickstart import build_tiny_model
+from softprompt.quickstart import build_tiny_model, shipped_dataset_path
 from softprompt.training import (
     ConfigError,
     TrainConfig,
@@ -39,19 +37,84 @@ from softprompt.training import (
     train,
 )
 from softprompt.training.fsdp import process_mesh
+from softprompt.training.optimizer_step import STAND_IN, optimizer_step
+from softprompt.training.prepared import label_loss
 
-METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+METHODS = tuple(spec.cli_name for spec in METHOD_REGISTRY.values())
+"""Every method of the registry: one added later is checked sharded with no change here (unless it needs settings
+of its own: `TRAINING_NEEDS`, `CALL_NEEDS`)."""
 
-SETTINGS = {"split": "train[:60]", "num_epochs": 2, "batch_size": 4, "save_every": 2, "num_generations": 2,
+SETTINGS = {"split": "train[:55]", "num_epochs": 2, "batch_size": 4, "save_every": 2, "num_generations": 2,
             "progress": False, "device": "cpu"}
-"""48 training rows: with 2 processes x 4 rows, 6 optimizer steps per epoch, 12 in all; an evaluation (loss and
-generated labels) before training and at each epoch end, a checkpoint every 2 steps, 2 generations at the end."""
+"""44 training rows: with 2 processes x 4 rows, 6 optimizer steps per epoch, 12 in all, the last of each epoch with
+4 rows, all process 0's (process 1 runs a stand-in: its passes gather weights for process 0's); an evaluation
+(loss and generated labels) before training and at each epoch end, a checkpoint every 2 steps, 2 generations at
+the end."""
 
-ADAPTER_CONFIGS = {
-    "prompt-tuning": PromptTuningConfig(num_virtual_tokens=4),
-    "p-tuning": PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16),
-    "prefix-tuning": PrefixTuningConfig(num_virtual_tokens=4),
+TASK_DATA = "tasks.jsonl"
+"""The shipped complaints with a ``task`` column (`write_data`), in the `sharded_runs` directory."""
+CORPUS = "corpus.txt"
+"""A short text for context distillation (`write_data`), in the `sharded_runs` directory."""
+
+TRAINING_NEEDS = {
+    # What a run needs beyond SETTINGS, by its name (a method's, trained with the defaults on the shipped data).
+    "adaption-prompt": {"adapter_len": 4, "adapter_layers": 2},  # required fields (PEFT's too), no defaults
+    # Task ids from a task column (2 tasks), so that a step's rows, and each process's, mix the tasks' prompts.
+    "multitask-prompt-tuning": {"dataset": [TASK_DATA], "text_column": ["Tweet text"], "label_column": "text_label",
+                                "task_column": "task"},
+    "cpt": {"context_examples": 2},  # its context from 2 training rows (not 4: fewer virtual tokens, a faster run)
+    # Started from the base's own keys and values of a text: the init runs the base, before it is sharded.
+    "cartridge": {"num_virtual_tokens": 6, "init_text": "Tweet text : the crew was lovely and kind today"},
+    # Cartridge's own recipe, whose loss runs the frozen passes itself: 12 small conversations (10 trained on, the
+    # last micro-batch of 2 rows process 0's), the teacher's targets, the cartridge started from the corpus.
+    "context-distillation": {"method": "cartridge", "recipe": "context-distillation", "corpus": CORPUS,
+                             "split": "train", "num_virtual_tokens": 4, "num_conversations": 12,
+                             "max_answer_tokens": 12, "chunk_tokens": 24, "max_length": 48, "top_k": 5},
 }
+
+RUNS = (*METHODS, "context-distillation")
+"""The training runs of `sharded_runs`: every method, and cartridge's context-distillation recipe."""
+
+CALL_NEEDS = {
+    # The per-call checks' adapters beside 4 virtual tokens (where a method takes slots) on the 64-token vocabulary.
+    "p-tuning": {"encoder_hidden_size": 16},  # a small encoder (the default is the hidden size)
+    "adaption-prompt": {"adapter_len": 4, "adapter_layers": 2},
+    "multitask-prompt-tuning": {"num_tasks": 2},  # rows of both tasks in a call (`TASK_IDS`)
+    # A context of 2 examples (types 4k+1..4k+4): its label tokens are scored as the text's labels are.
+    "cpt": {"cpt_token_ids": [5, 6, 7, 8, 9, 10, 11, 12], "cpt_tokens_type_mask": [1, 2, 3, 4, 5, 6, 7, 8]},
+}
+
+TASK_IDS = torch.tensor([1, 0, 0])
+"""Each row's task in the per-call checks, for a method that takes task ids (the other adapter ignores them)."""
+
+
+def run_settings(run: str, directory: Path) -> dict:
+    """SETTINGS with run `run`'s method and what it needs (`TRAINING_NEEDS`; files named relative to `directory`)."""
+    needs = dict(TRAINING_NEEDS.get(run, {}))
+    if "dataset" in needs:
+        needs["dataset"] = [str(directory / name) for name in needs["dataset"]]
+    if "corpus" in needs:
+        needs["corpus"] = str(directory / needs["corpus"])
+    return {**SETTINGS, "method": run, **needs}
+
+
+def write_data(directory: Path) -> None:
+    """`TASK_DATA` (the shipped complaints' first 60 rows, alternately of task ``even`` and ``odd``) and `CORPUS`."""
+    with shipped_dataset_path("complaints").open(newline="") as file:
+        rows = list(csv.DictReader(file))[:60]
+    lines = [json.dumps({**row, "task": ("even", "odd")[index % 2]}) + "\n" for index, row in enumerate(rows)]
+    (directory / TASK_DATA).write_text("".join(lines))
+    corpus = ("Tweet text : my flight was cancelled again and the crew was lovely and kind today . thanks for the "
+              "coffee , the dinner was late but the pilot was great . ")
+    (directory / CORPUS).write_text(corpus * 2)
+
+
+def adapter_config(method: str):
+    """`method`'s adapter in the per-call checks: 4 virtual tokens where it takes them, and `CALL_NEEDS`."""
+    spec = method_named(method)
+    slots = {"num_virtual_tokens": 4} if spec.default_num_virtual_tokens is not None else {}
+    return spec.config_class(**slots, **CALL_NEEDS.get(method, {}))
+
 
 LOSS_CASES = {
     False: (("torch", "prefix"), ("torch", "sequence"), ("triton", "prefix"), ("full", "sequence")),
@@ -80,15 +143,24 @@ def finished(process: subprocess.Popen, timeout: float = 300) -> str:
 
 def tiny_model(model_type: str, method: str, checkpointing: bool) -> SoftPromptModel:
     """A tiny random base of `model_type` (seeded) with two adapters, `method`'s and a prompt-tuning one, both
-    trainable: a batch can mix them."""
+    trainable (a batch can mix them), each trained tensor moved off its init: some start at zero (adaption prompt's
+    gates, CPT's deltas), where the output would not depend on the rest."""
     torch.manual_seed(0)
     base = build_tiny_model(model_type, vocab_size=64, seed=0)
     if checkpointing:
         enable_activation_checkpointing(base)
-    model = SoftPromptModel(base, ADAPTER_CONFIGS[method])
+    model = SoftPromptModel(base, adapter_config(method))
     model.add_adapter("other", PromptTuningConfig(num_virtual_tokens=3))
     make_trainable(model, ["default", "other"])
+    with torch.no_grad():
+        for parameter in trained(model):
+            parameter.add_(0.1 * torch.randn_like(parameter))
     return model
+
+
+def trained(model: SoftPromptModel) -> list[torch.nn.Parameter]:
+    """The adapters' trained tensors (not CPT's context embeddings or a cartridge's frozen first positions)."""
+    return [parameter for parameter in model.prompts.parameters() if parameter.requires_grad]
 
 
 def per_call_checks(output: Path) -> None:
@@ -105,6 +177,7 @@ def per_call_checks(output: Path) -> None:
     records = []
     for model_type in ("bloom", "llama"):  # a tied head, an untied one
         for method in METHODS:
+            tasks = {"task_ids": TASK_IDS} if method_named(method).takes_task_ids else {}
             for checkpointing in (False, True):
                 whole = tiny_model(model_type, method, checkpointing)
                 sharded = tiny_model(model_type, method, checkpointing)
@@ -115,13 +188,14 @@ def per_call_checks(output: Path) -> None:
                     for model in (whole, sharded):
                         model.zero_grad()
                         if implementation == "full":
-                            loss = model.compute_loss(input_ids, attention_mask, labels, names, implementation="full")
+                            loss = model.compute_loss(input_ids, attention_mask, labels, names, implementation="full",
+                                                      **tasks)
                         else:
-                            loss = model.summed_loss(input_ids, attention_mask, labels, names,
+                            loss = model.summed_loss(input_ids, attention_mask, labels, names, **tasks,
                                                      implementation=implementation, virtual_token_layout=layout)[0]
                         loss.backward()
                         losses.append(float(loss.detach()))
-                        gradients.append([p.grad.clone() for p in model.prompts.parameters()])
+                        gradients.append([p.grad.clone() for p in trained(model)])
                     records.append({
                         "case": f"{model_type} {method} checkpointing={checkpointing} {implementation} {layout}",
                         "loss": losses,
@@ -132,7 +206,7 @@ def per_call_checks(output: Path) -> None:
                 with torch.no_grad():
                     new_tokens = 2 + 3 * rank
                     expected, generated = (model.generate(input_ids, attention_mask, adapter_names=names,
-                                                          max_new_tokens=new_tokens, do_sample=False)
+                                                          max_new_tokens=new_tokens, do_sample=False, **tasks)
                                            for model in (whole, sharded))
                 records.append({"case": f"{model_type} {method} checkpointing={checkpointing} generate",
                                 "generated_equal": torch.equal(expected, generated),
@@ -142,13 +216,12 @@ def per_call_checks(output: Path) -> None:
 
 
 def train_each_method(output: Path) -> None:
-    """Every method trained with ``fsdp=True`` through the Python API, in each process; writes ``train-<rank>.json``
-    (each run's generations)."""
+    """Every run of `RUNS` trained with ``fsdp=True`` through the Python API, in each process; writes
+    ``train-<rank>.json`` (each run's generations)."""
     generations = {}
-    for method in METHODS:
-        config = TrainConfig.from_dict({**SETTINGS, "method": method, "fsdp": True,
-                                        "output_dir": str(output / method)})
-        generations[method] = train(config).generations
+    for run in RUNS:
+        config = TrainConfig.from_dict({**run_settings(run, output), "fsdp": True, "output_dir": str(output / run)})
+        generations[run] = train(config).generations
     (output / f"train-{dist.get_rank()}.json").write_text(json.dumps(generations))
 
 
@@ -157,6 +230,7 @@ def sharded_runs(tmp_path_factory) -> Path:
     """What 2 processes measured with the base sharded: the per-call checks, then each method trained with
     ``--fsdp`` (2 x 4 rows per step); one ``torchrun`` for both (each start costs seconds of imports)."""
     output = tmp_path_factory.mktemp("fsdp")
+    write_data(output)
     finished(torchrun(__file__, str(output)), timeout=600)
     return output
 
@@ -164,7 +238,7 @@ def sharded_runs(tmp_path_factory) -> Path:
 def test_sharded_calls_match_the_whole_base(sharded_runs):
     for rank in (0, 1):
         records = json.loads((sharded_runs / f"calls-{rank}.json").read_text())
-        assert len(records) == 2 * 3 * (sum(len(cases) for cases in LOSS_CASES.values()) + 2)
+        assert len(records) == 2 * len(METHODS) * (sum(len(cases) for cases in LOSS_CASES.values()) + 2)
         for record in records:
             if "generated_equal" in record:
                 assert record["generated_equal"], record["case"]
@@ -181,30 +255,34 @@ def test_sharded_calls_match_the_whole_base(sharded_runs):
     assert sizes[0]["local_base_elements"] + sizes[1]["local_base_elements"] == sizes[0]["base_elements"]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_sharded_training_gives_the_one_process_adapter(sharded_runs, tmp_path, method):
+@pytest.mark.parametrize("run", RUNS)
+def test_sharded_training_gives_the_one_process_adapter(sharded_runs, tmp_path, run):
     # One process, the same micro-batches (4 rows, 2 accumulated = the 2 processes' 8): the same global batch.
-    one = train(TrainConfig.from_dict({**SETTINGS, "method": method, "gradient_accumulation_steps": 2,
+    one = train(TrainConfig.from_dict({**run_settings(run, sharded_runs), "gradient_accumulation_steps": 2,
                                        "output_dir": str(tmp_path / "one-process")}))
-    sharded = load_file(str(sharded_runs / method / "adapter" / "adapter.safetensors"))
+    sharded = load_file(str(sharded_runs / run / "adapter" / "adapter.safetensors"))
     alone = load_file(str(tmp_path / "one-process" / "adapter" / "adapter.safetensors"))
     assert sharded.keys() == alone.keys()
     for name, tensor in sharded.items():
-        # Measured: bitwise equal (the all-reduce adds the same two partial sums that accumulation adds).
+        # Measured: bitwise equal (the all-reduce adds the same two partial sums that accumulation adds, and a
+        # stand-in's passes add zeros).
         torch.testing.assert_close(tensor, alone[name], rtol=0, atol=1e-5, msg=name)
 
-    # Evaluation ran on both processes (each pass needs both) and rank 0 logged it once: the one-process figures.
-    records = read_metrics(sharded_runs / method / "metrics.jsonl")
-    evaluations = [r for r in records if r["event"] == "eval"]
-    assert [r["epoch"] for r in evaluations] == [0, 1, 2]
-    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 13))
-    expected = [r for r in read_metrics(tmp_path / "one-process" / "metrics.jsonl") if r["event"] == "eval"]
-    for got, want in zip(evaluations, expected):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
-        assert got["accuracy"] == want["accuracy"]
+    # Evaluation ran on both processes (each pass needs both) and rank 0 logged it once: the one-process figures;
+    # each step's loss too, the steps whose last micro-batch only process 0 had rows in included.
+    records = read_metrics(sharded_runs / run / "metrics.jsonl")
+    expected = read_metrics(tmp_path / "one-process" / "metrics.jsonl")
+    assert [r["epoch"] for r in records if r["event"] == "eval"] == [0, 1, 2]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, one.global_step + 1))
+    for event in ("eval", "train"):
+        got, want = ([r for r in log if r["event"] == event] for log in (records, expected))
+        assert len(got) == len(want)
+        for measured, reference in zip(got, want):
+            assert measured["loss"] == pytest.approx(reference["loss"], rel=1e-6), (event, measured["step"])
+            assert measured.get("accuracy") == reference.get("accuracy")
     # The final generations, on both processes, are the one-process ones.
     for rank in (0, 1):
-        assert json.loads((sharded_runs / f"train-{rank}.json").read_text())[method] == one.generations
+        assert json.loads((sharded_runs / f"train-{rank}.json").read_text())[run] == one.generations
     assert len(one.generations) == 2
 
 
@@ -243,6 +321,49 @@ def worker_of_rank(launcher: int, rank: int) -> int:
                 return int(child)
         time.sleep(0.01)
     raise AssertionError(f"no worker of rank {rank} under pid {launcher}")
+
+
+def test_a_sharded_step_runs_every_micro_batch_and_learns_only_from_its_labels():
+    """Sharded, a process must make the passes the others make (each gathers weights from all): a micro-batch
+    without labels and a stand-in (a process without rows) run forward and backward, and add exact zeros."""
+    torch.manual_seed(0)
+    model = SoftPromptModel(build_tiny_model("llama", vocab_size=64, seed=0), PromptTuningConfig(num_virtual_tokens=4))
+    make_trainable(model, ["default"])
+    input_ids = torch.randint(4, 64, (2, 6))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "task": ["default", "default"]}
+    unlabelled = {**batch, "labels": torch.full_like(labels, -100)}
+    stand_in = {**batch, STAND_IN: True}
+    passes = []
+
+    def loss_function(model, batch, **options):
+        loss, per_row = label_loss(model, batch, **options)
+        loss.register_hook(lambda gradient: passes.append("backward"))
+        passes.append("forward")
+        return loss, per_row
+
+    def step(micro_batches, sharded):
+        with torch.no_grad():
+            model.prompts["default"].embedding.weight.copy_(start)
+        parameters = {"default": trained(model)}
+        optimizer = torch.optim.AdamW(parameters["default"], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        result = optimizer_step(model, parameters, optimizer, scheduler, micro_batches, {}, 1.0,
+                                contextlib.nullcontext, loss_function=loss_function, sharded=sharded)
+        return result, model.prompts["default"].embedding.weight.detach().clone()
+
+    start = model.prompts["default"].embedding.weight.detach().clone()
+    alone, expected = step([batch, unlabelled], sharded=False)
+    assert passes == ["forward", "backward"]  # the unlabelled micro-batch is skipped: no pass at all
+    passes.clear()
+    result, trained_weight = step([batch, unlabelled, stand_in], sharded=True)
+    assert passes == ["forward", "backward"] * 3
+    assert torch.equal(trained_weight, expected) and not torch.equal(expected, start)
+    measured = ("loss", "grad_norm", "tokens", "skipped_micro_batches")
+    assert [getattr(result, name) for name in measured] == [getattr(alone, name) for name in measured]
+    assert (result.tokens, result.skipped_micro_batches) == (2 * 12, 1)  # the stand-in's tokens are not counted
 
 
 def test_fsdp_setting_is_checked():

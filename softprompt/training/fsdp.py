@@ -24,12 +24,15 @@ A gather briefly holds a group twice (FSDP's all-gather buffer, then the weights
 peak is about ``base / N + max(2 x root, root + 3 x layer)`` (measured: ``benchmarks/fsdp_memory.py``).
 
 The model's calls are FSDP forward methods: `SoftPromptModel.forward`, ``summed_loss``, ``compute_loss`` and
-``generate`` gather the root; call the model through them (a pass run on ``model.frozen`` directly gathers only
-the layers). Every process must make the same calls in the same order, since each gather is a collective:
-evaluation and the final generations run on every process. Generation goes through transformers' own
-``generate`` on the sharded layers, which gather per layer at every step; ``fully_shard`` marks the base's modules
-as FSDP-managed, which makes ``generate`` keep every process stepping until all are done (``synced_gpus``), so
-processes whose rows stop at different lengths do not wait on each other forever.
+``generate`` gather the root; call the model through them (a pass run on ``model.frozen`` directly gathers only the
+layers). A loss that runs the frozen passes itself (context distillation's, which needs the hidden states and a few
+rows of the head, not the model's logits) runs as one such call too: `as_model_call` gives the training loop the
+recipe's loss as one. Every process must make the same calls in the same order, since each gather is a collective:
+evaluation and the final generations run on every process, and so does every micro-batch of a step
+(`softprompt.training.optimizer_step`: a process without rows in one runs a stand-in that adds zeros). Generation
+goes through transformers' own ``generate`` on the sharded layers, which gather per layer at every step;
+``fully_shard`` marks the base's modules as FSDP-managed, which makes ``generate`` keep every process stepping until
+all are done (``synced_gpus``), so processes whose rows stop at different lengths do not wait on each other forever.
 
 Mixed precision is FSDP2's policy: on a GPU with bf16 (or fp16) autocast, the weights are gathered in that dtype
 (halving the traffic, whatever ``--base-dtype`` keeps the shards in), and reductions are fp32. The adapters stay
@@ -58,7 +61,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from softprompt.model import SoftPromptModel
 
-FORWARD_METHODS = ("summed_loss", "compute_loss", "generate")
+MODEL_CALL = "model_call"
+"""The method a sharded model gets for `as_model_call`: ``model.model_call(function, *args)`` is
+``function(model, *args)`` as one call of the model."""
+
+FORWARD_METHODS = ("summed_loss", "compute_loss", "generate", MODEL_CALL)
 """`SoftPromptModel` methods that gather the root group for their duration (``forward`` does by default)."""
 
 
@@ -111,9 +118,31 @@ def shard_frozen_base(model: SoftPromptModel, mesh: DeviceMesh, param_dtype: tor
     # that the two overlap): for the root, a second copy of the embeddings and head beside the first layer's two.
     # Gathered just before the hook, outside FSDP's forward, the root's buffer is freed as soon as it is copied out.
     model.register_forward_pre_hook(lambda module, args: module.unshard(), prepend=True)
+    setattr(model, MODEL_CALL, functools.partial(_model_call, model))  # an instance method, for FSDP to wrap
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(model, name)
         setattr(model, name, _gathered_first(model, getattr(model, name)))
+
+
+def as_model_call(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` (``function(model, *args, **kwargs)``, e.g. a recipe's loss) as one call of a sharded model.
+
+    Without it, a function that runs the model's frozen passes itself, not through the model's methods, finds the
+    root group sharded (a DTensor embedding fails on the plain token ids) or, after a call that left it gathered,
+    runs outside FSDP's forward; as one call, the root is gathered for it, and FSDP's forward and backward hooks
+    run around it as around the model's own methods. A function that calls those methods nests in the call.
+    """
+
+    @functools.wraps(function)
+    def model_call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return getattr(model, MODEL_CALL)(function, *args, **kwargs)
+
+    return model_call
+
+
+def _model_call(model: nn.Module, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`MODEL_CALL`'s body: ``function(model, *args, **kwargs)``."""
+    return function(model, *args, **kwargs)
 
 
 def _gathered_first(model: nn.Module, method: Callable[..., Any]) -> Callable[..., Any]:

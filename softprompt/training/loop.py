@@ -60,10 +60,11 @@ from softprompt.training.evaluation import (
     to_device,
 )
 from softprompt.training.examples import epoch_order
-from softprompt.training.fsdp import process_mesh, shard_frozen_base
+from softprompt.training.fsdp import as_model_call, process_mesh, shard_frozen_base
 from softprompt.training.method_data import prepare_run_data
 from softprompt.training.metrics import MetricsLog, plot_metrics, read_metrics
 from softprompt.training.optimizer_step import (
+    STAND_IN,
     NonFiniteStep,
     linear_schedule,
     optimizer_step,
@@ -222,6 +223,9 @@ def setup(
         data.write(output_dir)
     if sharded:  # after the writes: the embedded base is saved whole
         shard_frozen_base(model, process_mesh(device), param_dtype=autocast_dtype)
+        # The recipe's loss (the steps' and the evaluation's) as one call of the sharded model: context
+        # distillation's runs the frozen passes itself, which would find the embeddings and head sharded.
+        data.loss = as_model_call(data.loss)
     trainable_count, total_count = model.num_parameters()
     layout = config.execution.virtual_token_layout
     if layout == "auto":  # what it chooses for a full micro-batch (rows of one adapter)
@@ -270,7 +274,8 @@ def run_loop(run: RunState, started: float) -> TrainResult:
             try:
                 step = optimizer_step(model, run.trainable, run.optimizer, run.scheduler,
                                       [batch for batch in batches if batch is not None], loss_options,
-                                      optimization.max_grad_norm, run.autocast, run.scaler, run.world_size, data.loss)
+                                      optimization.max_grad_norm, run.autocast, run.scaler, run.world_size, data.loss,
+                                      sharded=run.sharded)
             except NonFiniteStep as error:
                 raise diverged(run, error, run.global_step + 1, epoch) from None
             run.global_step += 1
@@ -301,14 +306,21 @@ def run_loop(run: RunState, started: float) -> TrainResult:
 
 def own_batch(run: RunState, global_rows: list[int]) -> dict[str, Any] | None:
     """This process's share of a global micro-batch, collated on the run's device (None when it has no rows: the
-    epoch's last micro-batch can leave a process without any)."""
+    epoch's last micro-batch can leave a process without any; with the base sharded, a stand-in instead, the
+    micro-batch's first row marked `STAND_IN`: the others' passes gather weights from this process too, so it must
+    make the same ones)."""
     batch_size = run.config.optimization.batch_size
     rows = global_rows[run.rank * batch_size : (run.rank + 1) * batch_size]
+    stand_in = not rows and run.sharded
+    if stand_in:
+        rows = global_rows[:1]
     if not rows:
         return None
     data = run.config.data
     batch = collate([run.data.train[i] for i in rows], pad_token_id=run.tokenizer.pad_token_id,
                     padding=data.padding, max_length=data.max_length)
+    if stand_in:
+        batch[STAND_IN] = True
     return to_device(batch, run.device)
 
 

@@ -11,6 +11,11 @@ tensors, written out: DDP would have to wrap a module whose ``forward`` uses the
 calls its prompt modules inside its own routes; the adapters are small, so one flat all-reduce per step (not
 per micro-batch, which DDP needs ``no_sync`` to avoid) costs nothing next to the frozen base's compute.
 
+The base sharded (``--fsdp``), every process must run the same passes: each layer's forward and backward gather
+its weights from all processes at once. So no process may leave a micro-batch out on its own: one without rows in
+it (the epoch's last micro-batch can leave a process none) runs a stand-in batch (`STAND_IN`), and one whose rows
+have nothing to learn runs them anyway; both add exact zeros to the gradients and nothing to the counts.
+
 Clipping is per adapter: one adapter's large gradient must not shrink another's update. An adapter without rows in
 a step gets no update at all (no momentum, no decay), as if trained alone. With fp16 autocast, a grad scaler scales
 the loss and skips steps whose gradients overflowed. After the step, a method that constrains its parameters
@@ -31,6 +36,11 @@ from torch import nn
 from softprompt.methods import method_of
 from softprompt.model import SoftPromptModel
 from softprompt.training.prepared import LossFunction, label_loss
+
+
+STAND_IN = "stand_in"
+"""The key that marks a collated micro-batch as a stand-in (True): rows run only so that this process makes the same
+passes as the others (the base sharded); their loss is multiplied by 0, their tokens and positions not counted."""
 
 
 class NonFiniteStep(ArithmeticError):
@@ -68,6 +78,7 @@ def optimizer_step(
     scaler: torch.amp.GradScaler | None = None,
     world_size: int = 1,
     loss_function: LossFunction = label_loss,
+    sharded: bool = False,
 ) -> StepResult:
     """Accumulates `micro_batches`, sums over processes, normalizes and clips per adapter, steps.
 
@@ -77,7 +88,8 @@ def optimizer_step(
         optimizer: over those parameters.
         scheduler: stepped once.
         micro_batches: this process's collated batches of the step, on the model's device; every row names its
-            adapter in ``task`` (and, for multitask prompt tuning, its task id in ``task_id``).
+            adapter in ``task`` (and, for multitask prompt tuning, its task id in ``task_id``). Sharded, one per
+            micro-batch of the step on every process, stand-ins (`STAND_IN`) where this process has no rows.
         loss_options: passed to `loss_function` (``implementation``, ``virtual_token_layout``).
         max_grad_norm: per-adapter clipping; 0 turns it off.
         autocast: a context-manager factory for the forward passes.
@@ -85,6 +97,8 @@ def optimizer_step(
         world_size: processes summing their gradients.
         loss_function: the recipe's loss on a micro-batch, summed, and each row's scored positions
             (`softprompt.training.prepared.LossFunction`; the default: next-token loss on the labels).
+        sharded: the frozen base is sharded over the processes (``--fsdp``): no micro-batch is skipped (see the
+            module docstring).
 
     Raises:
         NonFiniteStep: the loss or the gradient norm is not finite (checked before the optimizer moves).
@@ -97,20 +111,28 @@ def optimizer_step(
     tokens = torch.zeros((), device=device)
     skipped = 0
     for batch in micro_batches:
+        if batch.get(STAND_IN, False):
+            with autocast():
+                loss, _ = loss_function(model, batch, **loss_options)
+            (loss * 0).backward()  # the passes the others make, sharded; exact zeros to the gradients
+            continue
         row_names = batch["task"]
         tokens += batch["attention_mask"].sum()
-        if "labels" in batch and not bool((batch["labels"] != -100).any()):  # nothing to learn: no forward at all
+        unlabelled = "labels" in batch and not bool((batch["labels"] != -100).any())
+        if unlabelled and not sharded:  # nothing to learn: no forward at all
             skipped += 1
             continue
         with autocast():
             # Each row trains the adapter of its task; the sum over labelled tokens is divided below, once the
             # step's token count over all micro-batches and processes is known.
             loss, per_row = loss_function(model, batch, **loss_options)
+        if unlabelled or int(per_row.sum()) == 0:  # or only first tokens that nothing before them predicts
+            skipped += 1
+            if sharded:
+                (loss * 0).backward()  # the passes the others make, sharded; exact zeros to the gradients
+            continue
         for index, name in enumerate(names):
             counts[index] += per_row[[n == name for n in row_names]].sum()
-        if int(per_row.sum()) == 0:  # only first tokens that nothing before them predicts
-            skipped += 1
-            continue
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach().float()
 
