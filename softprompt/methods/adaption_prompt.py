@@ -299,6 +299,9 @@ METHOD = MethodSpec(
     peft_type="ADAPTION_PROMPT",
     peft_fields=("target_modules", "adapter_len", "adapter_layers"),
     default_num_virtual_tokens=None,  # no virtual tokens: the adapter takes no slot
+    # PEFT requires both. 10 tokens as in the paper; the top 2 layers exist in every model (the paper adapts the top
+    # 30 of LLaMA-7B's 32: pass --adapter-layers for more).
+    train_defaults={"adapter_len": 10, "adapter_layers": 2},
     peft_module=peft_module,
     paper=Paper("Zhang et al.", 2023, "2303.16199",
                 "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,9 @@ class MethodSpec:
     """The method's plain reference forward, PEFT's way (the oracle the engine is tested against)."""
     exports: tuple[type, ...] = field(default_factory=tuple)
     """The public classes of the method (its config and enums), exported by ``softprompt``."""
+    train_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Settings `softprompt train` gives the method where the run gives none and PEFT's config has no default
+    (adaption prompt's ``adapter_len`` and ``adapter_layers``), so that ``--method NAME`` alone runs."""
     takes_task_ids: bool = False
     """Whether every call needs each row's task id (multitask prompt tuning): a training run then gives its rows
     task ids from the data (`softprompt.training.method_data`)."""

@@ -136,11 +136,12 @@ class TrainConfig:
                 f"{key}={given[key]!r} with method={self.method!r}: the setting {where}. Fix: drop "
                 f"--{key.replace('_', '-')} or use --method {' / '.join(o.replace(' ', '-') for o in owners) or '...'}."
             )
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = dict(spec.train_defaults)
         if spec.default_num_virtual_tokens is not None:  # None: derived (CPT) or none (adaption prompt)
             fields["num_virtual_tokens"] = spec.default_num_virtual_tokens
-        if given.get("num_virtual_tokens") is None:
-            given.pop("num_virtual_tokens", None)
+        for key in ("num_virtual_tokens", *spec.train_defaults):  # None: not given, the default stands
+            if given.get(key) is None:
+                given.pop(key, None)
         if "prompt_tuning_init" in known and given.get("prompt_tuning_init") is None:
             given.pop("prompt_tuning_init", None)
             # PEFT's default is RANDOM; the seed guide starts from its text on its data, and a given text means TEXT.
