@@ -35,13 +35,14 @@ def cache_argument(model: nn.Module, cache: Any) -> dict[str, Any]:
     return {cache_keyword(model): cache}
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool | None = None) -> None:
     """Turns on transformers' gradient (activation) checkpointing of `model`'s layers, under the name the installed
     transformers gives it: ``activation_checkpointing_enable`` (5.23 and later; the old name warns there) or
     ``gradient_checkpointing_enable``.
 
     Args:
         model: a transformers ``PreTrainedModel``.
+        use_reentrant: torch's checkpoint flavour; None leaves transformers' choice.
     """
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable(None if use_reentrant is None else {"use_reentrant": use_reentrant})  # both take the options first
