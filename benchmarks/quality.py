@@ -28,8 +28,14 @@ standard error near 0.9 is 0.03.
 
 Run from the repository root:
 
-    python benchmarks/quality.py
-    python benchmarks/quality.py --rows 120 --epochs 1 --name quality_quick   # a quick look, a few minutes
+    python benchmarks/quality.py                # every method, 2 epochs (about 2 hours on 2 CPU cores)
+
+The committed results come from parts run side by side, one torch thread each (within a part, each method's
+softprompt run and PEFT run follow each other on the same core and load):
+
+    python benchmarks/quality.py --threads 1 --methods prompt-tuning p-tuning prefix-tuning adaption-prompt
+    python benchmarks/quality.py --threads 1 --methods cpt cartridge --name quality_cpu_more
+    python benchmarks/quality.py --threads 1 --methods multitask-prompt-tuning --name quality_cpu_multitask
 
 Results: ``benchmarks/results/<name>.{json,md}`` and ``<name>_curves_<method>.png`` (softprompt's run: loss and
 both accuracies per epoch).
@@ -61,7 +67,9 @@ from softprompt import PromptTuningConfig, SoftPromptModel
 from softprompt.data import collate
 from softprompt.methods import METHODS
 from softprompt.training import TrainConfig, evaluate, load_base_model, read_metrics, train
-from softprompt.training.examples import epoch_order, prepare_data
+from softprompt.training.examples import DEFAULT_ADAPTER_NAME, epoch_order, prepare_data
+from softprompt.training.method_data import prepare_run_data
+from softprompt.training.prepared import batch_task_ids
 
 from peft_reference import copy_weights_from_peft, peft_config_for, peft_twin
 
@@ -110,18 +118,22 @@ def softprompt_run(config: TrainConfig) -> dict[str, Any]:
             "plot": result.plot_path}
 
 
-def peft_run(config: TrainConfig, data: Any) -> dict[str, Any]:
+def peft_run(config: TrainConfig) -> dict[str, Any]:
     """The guide's loop on PEFT from softprompt's initial adapter; the result scored by `evaluate`."""
     optimization = config.optimization
     # As softprompt's loop does: seed, load the base, build the adapter: the same initial weights (checked by the
     # eval loss before training, recorded as initial_loss beside softprompt's). A fresh base: PEFT holds it.
     torch.manual_seed(optimization.seed)
     base, tokenizer = load_base_model(config.model)
-    ours = SoftPromptModel(base, config.adapter, tokenizer=tokenizer)
+    # The run's own data and adapter config, as softprompt's loop prepares them: multitask rows carry task ids, and
+    # CPT's context is made of training rows, which then leave the training set.
+    data, adapters = prepare_run_data(config, tokenizer)
+    ours = SoftPromptModel(base, adapters[DEFAULT_ADAPTER_NAME], tokenizer=tokenizer)
     loss_rows = dataclasses.replace(data, eval_prompts=[])  # the loss alone: what shows the same start
     initial = evaluate(ours, tokenizer, loss_rows, optimization.eval_batch_size, config.data.padding,
                        config.data.max_length)["loss"]
-    theirs = peft_twin(ours, base, peft_config=peft_config(config), share_base=True).train()
+    run_config = dataclasses.replace(config, adapter=adapters[DEFAULT_ADAPTER_NAME])  # CPT's context included
+    theirs = peft_twin(ours, base, peft_config=peft_config(run_config), share_base=True).train()
     trainable = [parameter for parameter in theirs.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=optimization.learning_rate, weight_decay=optimization.weight_decay)
     steps_per_epoch = -(-len(data.train) // optimization.batch_size)
@@ -134,8 +146,10 @@ def peft_run(config: TrainConfig, data: Any) -> dict[str, Any]:
             started = time.perf_counter()
             rows = [data.train[index] for index in order[start : start + optimization.batch_size]]
             batch = collate(rows, pad_token_id=tokenizer.pad_token_id, padding_side="right")
+            task_ids = batch_task_ids(batch)  # PEFT's multitask prompt tuning takes them as `task_ids` too
+            extra = {} if task_ids is None else {"task_ids": task_ids}
             loss = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+                          labels=batch["labels"], **extra).loss
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -212,7 +226,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=[spec.cli_name for spec in METHODS.values()])
     parser.add_argument("--rows", type=int, default=400, help="rows of the shipped data (half of each label)")
     parser.add_argument("--eval-rows", type=int, default=100, help="of which held out")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2, help="2 learn every method here (see the results)")
     parser.add_argument("--learning-rate", type=float, default=3e-2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=96, help="the longest SMS prompt + label + EOS is 90")
@@ -251,7 +265,7 @@ def main() -> None:
             rows.append({"method": method, "library": "softprompt", **ours})
             details[method] = {"settings": config.flat(), "softprompt_epochs": ours.pop("epochs")}
             if not args.no_peft and peft_config(config) is not None:
-                theirs = peft_run(config, data)
+                theirs = peft_run(config)
                 print(f"{method} PEFT: {theirs}", flush=True)
                 rows.append({"method": method, "library": "PEFT", **theirs})
     columns = ["method", "library", "loss", "accuracy", "rank_accuracy", "initial_loss", "train_seconds",

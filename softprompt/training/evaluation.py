@@ -92,10 +92,10 @@ def evaluate(
         # One forward per adapter present, so each adapter's loss is known; a mixed batch would give only the sum.
         for name in dict.fromkeys(names):
             keep = [n == name for n in names]
-            rows = {key: value[torch.tensor(keep, device=device)] if torch.is_tensor(value) else
-                    [item for item, kept in zip(value, keep) if kept] for key, value in batch.items()}
+            adapter_rows = {key: value[torch.tensor(keep, device=device)] if torch.is_tensor(value) else
+                            [item for item, kept in zip(value, keep) if kept] for key, value in batch.items()}
             with autocast(device, autocast_dtype):
-                loss, per_row = data.loss(model, rows)
+                loss, per_row = data.loss(model, adapter_rows)
             count = int(per_row.sum())
             if count:
                 loss_sums[name] += float(loss)
