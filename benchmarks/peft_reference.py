@@ -12,7 +12,7 @@ from typing import Any
 
 import peft
 import torch
-from peft import PeftModel, TaskType, get_peft_model
+from peft import get_peft_model_state_dict, PeftModel, TaskType, get_peft_model
 from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
 
 from softprompt.families import family_of
@@ -77,6 +77,12 @@ def copy_weights_from_peft(theirs: PeftModel, ours: Any, adapter_name: str = "de
     Raises:
         RuntimeError: a tensor of ours PEFT does not have.
     """
+    spec = method_of(ours.adapter_configs[adapter_name])
+    if spec.enters_as == "attention":  # adaption prompt: PEFT's tensors in the attention modules, by saved name
+        tensors = get_peft_model_state_dict(theirs, adapter_name=peft_adapter_name)
+        module = spec.peft_module(ours.adapter_configs[adapter_name], ours.base_model, tensors)
+        ours.prompts[adapter_name].load_state_dict(module.state_dict(), strict=True)
+        return
     prefix = f"prompt_encoder.{peft_adapter_name}."
     state = {key[len(prefix):]: value for key, value in theirs.state_dict().items() if key.startswith(prefix)}
     ours.prompts[adapter_name].load_state_dict(state, strict=True)

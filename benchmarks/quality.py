@@ -244,6 +244,14 @@ def main() -> None:
     machine = harness.machine_info("cpu")
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
+    columns = ["method", "library", "loss", "accuracy", "rank_accuracy", "initial_loss", "train_seconds",
+               "median_step_seconds", "steps", "run_seconds"]
+    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+
+    def write() -> None:  # after every method: a run that fails later keeps what it measured
+        harness.write_results(args.name, rows, machine, harness.markdown_table(rows, columns),
+                              extra={"arguments": {k: str(v) for k, v in vars(args).items()}, "details": details},
+                              command=command.strip())
     with tempfile.TemporaryDirectory(prefix="softprompt-quality-") as scratch:
         data_path = sampled_data(args.rows, args.seed, Path(scratch))
         reference = settings_for(args.methods[0], args, data_path, Path(scratch) / "unused")
@@ -268,12 +276,7 @@ def main() -> None:
                 theirs = peft_run(config)
                 print(f"{method} PEFT: {theirs}", flush=True)
                 rows.append({"method": method, "library": "PEFT", **theirs})
-    columns = ["method", "library", "loss", "accuracy", "rank_accuracy", "initial_loss", "train_seconds",
-               "median_step_seconds", "steps", "run_seconds"]
-    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
-    harness.write_results(args.name, rows, machine, harness.markdown_table(rows, columns),
-                          extra={"arguments": {k: str(v) for k, v in vars(args).items()}, "details": details},
-                          command=command.strip())
+            write()
 
 
 if __name__ == "__main__":
