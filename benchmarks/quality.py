@@ -34,8 +34,12 @@ The committed results come from parts run side by side, one torch thread each (w
 softprompt run and PEFT run follow each other on the same core and load):
 
     python benchmarks/quality.py --threads 1 --methods prompt-tuning p-tuning prefix-tuning adaption-prompt
-    python benchmarks/quality.py --threads 1 --methods cpt cartridge --name quality_cpu_more
+        # stopped at adaption prompt's PEFT side before writing: records kept in quality_cpu_part1.log
+    python benchmarks/quality.py --threads 1 --methods adaption-prompt --name quality_cpu_adaption
     python benchmarks/quality.py --threads 1 --methods multitask-prompt-tuning --name quality_cpu_multitask
+    python benchmarks/quality.py --threads 1 --methods cpt cartridge --name quality_cpu_more
+        # stopped after CPT, before writing: records kept in quality_cpu_more.log
+    python benchmarks/quality.py --threads 1 --methods cartridge --name quality_cpu_cartridge
 
 Results: ``benchmarks/results/<name>.{json,md}`` and ``<name>_curves_<method>.png`` (softprompt's run: loss and
 both accuracies per epoch).
