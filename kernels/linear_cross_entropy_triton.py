@@ -53,6 +53,47 @@ if TRITON_AVAILABLE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
 
     @triton.jit
+    def _logits_tile(
+        hidden_ptr,
+        weight_ptr,
+        rows,
+        row_mask,
+        cols64,
+        col_mask,
+        C,
+        stride_hn,
+        stride_hc,
+        stride_wv,
+        stride_wc,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        NATIVE_DOT: tl.constexpr,
+    ):
+        """The ``[BLOCK_N, BLOCK_V]`` logits ``hidden[rows] @ weight[cols].T``, ``-inf`` on masked columns.
+
+        Both kernels recompute their tile this way (the forward to reduce it, the backward to form d logit), so a
+        tile's logits are the same numbers in both.
+        """
+        channel_offsets = tl.arange(0, BLOCK_C)
+        acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            channels_in_block = c0 + channel_offsets
+            channel_mask = channels_in_block < C
+            h = tl.load(
+                hidden_ptr + rows[:, None] * stride_hn + channels_in_block[None, :] * stride_hc,
+                mask=row_mask[:, None] & channel_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_N, BLOCK_C]
+            weight_tile_t = tl.load(
+                weight_ptr + cols64[None, :] * stride_wv + channels_in_block[:, None] * stride_wc,
+                mask=col_mask[None, :] & channel_mask[:, None],
+                other=0.0,
+            )  # [BLOCK_C, BLOCK_V]
+            acc = _dot(h, weight_tile_t, acc, NATIVE_DOT)
+        return tl.where(col_mask[None, :], acc, float("-inf"))
+
+    @triton.jit
     def _flce_forward_kernel(
         hidden_ptr,
         weight_ptr,
@@ -85,7 +126,6 @@ if TRITON_AVAILABLE:
         row_mask = rows < N
         # -1 never equals a column id, so padding rows (and ignored rows) pick no target logit.
         target_ids = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-        channel_offsets = tl.arange(0, BLOCK_C)
 
         running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
         running_sumexp = tl.full([BLOCK_N], 0.0, tl.float32)
@@ -100,22 +140,10 @@ if TRITON_AVAILABLE:
             col_mask = cols < v_end
             # int64: V * C exceeds 2**31 for the large BLOOMs (250880 * 14336).
             cols64 = cols.to(tl.int64)
-            acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                channels_in_block = c0 + channel_offsets
-                channel_mask = channels_in_block < C
-                h = tl.load(
-                    hidden_ptr + rows[:, None] * stride_hn + channels_in_block[None, :] * stride_hc,
-                    mask=row_mask[:, None] & channel_mask[None, :],
-                    other=0.0,
-                )  # [BLOCK_N, BLOCK_C]
-                weight_tile_t = tl.load(
-                    weight_ptr + cols64[None, :] * stride_wv + channels_in_block[:, None] * stride_wc,
-                    mask=col_mask[None, :] & channel_mask[:, None],
-                    other=0.0,
-                )  # [BLOCK_C, BLOCK_V]
-                acc = _dot(h, weight_tile_t, acc, NATIVE_DOT)
-            logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
+            logits = _logits_tile(
+                hidden_ptr, weight_ptr, rows, row_mask, cols64, col_mask, C,
+                stride_hn, stride_hc, stride_wv, stride_wc, BLOCK_N, BLOCK_V, BLOCK_C, NATIVE_DOT,
+            )  # [BLOCK_N, BLOCK_V]
             new_max = tl.maximum(running_max, tl.reduce(logits, 1, tl.standard._elementwise_max))
             running_sumexp = running_sumexp * tl.exp(running_max - new_max) + tl.reduce(
                 tl.exp(logits - new_max[:, None]), 1, tl.standard._sum_combine
@@ -171,22 +199,10 @@ if TRITON_AVAILABLE:
             for n0 in range(0, N, BLOCK_N):
                 rows = n0 + offs_n
                 row_mask = rows < N
-                acc = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
-                for c0 in range(0, C, BLOCK_C):
-                    channels_in_block = c0 + channel_offsets
-                    channel_mask = channels_in_block < C
-                    h = tl.load(
-                        hidden_ptr + rows[:, None] * stride_hn + channels_in_block[None, :] * stride_hc,
-                        mask=row_mask[:, None] & channel_mask[None, :],
-                        other=0.0,
-                    )  # [BLOCK_N, BLOCK_C]
-                    weight_tile_t = tl.load(
-                        weight_ptr + cols64[None, :] * stride_wv + channels_in_block[:, None] * stride_wc,
-                        mask=col_mask[None, :] & channel_mask[:, None],
-                        other=0.0,
-                    )  # [BLOCK_C, BLOCK_V]
-                    acc = _dot(h, weight_tile_t, acc, NATIVE_DOT)
-                logits = tl.where(col_mask[None, :], acc, float("-inf"))  # [BLOCK_N, BLOCK_V]
+                logits = _logits_tile(
+                    hidden_ptr, weight_ptr, rows, row_mask, cols64, col_mask, C,
+                    stride_hn, stride_hc, stride_wv, stride_wc, BLOCK_N, BLOCK_V, BLOCK_C, NATIVE_DOT,
+                )  # [BLOCK_N, BLOCK_V]
                 # Padding rows load lse 0 and scale 0, so their (finite) probabilities are zeroed by the scale.
                 lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
                 scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
