@@ -161,8 +161,12 @@ def peft_run(config: TrainConfig) -> dict[str, Any]:
             steps.append(time.perf_counter() - started)
     load_after = harness.load_average()
     theirs.eval()
-    copy_weights_from_peft(theirs, ours)
-    final = evaluate(ours, tokenizer, data, optimization.eval_batch_size, config.data.padding, config.data.max_length)
+    # Scored on a fresh base: PEFT's adaption prompt has replaced `base`'s attention modules with its own in place.
+    fresh_base, _ = load_base_model(config.model)
+    scored = SoftPromptModel(fresh_base, adapters[DEFAULT_ADAPTER_NAME], tokenizer=tokenizer)
+    copy_weights_from_peft(theirs, scored)
+    final = evaluate(scored, tokenizer, data, optimization.eval_batch_size, config.data.padding,
+                     config.data.max_length)
     return {**scores(final), "initial_loss": initial, "train_seconds": sum(steps),
             "median_step_seconds": statistics.median(steps), "steps": len(steps), "load_before": load_before,
             "load_after": load_after}
