@@ -20,6 +20,12 @@ For every method registered in ``softprompt.methods.METHODS`` (methods added lat
    virtual tokens are the instruction's own token embeddings, which is exactly the base model reading the
    instruction: tests/test_real_model_exact.py), scored the same way.
 
+Both sides' training loss at every step is kept in the JSON; ``steps_alike`` counts the steps, from the first, where
+the two agree to 1e-3 relative. The first step's losses differ by float32 rounding alone (~1e-6); AdamW's first
+updates move every parameter by about the learning rate whatever its gradient's size (above eps), so rounding that
+flips a near-zero gradient's sign changes its update by up to twice the learning rate, and the two runs part within
+a few steps. That they compute the same steps is shown in float64 (tests/test_real_model_exact.py), not here.
+
 Wall time: each side's training steps (batch collation, forward, backward, optimizer step), summed, and the median
 step; softprompt's whole run (its evaluations after every epoch and its checkpoints included) beside it. Both run on
 the same machine one after the other, on torch's default threads; the load average before and after each is
@@ -40,6 +46,8 @@ softprompt run and PEFT run follow each other on the same core and load):
     python benchmarks/quality.py --threads 1 --methods cpt cartridge --name quality_cpu_more
         # stopped after CPT, before writing: records kept in quality_cpu_more.log
     python benchmarks/quality.py --threads 1 --methods cartridge --name quality_cpu_cartridge
+    python benchmarks/quality.py --threads 1 --methods prefix-tuning --name quality_cpu_prefix
+        # prefix tuning again, with the per-step losses (steps_alike) that the first part did not record yet
 
 Results: ``benchmarks/results/<name>.{json,md}`` and ``<name>_curves_<method>.png`` (softprompt's run: loss and
 both accuracies per epoch).
@@ -117,6 +125,7 @@ def softprompt_run(config: TrainConfig) -> dict[str, Any]:
     steps = [record["seconds"] for record in records if record["event"] == "train"]
     return {**scores(result.final_eval), "initial_loss": result.initial_eval["loss"],
             "train_seconds": sum(steps), "median_step_seconds": statistics.median(steps), "steps": len(steps),
+            "step_losses": [record["loss"] for record in records if record["event"] == "train"],
             "run_seconds": result.elapsed_seconds, "load_before": load_before, "load_after": harness.load_average(),
             "epochs": [scores(record) | {"epoch": record["epoch"]} for record in records if record["event"] == "eval"],
             "plot": result.plot_path}
@@ -143,7 +152,7 @@ def peft_run(config: TrainConfig) -> dict[str, Any]:
     steps_per_epoch = -(-len(data.train) // optimization.batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps_per_epoch * optimization.num_epochs)
     load_before = harness.load_average()
-    steps = []
+    steps, step_losses = [], []
     for epoch in range(optimization.num_epochs):
         order = epoch_order(len(data.train), optimization.seed, epoch)  # softprompt's order: the same batches
         for start in range(0, len(order), optimization.batch_size):
@@ -159,6 +168,7 @@ def peft_run(config: TrainConfig) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad()
             steps.append(time.perf_counter() - started)
+            step_losses.append(loss.item())  # outside the timed step
     load_after = harness.load_average()
     theirs.eval()
     # Scored on a fresh base: PEFT's adaption prompt has replaced `base`'s attention modules with its own in place.
@@ -168,8 +178,8 @@ def peft_run(config: TrainConfig) -> dict[str, Any]:
     final = evaluate(scored, tokenizer, data, optimization.eval_batch_size, config.data.padding,
                      config.data.max_length)
     return {**scores(final), "initial_loss": initial, "train_seconds": sum(steps),
-            "median_step_seconds": statistics.median(steps), "steps": len(steps), "load_before": load_before,
-            "load_after": load_after}
+            "median_step_seconds": statistics.median(steps), "steps": len(steps), "step_losses": step_losses,
+            "load_before": load_before, "load_after": load_after}
 
 
 def zero_shot(config: TrainConfig, base: torch.nn.Module, tokenizer: Any, data: Any) -> dict[str, Any]:
@@ -192,6 +202,15 @@ def peft_config(config: TrainConfig) -> Any:
         return peft_config_for(config.adapter, **extra)
     except AttributeError:  # no PEFT class of that name
         return None
+
+
+def steps_alike(ours: list[float], theirs: list[float], relative: float = 1e-3) -> int:
+    """How many training steps, from the first, both sides' losses agree to `relative`: float32 rounding alone
+    stays near 1e-6 at first, so the count shows how long the two runs follow one trajectory before they part."""
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        if abs(a - b) > relative * max(abs(a), abs(b)):
+            return step
+    return min(len(ours), len(theirs))
 
 
 def scores(record: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +272,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     columns = ["method", "library", "loss", "accuracy", "rank_accuracy", "initial_loss", "train_seconds",
-               "median_step_seconds", "steps", "run_seconds"]
+               "median_step_seconds", "steps", "steps_alike", "run_seconds"]
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
 
     def write() -> None:  # after every method: a run that fails later keeps what it measured
@@ -277,11 +296,15 @@ def main() -> None:
             plot = ours.pop("plot")
             if plot is not None:
                 shutil.copyfile(plot, harness.RESULTS_DIR / f"{args.name}_curves_{method}.png")
+            details[method] = {"settings": config.flat(), "softprompt_epochs": ours.pop("epochs"),
+                               "softprompt_step_losses": ours.pop("step_losses")}
             print(f"{method} softprompt: {ours}", flush=True)
             rows.append({"method": method, "library": "softprompt", **ours})
-            details[method] = {"settings": config.flat(), "softprompt_epochs": ours.pop("epochs")}
             if not args.no_peft and peft_config(config) is not None:
                 theirs = peft_run(config)
+                details[method]["peft_step_losses"] = theirs.pop("step_losses")
+                theirs["steps_alike"] = steps_alike(details[method]["softprompt_step_losses"],
+                                                    details[method]["peft_step_losses"])
                 print(f"{method} PEFT: {theirs}", flush=True)
                 rows.append({"method": method, "library": "PEFT", **theirs})
             write()
