@@ -8,9 +8,11 @@ Commands (from the repository root); they produced the committed results (file s
 
 Each revision is checked out into a temporary git worktree, and each round runs that worktree's own
 ``benchmarks/train_step.py --configs CONFIG`` in a fresh process, base then head, so that a slow drift of a shared
-machine hits both alike. ``PYTHONPATH`` puts the worktree first, so ``import softprompt`` is that revision's
-package (checked before the first round); ``softprompt.kernels`` is the installed one, which the CPU config's
-``torch`` loss does not use. Each round's medians are read from the result file the run writes in its worktree,
+machine hits both alike. ``PYTHONPATH`` holds a folder with one link, ``softprompt`` to the worktree's package, so
+``import softprompt`` is that revision's package (checked before the first round), and nothing else of the
+worktree's root is importable: revisions before 659e3da have a root ``kernels/`` package, which would shadow the
+PyPI package ``kernels`` that transformers 5.25 imports. ``softprompt.kernels`` is the installed one, which the CPU
+config's ``torch`` loss does not use. Each round's medians are read from the result file the run writes in its worktree,
 so nothing under this checkout's ``benchmarks/results/`` is touched except this script's own result.
 
 Reported per method: softprompt's median step time in every round for each revision, the median over rounds,
@@ -42,15 +44,27 @@ def add_worktree(revision: str, folder: Path) -> Path:
     return folder
 
 
+def import_folder(tree: Path) -> Path:
+    """A folder beside ``tree`` whose only entry links ``softprompt`` to the tree's package."""
+    folder = tree.with_name(tree.name + "-import")
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "softprompt").symlink_to(tree / "softprompt", target_is_directory=True)
+    return folder
+
+
 def environment_for(tree: Path) -> dict[str, str]:
-    """The environment in which ``import softprompt`` is the package of ``tree``."""
-    return {**os.environ, "PYTHONPATH": str(tree)}
+    """The environment in which ``import softprompt`` is the package of ``tree`` (and nothing else of its root)."""
+    return {**os.environ, "PYTHONPATH": str(import_folder(tree))}
 
 
 def check_imports_from(tree: Path) -> None:
     """Raises if ``import softprompt`` in ``tree``'s environment would not be ``tree``'s package."""
-    found = subprocess.run([sys.executable, "-c", "import softprompt; print(softprompt.__file__)"], cwd=tree,
-                           env=environment_for(tree), check=True, capture_output=True, text=True).stdout.strip()
+    # From the link's folder: ``python -c`` puts its working directory first on sys.path, and the tree's root may
+    # hold an old ``kernels/`` package.
+    found = subprocess.run([sys.executable, "-c", "import softprompt; print(softprompt.__file__)"],
+                           cwd=import_folder(tree), env=environment_for(tree), check=True, capture_output=True,
+                           text=True).stdout.strip()
     if not Path(found).resolve().is_relative_to(tree.resolve()):
         raise RuntimeError(f"in {tree}, 'import softprompt' gives {found}, not the worktree's package")
 
