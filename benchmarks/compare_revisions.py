@@ -12,8 +12,8 @@ machine hits both alike. ``PYTHONPATH`` holds a folder with one link, ``softprom
 ``import softprompt`` is that revision's package (checked before the first round), and nothing else of the
 worktree's root is importable: revisions before 659e3da have a root ``kernels/`` package, which would shadow the
 PyPI package ``kernels`` that transformers 5.25 imports. ``softprompt.kernels`` is the installed one, which the CPU
-config's ``torch`` loss does not use. Each round's medians are read from the result file the run writes in its worktree,
-so nothing under this checkout's ``benchmarks/results/`` is touched except this script's own result.
+config's ``torch`` loss does not use. Each round's medians are read from the result file the run writes in its
+worktree, so nothing under this checkout's ``benchmarks/results/`` is touched except this script's own result.
 
 Reported per method: softprompt's median step time in every round for each revision, the median over rounds,
 head / base, and whether head's median lies inside base's range over the rounds (the run-to-run spread); PEFT's
