@@ -5,6 +5,8 @@ Commands (from the repository root); they produced the committed results (file s
     python benchmarks/compare_revisions.py --base 287dd6d --rounds 3 --repeats 5   # compare_revisions_cpu_287dd6d
     python benchmarks/compare_revisions.py --base 93978b2 --configs cpu cpu-qwen2.5 --rounds 3 --repeats 5
         # compare_revisions_cpu_93978b2, compare_revisions_cpu-qwen2.5_93978b2
+    python benchmarks/compare_revisions.py --base bafc5f9 --head bafc5f9 --rounds 3 --repeats 5
+        # compare_revisions_cpu_bafc5f9: the code after the engine against itself
 
 Each revision is checked out into a temporary git worktree, and each round runs that worktree's own
 ``benchmarks/train_step.py --configs CONFIG`` in a fresh process, base then head, so that a slow drift of a shared
@@ -17,7 +19,9 @@ worktree, so nothing under this checkout's ``benchmarks/results/`` is touched ex
 
 Reported per method: softprompt's median step time in every round for each revision, the median over rounds,
 head / base, and whether head's median lies inside base's range over the rounds (the run-to-run spread); PEFT's
-median over rounds beside it, as the check that the machine was the same for both.
+median over rounds beside it, as the check that the machine was the same for both, and head / base once more with
+each run's time taken over PEFT's in that run (a drift of the machine between runs cancels). ``--base`` and
+``--head`` may name one commit: the same code against itself shows the spread the comparison can resolve.
 """
 
 from __future__ import annotations
@@ -126,17 +130,21 @@ def write_comparison(config: str, medians: dict[str, list[dict[tuple[str, str], 
         base_rounds = [result[(method, library)] for result in medians["base"]]
         head_rounds = [result[(method, library)] for result in medians["head"]]
         base_median, head_median = statistics.median(base_rounds), statistics.median(head_rounds)
-        rows.append({
+        # Each run's time over PEFT's in the same run: what a drift of the machine between runs leaves out.
+        against_peft = {which: statistics.median(result[(method, "softprompt")] / result[(method, "PEFT")]
+                                                 for result in medians[which]) for which in ("base", "head")}
+        rows.append({  # columns named base / head: the two may be one commit (a check of the spread itself)
             "method": method,
-            f"{base_commit} per round s": ", ".join(f"{s:.3f}" for s in base_rounds),
-            f"{head_commit} per round s": ", ".join(f"{s:.3f}" for s in head_rounds),
-            f"{base_commit} s": base_median,
-            f"{head_commit} s": head_median,
+            f"base {base_commit} per round s": ", ".join(f"{s:.3f}" for s in base_rounds),
+            f"head {head_commit} per round s": ", ".join(f"{s:.3f}" for s in head_rounds),
+            "base s": base_median,
+            "head s": head_median,
             "head / base": head_median / base_median,
             "head inside base's range": min(base_rounds) <= head_median <= max(base_rounds),
             "PEFT s (base runs, head runs)": ", ".join(
                 f"{statistics.median(result[(method, 'PEFT')] for result in medians[which]):.2f}"
                 for which in ("base", "head")),
+            "head / base, each over PEFT in its run": against_peft["head"] / against_peft["base"],
         })
     table = harness.markdown_table(rows)
     print(table)
