@@ -268,7 +268,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.model is None:
         args.model = real_model_directory(prepare=True) / TRANSFORMERS_FOLDER
-    machine = harness.machine_info("cpu")
+    torch.set_num_threads(args.threads)  # PEFT's side and the zero-shot evaluation; softprompt's loop sets its own
+    machine = harness.machine_info("cpu")  # after: it records the threads the runs use
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     columns = ["method", "library", "loss", "accuracy", "rank_accuracy", "initial_loss", "train_seconds",
@@ -282,7 +283,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="softprompt-quality-") as scratch:
         data_path = sampled_data(args.rows, args.seed, Path(scratch))
         reference = settings_for(args.methods[0], args, data_path, Path(scratch) / "unused")
-        torch.set_num_threads(args.threads)  # PEFT's side and the zero-shot evaluation; softprompt's loop sets its own
         base, tokenizer = load_base_model(str(args.model))
         data = prepare_data(reference, tokenizer)
         print(f"{len(data.train)} training rows, {len(data.eval)} held out; labels "
