@@ -178,12 +178,16 @@ def check_left_padded(attention_mask: torch.Tensor) -> None:
 
 
 def check_some_label(labelled_positions: torch.Tensor) -> None:
-    """Refuses a mean loss over a batch whose ``[B]`` labelled-position counts are all 0 (a mean of nothing).
+    """Refuses a mean loss over a batch without a labelled position (a mean of nothing).
+
+    Args:
+        labelled_positions: the batch's count (a scalar), or each row's (``[B]``).
 
     Raises:
         ValueError: saying why and the fix.
     """
-    if int(labelled_positions.sum()) == 0:
+    count = labelled_positions if labelled_positions.dim() == 0 else labelled_positions.sum()
+    if int(count) == 0:
         raise ValueError(
             "The labels hold no labelled position (every label is -100, or only first tokens that nothing before "
             "them predicts): the mean loss would be NaN. Fix: label at least one token per batch; a training loop "

@@ -118,8 +118,9 @@ class WeightedLosses:
     """``[N]`` the cross-entropy of each labelled position."""
     weights: torch.Tensor | None
     """``[N]`` each one's weight (CPT's decay, per-adapter means), or None for 1."""
-    rows: torch.Tensor
-    """``[N]`` the batch row each loss belongs to."""
+    rows: torch.Tensor | None
+    """``[N]`` the batch row each loss belongs to, or None where not asked for (finding them is a host sync on a
+    GPU, and only ``per_row`` needs them)."""
 
     def total(self) -> torch.Tensor:
         """The weighted sum of the losses (a scalar)."""
@@ -131,6 +132,8 @@ class WeightedLosses:
 
     def per_row(self, batch_size: int) -> torch.Tensor:
         """``[B]`` the weighted sum of each row's losses (0 for a row without any)."""
+        if self.rows is None:
+            raise RuntimeError("per_row needs each loss's row: labelled_losses(..., with_rows=True).")
         weighted = self.weighted()
         return weighted.new_zeros(batch_size).index_add(0, self.rows, weighted)
 
@@ -151,14 +154,14 @@ def without_padding_columns(
     num_tokens = input_ids.shape[1]
     real = (attention_mask != 0).any(dim=0)  # [T]
     scored = (labels != IGNORE_INDEX).any(dim=0)  # [T]
-    if not bool(real.any()):
+    real, scored = torch.stack([real, scored]).tolist()  # one host sync for every bound below
+    real_columns = [column for column, is_real in enumerate(real) if is_real]
+    if not real_columns:
         return input_ids, attention_mask, labels
-    real_columns = real.nonzero().flatten()
-    scored_after_first = scored[1:].nonzero().flatten() + 1
-    scored_columns = scored.nonzero().flatten()
-    first_scored = int(scored_after_first[0]) if len(scored_after_first) else num_tokens
-    start = min(int(real_columns[0]), first_scored - 1)
-    stop = max(int(real_columns[-1]), int(scored_columns[-1]) if len(scored_columns) else -1) + 1
+    scored_columns = [column for column, is_scored in enumerate(scored) if is_scored]
+    first_scored = next((column for column in scored_columns if column > 0), num_tokens)
+    start = min(real_columns[0], first_scored - 1)
+    stop = max(real_columns[-1], scored_columns[-1] if scored_columns else -1) + 1
     if start == 0 and stop == num_tokens:
         return input_ids, attention_mask, labels
     return input_ids[:, start:stop], attention_mask[:, start:stop], labels[:, start:stop]
@@ -174,6 +177,7 @@ def labelled_losses(
     implementation: LossImplementation,
     virtual_token_layout: str,
     row_weights: torch.Tensor | None = None,
+    with_rows: bool = False,
 ) -> WeightedLosses:
     """The loss of every labelled position of a checked batch (see the module docstring).
 
@@ -185,6 +189,7 @@ def labelled_losses(
         implementation: ``torch`` or ``triton`` (`softprompt.loss.linear_cross_entropy`).
         virtual_token_layout: ``prefix`` or ``sequence`` (already chosen).
         row_weights: ``[B]`` a weight for every labelled position of each row, or None.
+        with_rows: also find the batch row of each loss (`WeightedLosses.per_row`).
     """
     head, softcap = frozen.head_weight, frozen.logit_softcap
     if virtual_token_layout == "sequence":
@@ -198,7 +203,8 @@ def labelled_losses(
             per_row = row_weights[:, None].expand_as(targets)
             weights = per_row if weights is None else weights * per_row
         losses = linear_cross_entropy(hidden_states[selected], targets[selected], head, implementation, softcap)
-        return WeightedLosses(losses, None if weights is None else weights[selected], selected.nonzero()[:, 0])
+        rows = selected.nonzero()[:, 0] if with_rows else None
+        return WeightedLosses(losses, None if weights is None else weights[selected], rows)
 
     # The last virtual token predicts the first real token (PEFT's layout); rows without virtual tokens score
     # nothing there. Taken before padding columns may be dropped.
@@ -214,7 +220,7 @@ def labelled_losses(
     scored = first_targets != IGNORE_INDEX
     rows = [prefix.last_virtual[scored], hidden_states[selected]]  # [N_first, C], [N_text, C]
     row_targets = [first_targets[scored], targets[selected]]
-    row_of = [scored.nonzero()[:, 0], selected.nonzero()[:, 0]]  # the batch row of each
+    row_of = [scored.nonzero()[:, 0], selected.nonzero()[:, 0]] if with_rows else None  # the batch row of each
     weights = None if row_weights is None else [row_weights[scored], row_weights[:, None].expand_as(targets)[selected]]
     for name, virtual in prefix.virtual_labels.items():
         # A virtual token's own label (CPT) is predicted by the virtual position before it, once per row.
@@ -227,7 +233,8 @@ def labelled_losses(
         labelled = own != IGNORE_INDEX
         rows.append(hidden[labelled])
         row_targets.append(own[labelled])
-        row_of.append(torch.tensor(layout.rows_of(name), device=own.device)[labelled.nonzero()[:, 0]])
+        if row_of is not None:
+            row_of.append(torch.tensor(layout.rows_of(name), device=own.device)[labelled.nonzero()[:, 0]])
         own_weights = torch.ones_like(own, dtype=hidden.dtype) if entry.weights is None else \
             entry.rows_of(entry.weights)[..., 1:].expand_as(own).to(hidden.dtype)
         if row_weights is not None:
@@ -236,7 +243,8 @@ def labelled_losses(
             weights = [torch.ones_like(target, dtype=hidden.dtype) for target in row_targets[:-1]]
         weights.append(own_weights[labelled])
     losses = linear_cross_entropy(torch.cat(rows), torch.cat(row_targets), head, implementation, softcap)  # [N]
-    return WeightedLosses(losses, None if weights is None else torch.cat(weights).to(losses.dtype), torch.cat(row_of))
+    return WeightedLosses(losses, None if weights is None else torch.cat(weights).to(losses.dtype),
+                          None if row_of is None else torch.cat(row_of))
 
 
 def labelled_counts(layout: RowLayout, entries: Mapping[str, Entry], labels: torch.Tensor) -> torch.Tensor:
@@ -279,16 +287,16 @@ def reduced_loss(
     """The batch's loss, reduced as `SoftPromptModel.compute_loss` says (``mean``, ``sum``, ``adapter_mean``,
     ``per_row``), and each row's labelled positions ``[B]`` (`labelled_counts`)."""
     counts = labelled_counts(layout, entries, labels)  # [B]
+    total = counts.sum()
     if reduction != "sum":
-        check_some_label(counts)  # before any work: a mean over nothing has no value
+        check_some_label(total)  # before any work: a mean over nothing has no value
     row_weights = adapter_mean_weights(layout, counts) if reduction == "adapter_mean" else None
     losses = labelled_losses(frozen, layout, entries, input_ids, attention_mask, labels, implementation,
-                             virtual_token_layout, row_weights)
+                             virtual_token_layout, row_weights, with_rows=reduction == "per_row")
     if reduction == "sum":
         return losses.total(), counts
     if reduction == "per_row":
         return losses.per_row(len(layout.names)), counts
-    total = counts.sum()
     if reduction == "mean":
         return losses.total() / total, counts
     # The logged value is the batch's mean; the gradient, each adapter's own mean (see `adapter_mean_weights`).

@@ -227,6 +227,40 @@ def test_padding_column_that_predicts_a_label_is_kept():
     assert without_padding_columns(input_ids, attention_mask, labels)[0].shape[1] == 2
 
 
+def _columns_that_may_go(attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """The reference for `without_padding_columns`, column by column from its rule: the longest run of leading
+    columns hidden in every row whose predicted labels (``labels[:, 1..k]``) are all -100, and the longest run of
+    trailing columns hidden in every row whose own labels are all -100 (nothing goes from an all-hidden batch)."""
+    num_tokens = labels.shape[1]
+    hidden = ~attention_mask.bool().any(dim=0)  # [T]
+    unscored = (labels == -100).all(dim=0)  # [T]
+    if bool(hidden.all()):
+        return 0, num_tokens
+    start = 0
+    while start < num_tokens and hidden[start] and (start + 1 == num_tokens or unscored[start + 1]):
+        start += 1
+    stop = num_tokens
+    while stop > start and hidden[stop - 1] and unscored[stop - 1]:
+        stop -= 1
+    return start, stop
+
+
+def test_padding_columns_follow_the_rule_on_random_batches():
+    # Random masks and labels, sparse enough that all-hidden, unlabelled and edge columns all occur.
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(300):
+        batch_size, num_tokens = torch.randint(1, 4, (2,), generator=generator).tolist()
+        num_tokens += 3
+        attention_mask = (torch.rand(batch_size, num_tokens, generator=generator) < 0.3).long()
+        labels = torch.where(torch.rand(batch_size, num_tokens, generator=generator) < 0.2, 5, -100)
+        input_ids = torch.arange(batch_size * num_tokens).reshape(batch_size, num_tokens)
+        start, stop = _columns_that_may_go(attention_mask, labels)
+        kept_ids, kept_mask, kept_labels = without_padding_columns(input_ids, attention_mask, labels)
+        assert torch.equal(kept_ids, input_ids[:, start:stop]), (attention_mask, labels)
+        assert torch.equal(kept_mask, attention_mask[:, start:stop])
+        assert torch.equal(kept_labels, labels[:, start:stop])
+
+
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix"])
 def test_gradient_checkpointing_keeps_the_loss_and_gradients(method):
     torch.manual_seed(4)
