@@ -18,10 +18,11 @@ config's ``torch`` loss does not use. Each round's medians are read from the res
 worktree, so nothing under this checkout's ``benchmarks/results/`` is touched except this script's own result.
 
 Reported per method: softprompt's median step time in every round for each revision, the median over rounds,
-head / base, and whether head's median lies inside base's range over the rounds (the run-to-run spread); PEFT's
-median over rounds beside it, as the check that the machine was the same for both, and head / base once more with
-each run's time taken over PEFT's in that run (a drift of the machine between runs cancels). ``--base`` and
-``--head`` may name one commit: the same code against itself shows the spread the comparison can resolve.
+head / base, and where head's median lies against base's range over the rounds (the run-to-run spread): inside,
+below (faster) or above (slower); PEFT's median over rounds beside it, as the check that the machine was the same
+for both, and head / base once more with each run's time taken over PEFT's in that run (a drift of the machine
+between runs cancels). ``--base`` and ``--head`` may name one commit: the same code against itself shows the spread
+the comparison can resolve. ``--from-results`` rewrites the tables from result files' stored per-run medians.
 """
 
 from __future__ import annotations
@@ -84,13 +85,21 @@ def run_step_benchmark(tree: Path, config: str, repeats: int) -> dict[tuple[str,
 def main() -> None:
     """Alternates the two revisions' step benchmarks and writes the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", required=True, help="the revision before the change (a commit, tag or branch)")
+    parser.add_argument("--base", help="the revision before the change (a commit, tag or branch); required")
     parser.add_argument("--head", default="HEAD", help="the revision after it (default: HEAD)")
     parser.add_argument("--configs", nargs="*", default=["cpu"], choices=list(harness.STEP_CONFIGS),
                         help="train_step.py configs to compare (CPU ones); default: cpu")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each revision, alternated")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per run (train_step.py --repeats)")
+    parser.add_argument("--from-results", nargs="+", type=Path, metavar="JSON",
+                        help="instead of running: rewrite these results' tables from their stored per-run medians")
     args = parser.parse_args()
+    if args.from_results:
+        for path in args.from_results:
+            rewrite_from_results(path)
+        return
+    if args.base is None:
+        parser.error("--base is required: the revision before the change (or --from-results)")
     command = "python " + shlex.join(sys.argv)
     machine = harness.machine_info("cpu")  # the load average before the runs; write_results adds the one after
     base_commit, head_commit = (
@@ -117,12 +126,31 @@ def main() -> None:
                 subprocess.run(["git", "-C", str(REPOSITORY), "worktree", "remove", "--force", str(tree)],
                                check=False)
     for config in args.configs:
-        write_comparison(config, medians[config], base_commit, head_commit, args, machine, command)
+        write_comparison(config, medians[config], base_commit, head_commit, args.rounds, args.repeats, machine,
+                         command)
+
+
+def rewrite_from_results(path: Path) -> None:
+    """Rewrites one comparison's result files from the per-run medians its JSON stores, with its machine and
+    command (a change of the table's columns needs no new runs)."""
+    stored = json.loads(path.read_text())
+    medians = {which: [{tuple(key.split(" | ")): seconds for key, seconds in result.items()} for result in results]
+               for which, results in stored["medians"].items()}
+    config = stored.get("config", "cpu")  # results written before the key existed compared the default config
+    write_comparison(config, medians, stored["base"], stored["head"], stored["rounds"], stored["repeats"],
+                     stored["machine"], stored["command"])
+
+
+def against_range(median: float, rounds: list[float]) -> str:
+    """Where `median` lies against the range of `rounds`: ``inside``, ``below (faster)`` or ``above (slower)``."""
+    if median < min(rounds):
+        return "below (faster)"
+    return "above (slower)" if median > max(rounds) else "inside"
 
 
 def write_comparison(config: str, medians: dict[str, list[dict[tuple[str, str], float]]], base_commit: str,
-                     head_commit: str, args: argparse.Namespace, machine: dict, command: str) -> None:
-    """One config's table: each revision's rounds, medians, and whether head lies inside base's range."""
+                     head_commit: str, rounds: int, repeats: int, machine: dict, command: str) -> None:
+    """One config's table: each revision's rounds, medians, and where head lies against base's range."""
     rows = []
     for method, library in medians["base"][0]:
         if library != "softprompt":
@@ -140,7 +168,7 @@ def write_comparison(config: str, medians: dict[str, list[dict[tuple[str, str], 
             "base s": base_median,
             "head s": head_median,
             "head / base": head_median / base_median,
-            "head inside base's range": min(base_rounds) <= head_median <= max(base_rounds),
+            "head against base's range": against_range(head_median, base_rounds),
             "PEFT s (base runs, head runs)": ", ".join(
                 f"{statistics.median(result[(method, 'PEFT')] for result in medians[which]):.2f}"
                 for which in ("base", "head")),
@@ -153,12 +181,12 @@ def write_comparison(config: str, medians: dict[str, list[dict[tuple[str, str], 
         f"compare_revisions_{config}_{base_commit}",
         rows,
         machine,
-        table + f"\n\nsoftprompt's median step time (train_step.py --configs {config} --repeats {args.repeats}: "
+        table + f"\n\nsoftprompt's median step time (train_step.py --configs {config} --repeats {repeats}: "
         f"{setup.get('label', setup['model'])} shape cut to {setup['num_layers']} layers, fp32, batch "
         f"{setup['batch_size']} x {setup['num_tokens']}) of {base_commit} (base) and {head_commit} (head), "
-        f"{args.rounds} alternated runs each; the columns per round list each run's median.",
-        extra={"base": base_commit, "head": head_commit, "config": config, "rounds": args.rounds,
-               "repeats": args.repeats,
+        f"{rounds} alternated runs each; the columns per round list each run's median.",
+        extra={"base": base_commit, "head": head_commit, "config": config, "rounds": rounds,
+               "repeats": repeats,
                "medians": {which: [{f"{m} | {lib}": s for (m, lib), s in result.items()} for result in results]
                            for which, results in medians.items()}},
         command=command,

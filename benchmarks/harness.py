@@ -684,7 +684,8 @@ def write_results(
     Args:
         name: file stem, e.g. ``train_step_cpu``.
         rows: the result rows (JSON-serializable dicts).
-        machine: `machine_info` (taken when the run started); ``load_average_after`` is added here.
+        machine: `machine_info` (taken when the run started); ``load_average_after`` is added here unless it
+            holds one.
         markdown_table: the table for humans (see the `markdown_table` function).
         extra: further JSON fields (configuration, notes).
         command: the command that produced the results, recorded in both files.
@@ -692,7 +693,8 @@ def write_results(
     Returns:
         The two paths written.
     """
-    machine = {**machine, "load_average_after": load_average()}
+    machine = dict(machine)
+    machine.setdefault("load_average_after", load_average())  # a rewritten result keeps its own
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     json_path, md_path = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
     payload = {"name": name, "command": command, "machine": machine, **(extra or {}), "rows": list(rows)}
