@@ -181,13 +181,12 @@ def check_some_label(labelled_positions: torch.Tensor) -> None:
     """Refuses a mean loss over a batch without a labelled position (a mean of nothing).
 
     Args:
-        labelled_positions: the batch's count (a scalar), or each row's (``[B]``).
+        labelled_positions: the batch's count, a scalar tensor.
 
     Raises:
         ValueError: saying why and the fix.
     """
-    count = labelled_positions if labelled_positions.dim() == 0 else labelled_positions.sum()
-    if int(count) == 0:
+    if int(labelled_positions) == 0:
         raise ValueError(
             "The labels hold no labelled position (every label is -100, or only first tokens that nothing before "
             "them predicts): the mean loss would be NaN. Fix: label at least one token per batch; a training loop "

@@ -281,7 +281,7 @@ class SoftPromptModel(nn.Module):
         """
         check_loss_choices(implementation, virtual_token_layout, reduction)
         if implementation == "full" and reduction == "mean":  # the reference: forward's own loss
-            check_some_label(self.labelled_positions(labels, adapter_names, task_ids))
+            check_some_label(self.labelled_positions(labels, adapter_names, task_ids).sum())
             return self.forward(input_ids, attention_mask, labels, adapter_names, task_ids=task_ids).loss
         return self._loss(input_ids, attention_mask, labels, adapter_names, implementation, virtual_token_layout,
                           task_ids, reduction)[0]
